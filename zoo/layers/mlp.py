@@ -1,0 +1,279 @@
+"""Channel mixers: the per-token feed-forward half of a block.
+
+Every channel mixer here works on channels-LAST input ``(..., dim)`` -- a token sequence
+``(B, N, C)`` or a map viewed as ``(B, H, W, C)`` -- mixes along the last axis only and
+returns the same shape. Constructors share one keyword-only signature,
+``(dim, *, hidden_dim, bias=True, drop=0.0)`` plus the class's own options, so that a
+YAML file can swap one for another by name through :data:`CHANNEL_MIXERS` /
+:func:`create_channel_mixer`.
+
+Names in the registry:
+
+========================  ===================================================================
+``mlp``                   :class:`Mlp`, activation chosen by the ``act`` option (GELU default)
+``mlp_gelu``              :class:`Mlp` with exact (erf) GELU -- ViT / DeiT / timm ``Mlp``
+``mlp_squared_relu``      :class:`Mlp` with squared ReLU (Primer)
+``geglu``                 :class:`GluMlp` with GELU gate (Shazeer 2020)
+``reglu``                 :class:`GluMlp` with ReLU gate (Shazeer 2020)
+``squared_relu_glu``      :class:`GluMlp` with squared-ReLU gate (Primer's activation, GLU form)
+``moe``                   :class:`zoo.layers.moe.MoE` (Switch-style mixture of experts)
+``identity``              :class:`IdentityChannelMixer` (no channel mixing, no parameters)
+========================  ===================================================================
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import importlib
+import inspect
+from collections.abc import Callable, Mapping
+
+import torch
+from timm.layers import trunc_normal_
+from torch import nn
+
+__all__ = [
+    "ACTIVATIONS",
+    "CHANNEL_MIXERS",
+    "GluMlp",
+    "IdentityChannelMixer",
+    "Mlp",
+    "SquaredReLU",
+    "UnknownComponentError",
+    "create_channel_mixer",
+    "get_act",
+]
+
+
+class SquaredReLU(nn.Module):
+    """``relu(x) ** 2``, the activation found by Primer's search.
+
+    So et al. 2021, "Primer: Searching for Efficient Transformers for Language Modeling",
+    https://arxiv.org/abs/2109.08668 (section 3, "squared ReLU").
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.square(torch.relu(x))
+
+
+# Name -> activation module class. GELU is the exact erf form (nn.GELU() default), which is
+# what timm's Mlp and the original ViT/DeiT checkpoints use; the tanh form would make loaded
+# timm weights produce slightly different outputs.
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "gelu": nn.GELU,
+    "gelu_tanh": functools.partial(nn.GELU, approximate="tanh"),
+    "relu": nn.ReLU,
+    "squared_relu": SquaredReLU,
+    "silu": nn.SiLU,
+}
+
+
+class UnknownComponentError(KeyError, ValueError):
+    """A component name that is not registered; the message lists the nearest names.
+
+    Subclasses both ``KeyError`` (it is a failed registry look-up) and ``ValueError`` (it is a bad
+    config value), and prints its message without the quotes ``KeyError`` adds.
+    """
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+def _unknown_name(kind: str, name: str, known: Mapping[str, object]) -> UnknownComponentError:
+    near = difflib.get_close_matches(name, list(known), n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(repr(n) for n in near)}? " if near else ""
+    return UnknownComponentError(
+        f"unknown {kind} {name!r}; {hint}registered: {', '.join(sorted(known))}"
+    )
+
+
+def get_act(name: str) -> nn.Module:
+    """A fresh activation module by name: ``gelu`` (exact erf), ``gelu_tanh``, ``relu``,
+    ``squared_relu``, ``silu``."""
+    try:
+        factory = ACTIVATIONS[name]
+    except KeyError:
+        raise _unknown_name("activation", name, ACTIVATIONS) from None
+    return factory()
+
+
+def _init_linear(linear: nn.Linear) -> None:
+    # ViT / DeiT init (timm's VisionTransformer.init_weights): truncated normal std .02, zero bias.
+    trunc_normal_(linear.weight, std=0.02)
+    if linear.bias is not None:
+        nn.init.zeros_(linear.bias)
+
+
+class Mlp(nn.Module):
+    """Two-layer feed-forward: ``fc2(drop(act(fc1(x))))``, as in ViT / DeiT / MLP-Mixer.
+
+    Dosovitskiy et al. 2020, "An Image is Worth 16x16 Words", https://arxiv.org/abs/2010.11929.
+    With ``act="squared_relu"`` it is Primer's feed-forward (https://arxiv.org/abs/2109.08668).
+
+    Submodule names (``fc1``, ``act``, ``drop1``, ``fc2``, ``drop2``) and so the state-dict keys
+    (``fc1.weight``, ``fc1.bias``, ``fc2.weight``, ``fc2.bias``) are those of
+    ``timm.layers.Mlp``, so a timm checkpoint loads unchanged; timm's ``norm`` slot is an
+    Identity there and holds no parameters. Weights start truncated-normal std .02 with zero
+    biases (the ViT init); a backbone may re-initialise.
+
+    Shapes: ``(..., dim) -> (..., dim)``, channels last.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        hidden_dim: int,
+        act: str = "gelu",
+        bias: bool = True,
+        drop: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim, bias=bias)
+        self.act = get_act(act)
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden_dim, dim, bias=bias)
+        self.drop2 = nn.Dropout(drop)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        _init_linear(self.fc1)
+        _init_linear(self.fc2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.fc1(x)  # (..., dim) -> (..., hidden_dim)
+        x = self.drop1(self.act(x))
+        x = self.fc2(x)  # (..., hidden_dim) -> (..., dim)
+        return self.drop2(x)
+
+
+class GluMlp(nn.Module):
+    """Gated linear unit feed-forward: ``fc2(act(a) * b)`` with ``a, b = fc1(x).chunk(2)``.
+
+    Shazeer 2020, "GLU Variants Improve Transformer", https://arxiv.org/abs/2002.05202:
+    ``act="gelu"`` is GEGLU, ``act="relu"`` is ReGLU; ``act="squared_relu"`` gates with Primer's
+    squared ReLU (https://arxiv.org/abs/2109.08668).
+
+    ``hidden_dim`` is the width of EACH branch: ``fc1`` maps ``dim -> 2 * hidden_dim`` in one
+    matmul (value and gate packed), ``fc2`` maps ``hidden_dim -> dim``. Shazeer shrinks the
+    hidden width by 2/3 to keep parameters equal to a plain MLP; that choice is the config's.
+    Note the gate is the FIRST half (``act(a) * b``), like timm's ``GluMlp(gate_last=False)``;
+    timm's default ``gate_last=True`` activates the second half.
+
+    Shapes: ``(..., dim) -> (..., dim)``, channels last.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        hidden_dim: int,
+        act: str = "gelu",
+        bias: bool = True,
+        drop: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, 2 * hidden_dim, bias=bias)
+        self.act = get_act(act)
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden_dim, dim, bias=bias)
+        self.drop2 = nn.Dropout(drop)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        _init_linear(self.fc1)
+        _init_linear(self.fc2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.fc1(x)  # (..., dim) -> (..., 2 * hidden_dim), gate and value in one matmul
+        gate, value = x.chunk(2, dim=-1)  # two (..., hidden_dim) views, no copy
+        x = self.drop1(self.act(gate) * value)
+        x = self.fc2(x)  # (..., hidden_dim) -> (..., dim)
+        return self.drop2(x)
+
+
+class IdentityChannelMixer(nn.Module):
+    """No channel mixing: returns its input. For ablations that remove the feed-forward half
+    of a block (the block's residual then adds ``x`` to itself unless the backbone skips it).
+
+    Takes the common channel-mixer signature so it is swappable by name; ``hidden_dim``,
+    ``bias`` and ``drop`` are accepted and ignored. Holds no parameters.
+    """
+
+    def __init__(self, dim: int, *, hidden_dim: int, bias: bool = True, drop: float = 0.0) -> None:
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+# Name -> constructor. ``functools.partial`` entries fix an option (e.g. the activation); those
+# fixed options cannot be overridden through ``options``. "moe" is registered by
+# ``zoo.layers.moe`` itself (imported at the end of this module), because moe.py builds on the
+# activations above and a module-level import in both directions would be circular.
+CHANNEL_MIXERS: dict[str, Callable[..., nn.Module]] = {
+    "mlp": Mlp,
+    "mlp_gelu": functools.partial(Mlp, act="gelu"),
+    "mlp_squared_relu": functools.partial(Mlp, act="squared_relu"),
+    "geglu": functools.partial(GluMlp, act="gelu"),
+    "reglu": functools.partial(GluMlp, act="relu"),
+    "squared_relu_glu": functools.partial(GluMlp, act="squared_relu"),
+    "identity": IdentityChannelMixer,
+}
+
+# Arguments every channel mixer takes directly; they are not "options".
+_COMMON_ARGS = ("dim", "hidden_dim", "bias", "drop")
+
+
+def _options_of(ctor: Callable[..., nn.Module]) -> list[str]:
+    """Keyword options a registered constructor accepts beyond the common arguments."""
+    fixed = set(ctor.keywords) if isinstance(ctor, functools.partial) else set()
+    target = ctor.func if isinstance(ctor, functools.partial) else ctor
+    params = inspect.signature(target).parameters.values()
+    return [
+        p.name
+        for p in params
+        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+        and p.name not in _COMMON_ARGS
+        and p.name not in fixed
+    ]
+
+
+def create_channel_mixer(
+    name: str,
+    dim: int,
+    *,
+    hidden_dim: int,
+    bias: bool = True,
+    drop: float = 0.0,
+    options: Mapping[str, object] | None = None,
+) -> nn.Module:
+    """Build the channel mixer registered as ``name``.
+
+    ``options`` are the class's own keyword options (e.g. ``{"num_experts": 8}`` for ``moe``,
+    ``{"act": "relu"}`` for ``mlp``). An unknown name raises :class:`UnknownComponentError`
+    (a ``KeyError`` and ``ValueError``) naming the nearest registered names; an unknown option
+    raises ``TypeError`` naming it and the valid ones.
+    """
+    try:
+        ctor = CHANNEL_MIXERS[name]
+    except KeyError:
+        raise _unknown_name("channel mixer", name, CHANNEL_MIXERS) from None
+    options = dict(options or {})
+    valid = _options_of(ctor)
+    unknown = sorted(k for k in options if k not in valid)
+    if unknown:
+        raise TypeError(
+            f"channel mixer {name!r} got unknown option(s) {', '.join(map(repr, unknown))}; "
+            f"valid options: {', '.join(valid) if valid else '(none)'}"
+            + ("; dim, hidden_dim, bias and drop are arguments, not options"
+               if any(k in _COMMON_ARGS for k in unknown) else "")
+        )
+    return ctor(dim, hidden_dim=hidden_dim, bias=bias, drop=drop, **options)
+
+
+# Registers CHANNEL_MIXERS["moe"]. Imported last so that moe.py finds this module complete
+# whichever of the two is imported first (see the note above CHANNEL_MIXERS).
+importlib.import_module("zoo.layers.moe")

@@ -1,0 +1,79 @@
+"""Normalisation layers, named by string so a spec or YAML file can swap them.
+
+Every norm declares the layout it works in: ``"nchw"`` for channels-first maps, ``"nlc"`` for
+token sequences (normalising the last axis). ``create_norm(name, dim, layout)`` builds the right
+one for the stage's layout, so a block never guesses.
+"""
+from __future__ import annotations
+
+import difflib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LAYOUTS = ("nchw", "nlc")
+
+
+class GroupNorm1(nn.GroupNorm):
+    """GroupNorm with one group: normalise over (C, H, W) per sample, affine per channel.
+
+    PoolFormer's norm (https://arxiv.org/abs/2111.11418); eps 1e-5 as nn.GroupNorm and the
+    official code. Works on any memory format, channels_last included.
+    """
+
+    def __init__(self, dim: int, *, eps: float = 1e-5):
+        super().__init__(1, dim, eps=eps)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channel axis of an NCHW map (as timm's LayerNorm2d)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 2, 3, 1)  # (B, C, H, W) -> (B, H, W, C)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W)
+
+
+class BatchNormTokens(nn.BatchNorm1d):
+    """BatchNorm over the channel axis of a (B, N, C) token sequence."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.transpose(1, 2)).transpose(1, 2)  # (B, N, C) <-> (B, C, N)
+
+
+def _layernorm(dim: int, layout: str, eps: float) -> nn.Module:
+    return LayerNorm2d(dim, eps=eps) if layout == "nchw" else nn.LayerNorm(dim, eps=eps)
+
+
+def _groupnorm1(dim: int, layout: str, eps: float) -> nn.Module:
+    if layout != "nchw":
+        raise ValueError("norm 'groupnorm1' normalises channels-first maps; this stage works on tokens "
+                         "(use 'layernorm')")
+    return GroupNorm1(dim, eps=eps)
+
+
+def _batchnorm(dim: int, layout: str, eps: float) -> nn.Module:
+    return nn.BatchNorm2d(dim, eps=eps) if layout == "nchw" else BatchNormTokens(dim, eps=eps)
+
+
+# name -> (constructor, default eps). LayerNorm eps 1e-6 as ViT/DeiT; GroupNorm/BatchNorm 1e-5 as torch.
+NORMS = {
+    "layernorm": (_layernorm, 1e-6),
+    "groupnorm1": (_groupnorm1, 1e-5),
+    "batchnorm": (_batchnorm, 1e-5),
+}
+
+
+def create_norm(name: str, dim: int, layout: str, *, eps: float | None = None) -> nn.Module:
+    """Build the norm called ``name`` for ``dim`` channels in ``layout`` ('nchw' or 'nlc')."""
+    if name == "identity":
+        return nn.Identity()
+    if name not in NORMS:
+        near = difflib.get_close_matches(name, [*NORMS, "identity"], n=3)
+        raise ValueError(f"unknown norm {name!r}; expected one of {sorted([*NORMS, 'identity'])}"
+                         + (f" (did you mean {near[0]!r}?)" if near else ""))
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+    build, default_eps = NORMS[name]
+    return build(dim, layout, default_eps if eps is None else eps)

@@ -1,0 +1,196 @@
+"""Loading weights into zoo models: our format, timm's, and the official repositories' layouts.
+
+A checkpoint's layout is detected from its keys and its keys are rewritten to ours by a table of
+regular expressions that the family files register (``register_layout``). Loading then adapts
+what a user may legitimately change (class count, input channels, position-embedding grid) and
+refuses everything else with a one-line error naming the keys.
+"""
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+StateDict = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A foreign checkpoint layout: how to recognise it and how to rename its keys to ours."""
+
+    name: str
+    detect: Callable[[StateDict], bool]
+    rules: tuple[tuple[str, str], ...]  # (regex, replacement), applied in order to every key
+    # A warning to give when this layout is loaded into a given model (an architecture caveat), or None.
+    note: Callable[[nn.Module], str | None] = lambda model: None
+
+
+_LAYOUTS: list[Layout] = []
+
+
+def register_layout(layout: Layout) -> None:
+    _LAYOUTS.append(layout)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file and what is wrong."""
+
+
+def read_state_dict(path: str | Path) -> StateDict:
+    """Tensors of a safetensors file, a torch file (weights only: no code runs), or a saved folder."""
+    path = Path(path)
+    if path.is_dir():
+        files = [path / "model.safetensors", path / "pytorch_model.bin"]
+        found = [f for f in files if f.is_file()]
+        if not found:
+            raise CheckpointError(f"{path}: folder holds no model.safetensors or pytorch_model.bin")
+        path = found[0]
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is reported the same way
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: refused or unreadable torch checkpoint (weights_only load: {first})") from None
+    for key in ("model", "state_dict", "model_ema", "module"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: holds no state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def to_zoo_layout(state: StateDict, model: nn.Module) -> tuple[StateDict, str]:
+    """Rename a foreign checkpoint's keys to the model's; returns the new dict and the layout name."""
+    own = model.state_dict()
+    if not hasattr(model, "spec"):  # a baseline: timm's own model, timm's own keys
+        return state, "timm"
+    if any(k.startswith("stages.0.embed.proj.") for k in state):
+        return state, "zoo"
+    for layout in _LAYOUTS:
+        if layout.detect(state):
+            out = {}
+            for key, value in state.items():
+                for pattern, repl in layout.rules:
+                    key = re.sub(pattern, repl, key)
+                target = own.get(key)
+                # timm and the official PoolFormer store channel MLPs as 1x1 convolutions; ours are linear
+                if target is not None and target.shape != value.shape and target.numel() == value.numel():
+                    value = value.reshape(target.shape)
+                out[key] = value
+            note = layout.note(model)
+            if note:
+                warnings.warn(note, stacklevel=3)
+            return out, layout.name
+    return state, "unknown"
+
+
+def _fill_shared(state: StateDict, model: nn.Module) -> None:
+    """Weight-shared modules appear under several names; a file may store only one of them."""
+    by_tensor: dict[int, list[str]] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        by_tensor.setdefault(id(t), []).append(name)
+    for names in by_tensor.values():
+        have = [n for n in names if n in state]
+        for n in names:
+            if n not in state and have:
+                state[n] = state[have[0]]
+
+
+def _adapt(state: StateDict, model: nn.Module, source: str) -> None:
+    """What a user may change from the checkpoint: class count, input channels, token grid."""
+    own = model.state_dict()
+    classifier = model.pretrained_cfg.get("classifier", "head") if hasattr(model, "pretrained_cfg") else "fc"
+    heads = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+    for head in heads:
+        w = f"{head}.weight"
+        if w in state and (w not in own or state[w].shape != own[w].shape):
+            want = own[w].shape[0] if w in own else 0
+            warnings.warn(f"{source}: classifier {head!r} has {state[w].shape[0]} classes, the model {want}: "
+                          "re-initialised it", stacklevel=4)
+            for k in (w, f"{head}.bias"):
+                state.pop(k, None)
+                if k in own:
+                    state[k] = own[k]
+    first = model.pretrained_cfg.get("first_conv", "conv1") + ".weight" if hasattr(model, "pretrained_cfg") else ""
+    if first in state and first in own and state[first].shape[1] != own[first].shape[1]:
+        from timm.models import adapt_input_conv
+
+        state[first] = adapt_input_conv(own[first].shape[1], state[first])
+    for k, v in list(state.items()):
+        if k.endswith("pos_embed") and k in own and v.shape != own[k].shape:
+            from .backbone import resize_pos_embed
+
+            stage = model.get_submodule(k.rsplit(".", 1)[0])
+            state[k] = resize_pos_embed(v, stage.grid, stage.num_prefix_tokens)
+
+
+def _mismatch_message(model: nn.Module, state: StateDict) -> str | None:
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and state[k].shape != own[k].shape]
+    parts = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrongly shaped", shapes)):
+        if keys:
+            more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+            parts.append(f"{len(keys)} {label}: {', '.join(keys[:3])}{more}")
+    return "; ".join(parts) or None
+
+
+def load_state_into(model: nn.Module, state: StateDict, source: str) -> str:
+    """Convert, adapt and strictly load ``state``; returns the layout name that was detected."""
+    state, layout = to_zoo_layout(state, model)
+    _fill_shared(state, model)
+    _adapt(state, model, source)
+    problem = _mismatch_message(model, state)
+    if problem:
+        arch = getattr(model, "name", type(model).__name__)
+        raise CheckpointError(f"{source}: weights do not fit {arch} (layout {layout}): {problem}")
+    model.load_state_dict(state, strict=True)
+    return layout
+
+
+def load_pretrained(model: nn.Module, name: str, pretrained: bool | str | Path) -> None:
+    """Load ``pretrained`` (True: shipped weights; a path: that file or folder) into ``model``."""
+    if pretrained is True:
+        path = shipped_weights(name)
+    else:
+        path = Path(pretrained)
+    load_state_into(model, read_state_dict(path), str(path))
+
+
+WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "weights"
+
+
+def shipped_weights(name: str) -> Path:
+    """The file weights/ ships for ``name``, checked against the manifest's sha256."""
+    import hashlib
+
+    manifest_path = WEIGHTS_DIR / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    if name not in manifest:
+        have = ", ".join(sorted(manifest)) or "none yet"
+        raise CheckpointError(f"no shipped weights for {name!r}; weights/ has: {have}")
+    entry = manifest[name]
+    path = WEIGHTS_DIR / entry["file"]
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != entry["sha256"]:
+        raise CheckpointError(f"{path}: sha256 {digest[:12]}... does not match the manifest's {entry['sha256'][:12]}...")
+    return path

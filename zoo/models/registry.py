@@ -1,0 +1,95 @@
+"""Registry and factory: ``zoo.create_model(name, ...)`` for zoo families and timm's ResNets.
+
+Each zoo model is registered twice from one spec: in our table (for ``zoo.list_models`` and
+strict overrides) and in timm's registry (so ``timm.create_model('zoo_...')`` works after
+``import zoo``). ResNet baselines are timm's own models, created unchanged.
+"""
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import timm
+from timm.models._features import FeatureGetterNet
+from torch import nn
+
+from .backbone import ZooModel
+from .specs import ModelSpec, apply_overrides
+
+_SPECS: dict[str, ModelSpec] = {}
+# timm models that zoo treats as baselines: created by zoo.create_model, never modified.
+BASELINES = ("resnet18", "resnet26", "resnet34", "resnet50", "resnet101")
+
+
+def register(name: str, spec: ModelSpec, module: str) -> None:
+    """Register ``spec`` as model ``name`` here and in timm (called once per variant by a family file)."""
+    if not name.startswith("zoo_"):
+        raise ValueError(f"zoo model names start with 'zoo_' so timm's own are never overwritten: {name!r}")
+    _SPECS[name] = spec
+
+    def entry_point(pretrained: bool | str = False, *, pretrained_cfg=None, pretrained_cfg_overlay=None,
+                    cache_dir=None, **overrides: Any) -> nn.Module:
+        # timm's create_model passes its pretrained_cfg plumbing; zoo takes weights only from
+        # local files (no network), so those are accepted and ignored. Overrides are checked strictly.
+        return create_model(name, pretrained=pretrained, **overrides)
+
+    entry_point.__name__ = entry_point.__qualname__ = name
+    entry_point.__module__ = module
+    entry_point.__doc__ = f"{name}: {spec.paper}"
+    setattr(sys.modules[module], name, entry_point)
+    timm.models.register_model(entry_point)
+
+
+def get_spec(name: str) -> ModelSpec:
+    if name not in _SPECS:
+        raise unknown_model(name)
+    return _SPECS[name]
+
+
+def list_models(pattern: str = "*", *, baselines: bool = False) -> list[str]:
+    """Registered zoo model names matching a shell-style ``pattern`` (and the baselines if asked)."""
+    names = list(_SPECS) + (list(BASELINES) if baselines else [])
+    return sorted(n for n in names if fnmatch.fnmatch(n, pattern))
+
+
+def unknown_model(name: str) -> ValueError:
+    known = list(_SPECS) + list(BASELINES)
+    near = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(near)}?" if near else "; see zoo.list_models()"
+    return ValueError(f"unknown model {name!r}{hint}")
+
+
+def create_model(name: str, pretrained: bool | str | Path = False, *, features_only: bool = False,
+                 out_indices: int | Sequence[int] | None = None, **overrides: Any) -> nn.Module:
+    """Create a zoo model or a ResNet baseline.
+
+    Args:
+        name: a registered ``zoo_*`` name (see ``list_models()``) or a baseline such as ``resnet50``.
+        pretrained: False; True for the weights shipped in weights/; or the path of a checkpoint
+            file or folder (zoo, timm, official PoolFormer / DeiT / CvT layouts, detected from keys).
+        features_only: return a feature extractor giving NCHW maps at ``out_indices``.
+        **overrides: ``ModelSpec`` fields (``num_classes``, ``in_chans``, ``img_size``,
+            ``drop_path_rate``, ``head_norm_on``, ...) or stage fields applied to every stage
+            (``token_mixer``, ``channel_mixer``, ``mlp_ratio``, ``norm``, ...). Unknown keys are errors.
+    """
+    if name in BASELINES:
+        model = timm.create_model(name, pretrained=False, **overrides)
+    elif name in _SPECS:
+        model = ZooModel(apply_overrides(_SPECS[name], overrides, model_name=name), name=name)
+    else:
+        raise unknown_model(name)
+    if pretrained:
+        from .pretrained import load_pretrained
+
+        load_pretrained(model, name, pretrained)
+    return _features(model, out_indices) if features_only else model
+
+
+def _features(model: nn.Module, out_indices: int | Sequence[int] | None) -> nn.Module:
+    """timm's FeatureGetterNet over our forward_intermediates: NCHW maps with feature_info."""
+    if out_indices is None:
+        out_indices = tuple(range(len(model.feature_info)))
+    return FeatureGetterNet(model, out_indices=out_indices, output_fmt="NCHW", prune=True)

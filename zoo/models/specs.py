@@ -1,0 +1,105 @@
+"""Specs: a model is data. Frozen dataclasses, one per stage, that the one backbone assembles.
+
+A family file (poolformer.py, vit.py, ...) is a handful of these specs and one-line registered
+entry points; swapping any component for an ablation is ``dataclasses.replace`` on a spec, or a
+``key=value`` override through ``zoo.create_model`` / a YAML config.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping
+
+
+@dataclass(frozen=True)
+class EmbedSpec:
+    """The strided convolution that opens a stage (stem, downsampling or patch embedding)."""
+
+    kernel: int
+    stride: int
+    padding: int = 0
+    norm: str = "identity"  # norm after the convolution (CvT: layernorm)
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage: an embedding, then ``depth`` blocks of (token mixer, channel mixer)."""
+
+    depth: int
+    dim: int
+    embed: EmbedSpec
+    token_mixer: str = "attention"
+    mixer_options: Mapping[str, Any] = field(default_factory=dict)  # e.g. {"num_heads": 6}
+    channel_mixer: str = "mlp"
+    mlp_ratio: float = 4.0
+    channel_options: Mapping[str, Any] = field(default_factory=dict)  # e.g. {"num_experts": 4}
+    norm: str = "layernorm"
+    layer_scale: float | None = None  # init of per-channel residual scales; None = no layer scale
+    class_token: bool = False  # prepend a learned class token at this stage
+    dist_token: bool = False  # and a distillation token after it (DeiT)
+    pos_embed: bool = False  # learned absolute position embedding (covers the prefix tokens too)
+    # Blocks per weight-sharing group (ALBERT, WideNet): consecutive blocks of a group reuse one
+    # token mixer and one channel mixer and keep their own norms. 1 = no sharing; depth = all share.
+    share_group: int = 1
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(self.class_token) + int(self.dist_token)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A whole model: stages, classifier head and the defaults a user may override."""
+
+    stages: tuple[StageSpec, ...]
+    img_size: int = 224
+    in_chans: int = 3
+    num_classes: int = 1000
+    global_pool: Literal["avg", "token"] = "avg"
+    head_norm: str = "layernorm"
+    # Where the final norm sits: on the feature map / all tokens before pooling (official PoolFormer,
+    # ViT, DeiT), or on the pooled vector (timm's MetaFormer port of PoolFormer).
+    head_norm_on: Literal["map", "pooled"] = "map"
+    distilled: bool = False  # DeiT: a second head on the distillation token
+    drop_rate: float = 0.0  # dropout before the classifier
+    drop_path_rate: float = 0.0  # stochastic depth, linear over all blocks
+    # Preprocessing the model was defined with (timm's pretrained_cfg fields).
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    crop_pct: float = 0.9
+    interpolation: str = "bicubic"
+    paper: str = ""
+
+
+# Stage fields that an override applies to every stage at once (e.g. token_mixer="attention").
+STAGE_WIDE_FIELDS = tuple(f.name for f in dataclasses.fields(StageSpec) if f.name not in ("depth", "dim", "embed"))
+MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelSpec))
+
+
+def apply_overrides(spec: ModelSpec, overrides: Mapping[str, Any], *, model_name: str) -> ModelSpec:
+    """Return ``spec`` with ``overrides`` applied; an unknown key is an error naming the nearest.
+
+    Model fields replace the model's value; stage fields (``token_mixer``, ``channel_mixer``,
+    ``mlp_ratio``, ``norm``, ...) replace that field in every stage. Swapping a mixer without new
+    options drops the old mixer's options (``pool_size`` means nothing to attention).
+    """
+    valid = set(MODEL_FIELDS) | set(STAGE_WIDE_FIELDS)
+    for key in overrides:
+        if key not in valid:
+            near = difflib.get_close_matches(key, valid, n=1)
+            raise TypeError(f"{model_name}: unknown model argument {key!r}"
+                            + (f" (did you mean {near[0]!r}?)" if near else "")
+                            + f"; valid: {sorted(valid)}")
+    model_kw = {k: v for k, v in overrides.items() if k in MODEL_FIELDS}
+    stage_kw = {k: v for k, v in overrides.items() if k in STAGE_WIDE_FIELDS}
+    if "token_mixer" in stage_kw:
+        stage_kw.setdefault("mixer_options", {})
+    if "channel_mixer" in stage_kw:
+        stage_kw.setdefault("channel_options", {})
+    if "stages" in model_kw:
+        model_kw["stages"] = tuple(model_kw["stages"])
+    spec = dataclasses.replace(spec, **model_kw)
+    if stage_kw:
+        spec = dataclasses.replace(spec, stages=tuple(dataclasses.replace(s, **stage_kw) for s in spec.stages))
+    return spec
