@@ -26,6 +26,13 @@ class GroupNorm1(nn.GroupNorm):
         super().__init__(1, dim, eps=eps)
 
 
+class GroupNorm1Tokens(GroupNorm1):
+    """GroupNorm1 on a (B, N, C) sequence: normalise over all tokens and channels of a sample."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.transpose(1, 2)).transpose(1, 2)  # (B, N, C) <-> (B, C, N)
+
+
 class LayerNorm2d(nn.LayerNorm):
     """LayerNorm over the channel axis of an NCHW map (as timm's LayerNorm2d)."""
 
@@ -47,10 +54,7 @@ def _layernorm(dim: int, layout: str, eps: float) -> nn.Module:
 
 
 def _groupnorm1(dim: int, layout: str, eps: float) -> nn.Module:
-    if layout != "nchw":
-        raise ValueError("norm 'groupnorm1' normalises channels-first maps; this stage works on tokens "
-                         "(use 'layernorm')")
-    return GroupNorm1(dim, eps=eps)
+    return GroupNorm1(dim, eps=eps) if layout == "nchw" else GroupNorm1Tokens(dim, eps=eps)
 
 
 def _batchnorm(dim: int, layout: str, eps: float) -> nn.Module:

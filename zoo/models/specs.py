@@ -98,8 +98,33 @@ def apply_overrides(spec: ModelSpec, overrides: Mapping[str, Any], *, model_name
     if "channel_mixer" in stage_kw:
         stage_kw.setdefault("channel_options", {})
     if "stages" in model_kw:
-        model_kw["stages"] = tuple(model_kw["stages"])
+        model_kw["stages"] = tuple(s if isinstance(s, StageSpec) else stage_from_dict(s, where=f"stages[{i}]")
+                                   for i, s in enumerate(model_kw["stages"]))
     spec = dataclasses.replace(spec, **model_kw)
     if stage_kw:
         spec = dataclasses.replace(spec, stages=tuple(dataclasses.replace(s, **stage_kw) for s in spec.stages))
     return spec
+
+
+def _strict_kwargs(cls: type, data: Mapping[str, Any], where: str) -> dict[str, Any]:
+    if not isinstance(data, Mapping):
+        raise TypeError(f"{where}: expected a mapping of {cls.__name__} fields, got {type(data).__name__}")
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            near = difflib.get_close_matches(key, names, n=1)
+            raise TypeError(f"{where}: unknown {cls.__name__} field {key!r}"
+                            + (f" (did you mean {near[0]!r}?)" if near else f"; valid: {names}"))
+    missing = [f.name for f in dataclasses.fields(cls)
+               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in data]
+    if missing:
+        raise TypeError(f"{where}: {cls.__name__} needs {', '.join(missing)}")
+    return dict(data)
+
+
+def stage_from_dict(data: Mapping[str, Any], *, where: str = "stage") -> StageSpec:
+    """A ``StageSpec`` from plain YAML data; unknown or missing fields are errors naming them."""
+    kw = _strict_kwargs(StageSpec, data, where)
+    embed = kw["embed"]
+    kw["embed"] = embed if isinstance(embed, EmbedSpec) else EmbedSpec(**_strict_kwargs(EmbedSpec, embed, f"{where}.embed"))
+    return StageSpec(**kw)
