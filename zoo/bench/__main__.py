@@ -1,0 +1,33 @@
+"""``python -m zoo.bench COMMAND [options]``: one entry point for every benchmark.
+
+Commands (each module has its own ``--help``):
+  data    DeiT train pipeline images/s per core, zoo vs timm's create_transform
+  moe     MoE layer tokens/s vs a dense MLP of the same active FLOPs
+  speed   params, MACs, eval / train-step images/s and memory; ratio to the timm twin
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {"data": "zoo.bench.data", "moe": "zoo.bench.moe", "speed": "zoo.bench.speed"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        import difflib
+
+        near = difflib.get_close_matches(command, COMMANDS, n=1)
+        print(f"zoo.bench: unknown command {command!r}" + (f" (did you mean {near[0]!r}?)" if near else "")
+              + f"; expected one of {sorted(COMMANDS)}", file=sys.stderr)
+        return 2
+    return importlib.import_module(COMMANDS[command]).main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""Speed against the reference: every zoo model beside its timm twin, in one run.
+
+``python -m zoo.bench speed --models zoo_poolformer_s12,zoo_vit_tiny_patch16_224``
+
+For each model: params, MACs, eval and train-step images/s, peak memory, and — where timm has the
+same architecture — the ratio zoo / timm measured on the same input in the same process, the two
+models interleaved repeat by repeat (so load on the machine hits both alike), after warm-up,
+median of the repeats. Before timing, the twin's weights are loaded into the zoo model and the
+outputs compared, so the ratio is between two computations of the same function.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import timm
+import torch
+
+import zoo
+from zoo.bench.counts import count_macs, count_params
+
+# zoo name -> (timm name, overrides that make the zoo model compute exactly timm's function)
+_TIMM_POOLFORMER_HEAD = {"head_norm_on": "pooled", "head_norm": "layernorm"}
+TWINS: dict[str, tuple[str, dict]] = {
+    **{f"zoo_poolformer_{s}": (f"poolformer_{s}", _TIMM_POOLFORMER_HEAD) for s in ("s12", "s24", "s36", "m36", "m48")},
+    **{f"zoo_vit_{s}_patch16_224": (f"vit_{s}_patch16_224", {}) for s in ("tiny", "small", "base")},
+    **{f"zoo_deit_{s}_distilled_patch16_224": (f"deit_{s}_distilled_patch16_224", {}) for s in ("tiny", "small", "base")},
+    **{f"zoo_gmlp_{s}16_224": (f"gmlp_{s}16_224", {}) for s in ("ti", "s", "b")},
+}
+DEFAULT_MODELS = "zoo_poolformer_s12,zoo_vit_tiny_patch16_224,zoo_vit_small_patch16_224"
+
+
+class PeakMemory:
+    """Peak memory during a block: CUDA's allocator peak, or on the CPU the process RSS sampled
+    every millisecond (torch's CPU allocator keeps no statistics)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak = device, 0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            return self
+        import psutil
+
+        proc = psutil.Process()
+        self.base = proc.memory_info().rss
+        self._stop = threading.Event()
+
+        def sample():
+            while not self._stop.is_set():
+                self.peak = max(self.peak, proc.memory_info().rss - self.base)
+                time.sleep(0.001)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
+        else:
+            self._stop.set()
+            self._thread.join()
+
+
+def _autocast(device: torch.device, dtype: str):
+    if dtype == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if dtype == "bf16" else torch.float16)
+
+
+def _timed(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def _steps(model: torch.nn.Module, x: torch.Tensor, dtype: str):
+    opt = torch.optim.SGD(model.parameters(), lr=1e-6)
+    device = x.device
+
+    def train_step():
+        model.train()
+        with _autocast(device, dtype):
+            out = model(x)
+        out.float().logsumexp(1).mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def eval_step():
+        model.eval()
+        with torch.no_grad(), _autocast(device, dtype):
+            model(x)
+
+    return train_step, eval_step
+
+
+def twin_pair(name: str, img_size: int) -> tuple[torch.nn.Module, torch.nn.Module | None, float | None]:
+    """The zoo model and its timm twin with the same weights, and their max output difference."""
+    if name not in TWINS:
+        kw = {"img_size": img_size} if _has_pos_embed(name) else {}
+        return zoo.create_model(name, **kw), None, None
+    timm_name, overrides = TWINS[name]
+    kw = {"img_size": img_size} if _has_pos_embed(name) else {}
+    ref = timm.create_model(timm_name, **kw).eval()
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "twin.pth"
+        torch.save(ref.state_dict(), path)
+        ours = zoo.create_model(name, pretrained=str(path), **overrides, **kw).eval()
+    x = torch.randn(2, 3, img_size, img_size)
+    with torch.no_grad():
+        diff = (ours(x) - ref(x)).abs().max().item()
+    return ours, ref, diff
+
+
+def _has_pos_embed(name: str) -> bool:
+    return name in zoo.list_models() and any(s.pos_embed for s in zoo.get_spec(name).stages)
+
+
+def measure(models: list[str], *, batch: int, img_size: int, repeats: int, warmup: int, dtype: str,
+            device: torch.device, channels_last: bool) -> list[dict]:
+    rows = []
+    for name in models:
+        ours, ref, diff = twin_pair(name, img_size)
+        x = torch.randn(batch, 3, img_size, img_size, device=device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        entries = {"zoo": ours} | ({"timm": ref} if ref is not None else {})
+        steps = {}
+        for key, model in entries.items():
+            model.to(device)
+            if channels_last:
+                model.to(memory_format=torch.channels_last)
+            steps[key] = _steps(model, x, dtype)
+        times = {key: {"train": [], "eval": []} for key in entries}
+        memory = {}
+        for key, (train_step, eval_step) in steps.items():
+            for _ in range(warmup):
+                train_step()
+                eval_step()
+            with PeakMemory(device) as mem:
+                train_step()
+            memory[key] = mem.peak
+        for _ in range(repeats):  # interleaved: zoo, timm, zoo, timm, ...
+            for key, (train_step, eval_step) in steps.items():
+                times[key]["train"].append(_timed(train_step, device))
+                times[key]["eval"].append(_timed(eval_step, device))
+        ips = {key: {k: batch / statistics.median(v) for k, v in t.items()} for key, t in times.items()}
+        row = dict(model=name, params_m=count_params(ours) / 1e6, gmacs=count_macs(ours.cpu(), img_size) / 1e9,
+                   eval_ips=ips["zoo"]["eval"], train_ips=ips["zoo"]["train"], peak_mem_mb=memory["zoo"] / 2**20,
+                   twin=TWINS[name][0] if ref is not None else "", max_diff=diff)
+        if ref is not None:
+            row.update(twin_eval_ips=ips["timm"]["eval"], twin_train_ips=ips["timm"]["train"],
+                       twin_peak_mem_mb=memory["timm"] / 2**20,
+                       eval_ratio=ips["zoo"]["eval"] / ips["timm"]["eval"],
+                       train_ratio=ips["zoo"]["train"] / ips["timm"]["train"])
+        rows.append(row)
+        for model in entries.values():
+            model.cpu()
+        print(format_row(row), flush=True)
+    return rows
+
+
+HEADER = ("| model | params (M) | GMACs | eval img/s | train img/s | peak mem (MB) | timm twin | "
+          "twin train img/s | train ratio | eval ratio | max \\|diff\\| |\n"
+          "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |")
+
+
+def format_row(r: dict) -> str:
+    twin = (f"{r['twin']} | {r['twin_train_ips']:.1f} | **{r['train_ratio']:.2f}x** | {r['eval_ratio']:.2f}x | "
+            f"{r['max_diff']:.1e}") if r.get("twin") else "- | - | - | - | -"
+    return (f"| {r['model']} | {r['params_m']:.1f} | {r['gmacs']:.2f} | {r['eval_ips']:.1f} | {r['train_ips']:.1f} | "
+            f"{r['peak_mem_mb']:.0f} | {twin} |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m zoo.bench speed", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated zoo model names")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--channels-last", action="store_true", help="feed channels_last inputs to both models")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    known = set(zoo.list_models())
+    for m in models:
+        if m not in known:
+            print(f"zoo.bench speed: {zoo.models.registry.unknown_model(m)}", file=sys.stderr)
+            return 2
+    device = torch.device(args.device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"speed: batch {args.batch}, {args.img_size}x{args.img_size}, {args.dtype}, {where}; "
+          f"median of {args.repeats} interleaved repeats after {args.warmup} warm-up; torch {torch.__version__}, "
+          f"timm {timm.__version__}")
+    print(HEADER)
+    measure(models, batch=args.batch, img_size=args.img_size, repeats=args.repeats, warmup=args.warmup,
+            dtype=args.dtype, device=device, channels_last=args.channels_last)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
