@@ -119,9 +119,10 @@ def _adapt(state: StateDict, model: nn.Module, source: str) -> None:
     heads = (classifier,) if isinstance(classifier, str) else tuple(classifier)
     for head in heads:
         w = f"{head}.weight"
-        if w in state and (w not in own or state[w].shape != own[w].shape):
-            want = own[w].shape[0] if w in own else 0
-            warnings.warn(f"{source}: classifier {head!r} has {state[w].shape[0]} classes, the model {want}: "
+        # only the class count may differ; another feature width is another architecture (reported below)
+        if w in state and w in own and state[w].shape[1:] == own[w].shape[1:] and state[w].shape != own[w].shape:
+            warnings.warn(f"{source}: classifier {head!r} has {state[w].shape[0]} classes, the model "
+                          f"{own[w].shape[0]}: "
                           "re-initialised it", stacklevel=4)
             for k in (w, f"{head}.bias"):
                 state.pop(k, None)
@@ -132,6 +133,9 @@ def _adapt(state: StateDict, model: nn.Module, source: str) -> None:
         from timm.models import adapt_input_conv
 
         state[first] = adapt_input_conv(own[first].shape[1], state[first])
+    for k, v in own.items():  # BatchNorm's step counter: absent from some checkpoints, unused in eval
+        if k.endswith(".num_batches_tracked") and k not in state:
+            state[k] = v
     for k, v in list(state.items()):
         if k.endswith("pos_embed") and k in own and v.shape != own[k].shape:
             from .backbone import resize_pos_embed

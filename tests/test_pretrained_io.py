@@ -1,0 +1,169 @@
+"""Loading weights safely, saving them back, and exporting: every path and every error."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import zoo
+import zoo.models.pretrained as pretrained_mod
+from zoo.export import export_and_check
+from zoo.hub import from_pretrained, save_pretrained
+from zoo.models.pretrained import CheckpointError
+
+NAME = "zoo_poolformer_mini_32"
+
+
+def make(name: str = NAME, **kw) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return zoo.create_model(name, num_classes=10, **kw).eval()
+
+
+def same_outputs(a, b, size: int = 32) -> bool:
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        return torch.allclose(a.eval()(x), b.eval()(x), atol=1e-6)
+
+
+class _CreatesFile:
+    """Unpickling this runs os.system: a checkpoint that tries to execute code."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.target}",))
+
+
+def test_pickle_that_runs_code_is_refused_and_runs_nothing(tmp_path):
+    target = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as f:
+        pickle.dump({"model": {"w": _CreatesFile(target)}}, f)
+    with pytest.raises(CheckpointError, match="evil.pth: refused or unreadable"):
+        zoo.create_model(NAME, pretrained=str(path))
+    assert not target.exists()
+
+
+def test_torch_file_in_zoo_layout_loads(tmp_path):
+    ref = make()
+    torch.save({"state_dict": ref.state_dict()}, tmp_path / "w.pt")
+    assert same_outputs(zoo.create_model(NAME, num_classes=10, pretrained=str(tmp_path / "w.pt")), ref)
+
+
+def test_truncated_safetensors_names_the_file(tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_file(make().state_dict(), str(path))
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"w\.safetensors: not a readable safetensors file"):
+        zoo.create_model(NAME, num_classes=10, pretrained=str(path))
+
+
+def test_corrupt_torch_file_names_the_file(tmp_path):
+    path = tmp_path / "junk.pth"
+    path.write_bytes(b"\x00not a checkpoint" * 10)
+    with pytest.raises(CheckpointError, match=r"junk\.pth"):
+        zoo.create_model(NAME, pretrained=str(path))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(CheckpointError, match="no such checkpoint file"):
+        zoo.create_model(NAME, pretrained=str(tmp_path / "nope.safetensors"))
+
+
+def test_other_architecture_lists_missing_unexpected_and_shapes(tmp_path):
+    path = tmp_path / "vit.safetensors"
+    save_file(make("zoo_vit_mini_32").state_dict(), str(path))
+    with pytest.raises(CheckpointError) as err:
+        zoo.create_model(NAME, num_classes=10, pretrained=str(path))
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert "missing" in msg and "unexpected" in msg and "more" in msg
+
+
+def test_new_class_count_reinitialises_head_and_says_so(tmp_path):
+    ref = make()
+    save_file(ref.state_dict(), str(tmp_path / "w.safetensors"))
+    with pytest.warns(UserWarning, match="10 classes, the model 3: re-initialised"):
+        model = zoo.create_model(NAME, num_classes=3, pretrained=str(tmp_path / "w.safetensors"))
+    torch.testing.assert_close(model.stages[0].embed.proj.weight, ref.stages[0].embed.proj.weight)
+
+
+def test_other_in_chans_adapts_the_stem(tmp_path):
+    ref = make()
+    save_file(ref.state_dict(), str(tmp_path / "w.safetensors"))
+    gray = zoo.create_model(NAME, num_classes=10, in_chans=1, pretrained=str(tmp_path / "w.safetensors")).eval()
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():  # timm's adaptation sums the RGB filters: a gray image gives the RGB output
+        torch.testing.assert_close(gray(x), ref(x.expand(-1, 3, -1, -1)), atol=1e-4, rtol=1e-4)
+
+
+def test_features_only_with_pretrained(tmp_path):
+    ref = make()
+    save_file(ref.state_dict(), str(tmp_path / "w.safetensors"))
+    fx = zoo.create_model(NAME, num_classes=10, features_only=True, pretrained=str(tmp_path / "w.safetensors"))
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        _, expected = ref.forward_intermediates(x)
+        for a, b in zip(fx(x), expected):
+            torch.testing.assert_close(a, b)
+
+
+def test_save_pretrained_round_trip(tmp_path):
+    ref = make(drop_path_rate=0.1, token_mixer="identity")
+    save_pretrained(ref, tmp_path / "saved", metadata={"top1": 99.0})
+    config = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert config["architecture"] == NAME and config["top1"] == 99.0
+    assert config["overrides"]["num_classes"] == 10 and config["overrides"]["drop_path_rate"] == 0.1
+    assert {s["token_mixer"] for s in config["overrides"]["stages"]} == {"identity"}
+    assert (tmp_path / "saved" / "model.safetensors").is_file()
+    again = from_pretrained(tmp_path / "saved")
+    assert same_outputs(again, ref)
+    # the folder also loads into a model built by name, as any pretrained path
+    by_name = zoo.create_model(NAME, num_classes=10, token_mixer="identity", pretrained=str(tmp_path / "saved"))
+    assert same_outputs(by_name, ref)
+
+
+def test_save_pretrained_baseline(tmp_path):
+    ref = make("resnet18")
+    save_pretrained(ref, tmp_path / "r18")
+    assert same_outputs(from_pretrained(tmp_path / "r18"), ref)
+
+
+def _fake_manifest(tmp_path, monkeypatch, model, *, corrupt: bool = False):
+    save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
+    digest = hashlib.sha256((tmp_path / "w.safetensors").read_bytes()).hexdigest()
+    if corrupt:
+        digest = "0" * 64
+    (tmp_path / "manifest.json").write_text(json.dumps({NAME: {"file": "w.safetensors", "sha256": digest}}))
+    monkeypatch.setattr(pretrained_mod, "WEIGHTS_DIR", tmp_path)
+
+
+def test_shipped_weights_load_by_name(tmp_path, monkeypatch):
+    ref = make()
+    _fake_manifest(tmp_path, monkeypatch, ref)
+    assert same_outputs(zoo.create_model(NAME, num_classes=10, pretrained=True), ref)
+
+
+def test_sha256_mismatch_is_refused(tmp_path, monkeypatch):
+    _fake_manifest(tmp_path, monkeypatch, make(), corrupt=True)
+    with pytest.raises(CheckpointError, match="sha256 .* does not match the manifest"):
+        zoo.create_model(NAME, num_classes=10, pretrained=True)
+
+
+def test_name_without_shipped_weights_lists_those_with(tmp_path, monkeypatch):
+    _fake_manifest(tmp_path, monkeypatch, make())
+    with pytest.raises(CheckpointError, match=f"no shipped weights for 'zoo_vit_mini_32'; weights/ has: {NAME}"):
+        zoo.create_model("zoo_vit_mini_32", pretrained=True)
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript", "exported"])
+@pytest.mark.parametrize("name", ["zoo_poolformer_mini_32", "zoo_vit_mini_32"])
+def test_export_round_trip(name, fmt, tmp_path):
+    diff = export_and_check(make(name), fmt, tmp_path / f"m.{fmt}", img_size=32)
+    assert diff <= 1e-4

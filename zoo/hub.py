@@ -1,0 +1,87 @@
+"""Saving and reloading backbones as a folder a Hugging Face hub user recognises.
+
+``save_pretrained(model, dir)`` writes ``config.json`` (architecture, the spec overrides that make
+this model differ from the registered one, and free-form metadata) and ``model.safetensors``;
+``from_pretrained(dir)`` rebuilds exactly that model, and ``zoo.create_model(name, pretrained=dir)``
+loads the weights into a model of your choosing (re-initialising the head for another class count).
+Both files are written atomically: a crash leaves the previous save intact.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_model
+from torch import nn
+
+from .models.registry import BASELINES, create_model, get_spec
+from .models.pretrained import CheckpointError
+from .models.specs import MODEL_FIELDS
+
+CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+
+
+def _overrides(model: nn.Module) -> dict[str, Any]:
+    """The ModelSpec fields in which ``model`` differs from its registered spec, as JSON data."""
+    if not hasattr(model, "spec"):  # a timm baseline: only the class count can differ
+        return {"num_classes": model.num_classes}
+    base, spec = get_spec(model.name), model.spec
+    out = {}
+    for name in MODEL_FIELDS:
+        value = getattr(spec, name)
+        if value != getattr(base, name):
+            out[name] = [dataclasses.asdict(s) for s in value] if name == "stages" else value
+    return out
+
+
+def _atomic_replace(write, final: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, final)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_pretrained(model: nn.Module, directory: str | Path, *, metadata: dict[str, Any] | None = None) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` for ``model`` into ``directory``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    name = getattr(model, "name", None) or model.pretrained_cfg.get("architecture")
+    config = {"architecture": name, "overrides": _overrides(model), "format": "zoo", **(metadata or {})}
+    text = json.dumps(config, indent=2, default=str) + "\n"
+    # save_model (not save_file) because weight-shared blocks alias tensors, which safetensors stores once.
+    _atomic_replace(lambda tmp: save_model(model, tmp, metadata={"architecture": str(name)}),
+                    directory / WEIGHTS_NAME)
+    _atomic_replace(lambda tmp: Path(tmp).write_text(text), directory / CONFIG_NAME)
+    return directory
+
+
+def read_config(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / CONFIG_NAME
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file (a folder saved by zoo.save_pretrained holds one)") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(config, dict) or "architecture" not in config:
+        raise CheckpointError(f"{path}: expected a JSON object with an 'architecture' key")
+    return config
+
+
+def from_pretrained(directory: str | Path, **overrides: Any) -> nn.Module:
+    """Rebuild the model saved in ``directory`` (its architecture and overrides) with its weights."""
+    config = read_config(directory)
+    name = config["architecture"]
+    kwargs = dict(config.get("overrides", {}))
+    if name in BASELINES:
+        kwargs = {k: v for k, v in kwargs.items() if k == "num_classes"}
+    kwargs.update(overrides)
+    return create_model(name, pretrained=str(directory), **kwargs)
