@@ -4,13 +4,16 @@ Commands (each module has its own ``--help``):
   data    DeiT train pipeline images/s per core, zoo vs timm's create_transform
   moe     MoE layer tokens/s vs a dense MLP of the same active FLOPs
   speed   params, MACs, eval / train-step images/s and memory; ratio to the timm twin
+  top1    top-1 error of models vs the ResNet baseline, same recipe, over seeds
+  ablate  one-change ablations of a base model (token mixer, channel mixer, ...)
 """
 from __future__ import annotations
 
 import importlib
 import sys
 
-COMMANDS = {"data": "zoo.bench.data", "moe": "zoo.bench.moe", "speed": "zoo.bench.speed"}
+COMMANDS = {"data": "zoo.bench.data", "moe": "zoo.bench.moe", "speed": "zoo.bench.speed", "top1": "zoo.bench.top1",
+            "ablate": "zoo.bench.ablate"}
 
 
 def main(argv: list[str] | None = None) -> int:

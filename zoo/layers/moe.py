@@ -71,9 +71,10 @@ class MoE(nn.Module):
             probability is kept.
         trim_capacity: in eager mode, shrink the buffer to the largest actual expert load when
             that is below the capacity. Outputs are identical (the trimmed slots would be empty
-            and weighted 0); it saves the matmuls on padding. Costs one host sync
-            (``counts.max().item()``) -- free on CPU; it is skipped under ``torch.compile`` so
-            that shapes stay static.
+            and weighted 0); it saves the matmuls on padding. It needs the load on the host
+            (``int(counts.max())``): free on CPU, a device sync on GPU, where it measured slower
+            (H100, bf16, 64 x 197 tokens: 4.9-5.1 ms vs 3.7-4.2 ms fwd+bwd padded). ``None`` (default): trim
+            on CPU only. Always skipped under ``torch.compile`` so that shapes stay static.
 
     Init: expert weights truncated-normal std .02 and zero biases, like a ViT ``Mlp``; router
     truncated-normal std .02. (A zero router would tie all logits, and ``topk`` breaks ties by
@@ -110,7 +111,7 @@ class MoE(nn.Module):
         balance_loss_weight: float = 0.01,
         z_loss_weight: float = 0.0,
         normalize_top_k: bool = True,
-        trim_capacity: bool = True,
+        trim_capacity: bool | None = None,
     ) -> None:
         super().__init__()
         if num_experts < 1:
@@ -217,7 +218,8 @@ class MoE(nn.Module):
 
         capacity = self.capacity(num_tokens)
         slots = capacity
-        if self.trim_capacity and not torch.compiler.is_compiling():
+        trim = self.trim_capacity if self.trim_capacity is not None else x.device.type == "cpu"
+        if trim and not torch.compiler.is_compiling():
             # Same outputs with fewer padded rows; see the class docstring.
             slots = min(capacity, int(counts.max()))
 

@@ -1,0 +1,59 @@
+"""Training runs for the benchmark tables: one recipe, many models and seeds, results as rows."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+import zoo
+from zoo.bench.counts import count_macs, count_params
+from zoo.train import load_config, run
+from zoo.train.metrics import read_log
+
+
+@dataclass
+class RunRow:
+    """One trained model: what the tables need from it."""
+
+    label: str
+    model: str
+    seed: int
+    top1: float
+    err1: float
+    params: int
+    macs: int
+    train_s: float
+    img_per_s: float
+
+
+def dataset_overrides(data: str) -> list[str]:
+    """``--data``: the embedded ``mnist5k`` / ``digits``, or an image folder path."""
+    return [f"data.dataset={data}"]
+
+
+def train_one(*, label: str, model: str, spec: dict[str, Any], seed: int, config: str | None, epochs: int | None,
+              data: str, out_dir: Path, extra: list[str]) -> RunRow:
+    """Train ``model`` (with ``spec`` overrides) under the base ``config`` and return its row."""
+    overrides = [f"model.name={model}", f"seed={seed}", f"name={label}_seed{seed}", f"output_dir={out_dir}",
+                 "log.progress=false", "log.plot=false", *dataset_overrides(data), *extra]
+    if epochs is not None:
+        overrides.append(f"train.epochs={epochs}")
+    if spec:
+        overrides.append("model.spec=" + yaml.safe_dump(spec, default_flow_style=True, width=10**6).strip())
+    cfg = load_config(config, overrides)
+    result = run(cfg, resume=None)
+    records = [r for r in read_log(result.run_dir / "metrics.jsonl") if "img_per_s" in r]
+    from safetensors import safe_open
+
+    with safe_open(str(result.run_dir / "model_last.safetensors"), "pt") as f:
+        meta = f.metadata()
+    # the same model the run trained, rebuilt to count it (cheap next to the training)
+    kw = {"img_size": cfg.model.img_size} if cfg.model.img_size else {}
+    built = zoo.create_model(model, num_classes=int(meta["num_classes"]), in_chans=int(meta["in_chans"]), **spec, **kw)
+    img = int(meta["img_size"])
+    return RunRow(label=label, model=model, seed=seed, top1=result.top1, err1=100 - result.top1,
+                  params=count_params(built), macs=count_macs(built, img, int(meta["in_chans"])),
+                  train_s=result.wall_s,
+                  img_per_s=sum(r["img_per_s"] for r in records) / max(len(records), 1))
