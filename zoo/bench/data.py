@@ -1,0 +1,246 @@
+"""Data pipeline benchmark: the zoo's DeiT train pipeline against timm's, per core.
+
+    python -m zoo.bench data [--images DIR] [--repeats 7] [--min-images 200] [--img-size 224]
+
+Both pipelines go from a JPEG file on disk to a normalised CHW tensor, in one process with one
+thread (OpenCV and torch limited to 1; PIL is single-threaded), over the same files, alternating
+after a warm-up pass; the figure is the median of the repeats, in images per second per core.
+
+* zoo: `zoo.data.load_image` (PIL header + OpenCV decode) -> `create_transform(AugmentConfig(),
+  is_training=True)` with a per-sample generator, as the datasets run it (random erasing in
+  DeiT's "pixel" mode, which does more work than timm's default "const" mode used below).
+* timm: `Image.open(f).convert("RGB")` (timm's ImageDataset loader) -> `timm.data.create_transform(
+  img_size, is_training=True, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25,
+  interpolation="bicubic")`. Its PosterizeIncreasing asks `ImageOps.posterize` for 0 bits at
+  magnitude 10, which Pillow >= 10 refuses; the wrapper replaces that op's function with PIL's
+  own posterize LUT extended to 0 bits (black), so every image runs the whole pipeline.
+
+Without --images, the colour photographs of `skimage.data` (and some grey ones), cropped to 4:3,
+resized to 500x375, and their mirror images are written as JPEG (quality 90) to a temp folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+__all__ = ["main", "make_photo_jpegs", "timm_train_transform", "zoo_train_transform"]
+
+PHOTOS = (
+    "astronaut", "coffee", "chelsea", "rocket", "retina", "hubble_deep_field", "immunohistochemistry",
+    "stereo_motorcycle", "camera", "coins", "moon", "clock",
+)  # fmt: skip
+
+
+def make_photo_jpegs(folder: Path, size: tuple[int, int] = (500, 375)) -> list[Path]:
+    """Write skimage's photographs (and their mirror images) as `size` (w, h) JPEGs."""
+    import skimage.data
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name in PHOTOS:
+        img = getattr(skimage.data, name)()
+        if isinstance(img, tuple):  # stereo_motorcycle: (left, right, disparity)
+            img = img[0]
+        img = np.asarray(img)
+        if img.ndim == 2:
+            img = np.repeat(img[:, :, None], 3, axis=2)  # (H, W) -> (H, W, 3)
+        img = img[:, :, :3].astype(np.uint8)
+        h, w = img.shape[:2]
+        tw, th = size
+        if w * th > h * tw:  # too wide: crop the width to the target aspect
+            cw = h * tw // th
+            img = img[:, (w - cw) // 2 : (w - cw) // 2 + cw]
+        else:
+            ch = w * th // tw
+            img = img[(h - ch) // 2 : (h - ch) // 2 + ch]
+        im = Image.fromarray(np.ascontiguousarray(img)).resize(
+            size, Image.Resampling.BICUBIC
+        )
+        for suffix, pic in (
+            ("", im),
+            ("_mirror", im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)),
+        ):
+            path = folder / f"{name}{suffix}.jpg"
+            pic.save(path, quality=90)
+            paths.append(path)
+    return paths
+
+
+class _SafePosterize:
+    """timm's posterize with 0 bits allowed (black), as PIL < 10 did; counts its uses."""
+
+    def __init__(self) -> None:
+        self.zero_bit_calls = 0
+
+    def __call__(self, img: object, bits_to_keep: int, **_: object) -> object:
+        from PIL import ImageOps
+
+        if bits_to_keep >= 8:
+            return img
+        if bits_to_keep <= 0:
+            self.zero_bit_calls += 1
+            return img.point([0] * 256 * len(img.getbands()))  # type: ignore[attr-defined]
+        return ImageOps.posterize(img, bits_to_keep)  # type: ignore[arg-type]
+
+
+def timm_train_transform(img_size: int = 224) -> tuple[Callable, _SafePosterize]:
+    """timm's DeiT train transform (as the issue names it) with posterize made safe."""
+    from timm.data import create_transform
+    from timm.data.auto_augment import RandAugment as TimmRandAugment
+
+    tf = create_transform(
+        img_size,
+        is_training=True,
+        auto_augment="rand-m9-mstd0.5-inc1",
+        re_prob=0.25,
+        interpolation="bicubic",
+    )
+    safe = _SafePosterize()
+    patched = 0
+    for t in tf.transforms:
+        if isinstance(t, TimmRandAugment):
+            for op in t.ops:
+                if op.name.startswith("Posterize"):
+                    op.aug_fn = safe
+                    patched += 1
+    if patched == 0:
+        raise RuntimeError(
+            "timm's transform has no RandAugment posterize op to wrap; did timm change?"
+        )
+    return tf, safe
+
+
+def zoo_train_transform(img_size: int = 224) -> Callable:
+    """The zoo's DeiT train transform."""
+    from zoo.data import AugmentConfig, create_transform
+
+    return create_transform(AugmentConfig(img_size=img_size), is_training=True)
+
+
+def _time_pass(
+    fn: Callable[[int, Path], object], files: list[Path], count: int
+) -> float:
+    start = time.perf_counter()
+    for i in range(count):
+        fn(i, files[i % len(files)])
+    return count / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and print the table; returns 0 (2 when no image files are found)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m zoo.bench data", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "--images",
+        type=Path,
+        default=None,
+        help="folder of images (default: skimage photos)",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=7, help="timed repeats of each pipeline (median)"
+    )
+    parser.add_argument(
+        "--min-images", type=int, default=200, help="images a timed pass (files cycle)"
+    )
+    parser.add_argument("--img-size", type=int, default=224)
+    args = parser.parse_args(argv)
+
+    from PIL import Image
+
+    from zoo.data.image_io import find_images, load_image
+    from zoo.data.sampler import sample_rng
+
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+    tmp = None
+    if args.images is None:
+        tmp = tempfile.TemporaryDirectory(prefix="zoo_bench_data_")
+        files = make_photo_jpegs(Path(tmp.name))
+        source = "skimage.data photos"
+    else:
+        files = [Path(p) for p in find_images(args.images)]
+        source = str(args.images)
+    if not files:
+        print(f"error: no image files under {args.images}", file=sys.stderr)
+        return 2
+    sizes = {Image.open(f).size for f in files}
+    count = max(args.min_images, len(files))
+
+    zoo_tf = zoo_train_transform(args.img_size)
+    timm_tf, safe = timm_train_transform(args.img_size)
+
+    def run_zoo(i: int, path: Path) -> torch.Tensor:
+        return zoo_tf(load_image(path), sample_rng(0, 0, i))
+
+    def run_timm(i: int, path: Path) -> torch.Tensor:
+        with open(path, "rb") as f:
+            return timm_tf(Image.open(f).convert("RGB"))
+
+    def decode_zoo(i: int, path: Path) -> np.ndarray:
+        return load_image(path)
+
+    def decode_timm(i: int, path: Path) -> Image.Image:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+
+    shapes = {tuple(run_zoo(0, files[0]).shape), tuple(run_timm(0, files[0]).shape)}
+    if len(shapes) != 1:
+        raise RuntimeError(f"the pipelines disagree on the output shape: {shapes}")
+    pipelines = {
+        "timm train (PIL)": run_timm,
+        "zoo train (OpenCV/albumentations)": run_zoo,
+        "timm decode only: PIL open+convert": decode_timm,
+        "zoo decode only: load_image": decode_zoo,
+    }
+    for fn in pipelines.values():  # warm-up: every file once
+        _time_pass(fn, files, len(files))
+    rates: dict[str, list[float]] = {k: [] for k in pipelines}
+    names = list(pipelines)
+    for r in range(args.repeats):
+        for name in (
+            names if r % 2 == 0 else names[::-1]
+        ):  # alternate the order against drift
+            rates[name].append(_time_pass(pipelines[name], files, count))
+    med = {k: statistics.median(v) for k, v in rates.items()}
+
+    size_text = ", ".join(f"{w}x{h}" for w, h in sorted(sizes)[:3]) + (
+        " ..." if len(sizes) > 3 else ""
+    )
+    print(
+        f"data pipeline benchmark: {len(files)} files from {source} ({size_text}), output {shapes.pop()}, "
+        f"1 thread, median of {args.repeats} repeats x {count} images"
+    )
+    print(f"{'pipeline':40s} {'img/s/core':>11s} {'min':>8s} {'max':>8s} {'ratio':>7s}")
+    for pair in ((names[0], names[1]), (names[2], names[3])):
+        base = med[pair[0]]
+        for name in pair:
+            print(
+                f"{name:40s} {med[name]:11.1f} {min(rates[name]):8.1f} {max(rates[name]):8.1f} "
+                f"{med[name] / base:7.2f}"
+            )
+    ratio = med[names[1]] / med[names[0]]
+    print(
+        f"zoo / timm DeiT train pipeline, per core: {ratio:.2f}x (target >= 2.0: {'met' if ratio >= 2.0 else 'NOT met'})"
+    )
+    print(
+        f"timm posterize calls with 0 bits (would have raised under Pillow 13): {safe.zero_bit_calls}"
+    )
+    if tmp is not None:
+        tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
