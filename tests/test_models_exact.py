@@ -24,7 +24,7 @@ VITS = [("zoo_vit_tiny_patch16_224", "vit_tiny_patch16_224"),
         ("zoo_deit_small_distilled_patch16_224", "deit_small_distilled_patch16_224"),
         ("zoo_deit_base_distilled_patch16_224", "deit_base_distilled_patch16_224")]
 # timm's PoolFormer port normalises the pooled vector, the official code the map (see poolformer.py)
-TIMM_POOLFORMER_HEAD = dict(head_norm_on="pooled", head_norm="layernorm")
+TIMM_POOLFORMER_HEAD = {"head_norm_on": "pooled", "head_norm": "layernorm"}
 
 
 def randomized(model: torch.nn.Module) -> torch.nn.Module:

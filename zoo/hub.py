@@ -18,8 +18,8 @@ from typing import Any
 from safetensors.torch import save_model
 from torch import nn
 
-from .models.registry import BASELINES, create_model, get_spec
 from .models.pretrained import CheckpointError
+from .models.registry import BASELINES, create_model, get_spec
 from .models.specs import MODEL_FIELDS
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"

@@ -67,7 +67,7 @@ def width_match(base: str, spec: dict, target: int) -> float:
 def plan(base: str, swaps: list[tuple[str, object]], img: int, tolerance: float, match: bool) -> list[dict]:
     """Variants to train: the base, one per swap (skipping the base's own value), width-matched ones."""
     base_params, base_macs = size_of(base, {}, img)
-    variants = [dict(label="base", spec={}, params=base_params, macs=base_macs, note="")]
+    variants = [{"label": "base", "spec": {}, "params": base_params, "macs": base_macs, "note": ""}]
     for key, value in swaps:
         if base_value(base, key) == value:
             continue
@@ -81,11 +81,11 @@ def plan(base: str, swaps: list[tuple[str, object]], img: int, tolerance: float,
             if match:
                 mspec = {**spec, "mlp_ratio": ratio}
                 mparams, mmacs = size_of(base, mspec, img)
-                variants.append(dict(label=f"{key}={value}", spec=spec, params=params, macs=macs, note=note))
-                variants.append(dict(label=f"{key}={value}, mlp_ratio={ratio:g}", spec=mspec, params=mparams,
-                                     macs=mmacs, note="width-matched"))
+                variants.append({"label": f"{key}={value}", "spec": spec, "params": params, "macs": macs, "note": note})
+                variants.append({"label": f"{key}={value}, mlp_ratio={ratio:g}", "spec": mspec, "params": mparams,
+                                     "macs": mmacs, "note": "width-matched"})
                 continue
-        variants.append(dict(label=f"{key}={value}", spec=spec, params=params, macs=macs, note=note))
+        variants.append({"label": f"{key}={value}", "spec": spec, "params": params, "macs": macs, "note": note})
     return variants
 
 
@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iso-tolerance", type=float, default=0.02, help="relative params change still iso-param")
     p.add_argument("--width-match", action="store_true", help="also train width-matched variants")
     p.add_argument("--img-size", type=int, default=32, help="input side for the MACs column")
+    p.add_argument("--reuse", action="store_true", help="read back finished runs under --out instead of retraining")
     p.add_argument("--out", type=Path, default=Path("runs/bench_ablate"))
     args = p.parse_args(argv)
     try:
@@ -129,9 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for v in variants:
         for seed in range(args.seeds):
-            slug = "".join(c if c.isalnum() else "_" for c in v["label"])
             row = train_one(label=v["label"], model=args.base, spec=v["spec"], seed=seed, config=args.config,
-                            epochs=args.epochs, data=args.data, out_dir=args.out / "runs" / slug, extra=args.set)
+                            epochs=args.epochs, data=args.data, out_dir=args.out / "runs", extra=args.set,
+                            reuse=args.reuse)
             print(f"  {v['label']} seed {seed}: top-1 err {row.err1:.2f}%", flush=True)
             rows.append(row)
     text = table(variants, rows)

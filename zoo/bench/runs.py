@@ -1,6 +1,8 @@
 """Training runs for the benchmark tables: one recipe, many models and seeds, results as rows."""
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,9 +36,18 @@ def dataset_overrides(data: str) -> list[str]:
 
 
 def train_one(*, label: str, model: str, spec: dict[str, Any], seed: int, config: str | None, epochs: int | None,
-              data: str, out_dir: Path, extra: list[str]) -> RunRow:
-    """Train ``model`` (with ``spec`` overrides) under the base ``config`` and return its row."""
-    overrides = [f"model.name={model}", f"seed={seed}", f"name={label}_seed{seed}", f"output_dir={out_dir}",
+              data: str, out_dir: Path, extra: list[str], reuse: bool = False) -> RunRow:
+    """Train ``model`` (with ``spec`` overrides) under the base ``config`` and return its row.
+
+    The row is also written beside the run (``bench_row.json``); with ``reuse`` a finished run of
+    the same name is read back instead of trained again, so a benchmark can be split across
+    processes or machines and collected afterwards.
+    """
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{label}_seed{seed}")
+    row_path = Path(out_dir) / name / "bench_row.json"
+    if reuse and row_path.is_file():
+        return RunRow(**json.loads(row_path.read_text()))
+    overrides = [f"model.name={model}", f"seed={seed}", f"name={name}", f"output_dir={out_dir}",
                  "log.progress=false", "log.plot=false", *dataset_overrides(data), *extra]
     if epochs is not None:
         overrides.append(f"train.epochs={epochs}")
@@ -53,7 +64,8 @@ def train_one(*, label: str, model: str, spec: dict[str, Any], seed: int, config
     kw = {"img_size": cfg.model.img_size} if cfg.model.img_size else {}
     built = zoo.create_model(model, num_classes=int(meta["num_classes"]), in_chans=int(meta["in_chans"]), **spec, **kw)
     img = int(meta["img_size"])
-    return RunRow(label=label, model=model, seed=seed, top1=result.top1, err1=100 - result.top1,
-                  params=count_params(built), macs=count_macs(built, img, int(meta["in_chans"])),
-                  train_s=result.wall_s,
-                  img_per_s=sum(r["img_per_s"] for r in records) / max(len(records), 1))
+    row = RunRow(label=label, model=model, seed=seed, top1=result.top1, err1=100 - result.top1,
+                 params=count_params(built), macs=count_macs(built, img, int(meta["in_chans"])),
+                 train_s=result.wall_s, img_per_s=sum(r["img_per_s"] for r in records) / max(len(records), 1))
+    row_path.write_text(json.dumps(dataclasses.asdict(row)) + "\n")
+    return row

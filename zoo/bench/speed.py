@@ -158,9 +158,9 @@ def measure(models: list[str], *, batch: int, img_size: int, repeats: int, warmu
                 times[key]["train"].append(_timed(train_step, device))
                 times[key]["eval"].append(_timed(eval_step, device))
         ips = {key: {k: batch / statistics.median(v) for k, v in t.items()} for key, t in times.items()}
-        row = dict(model=name, params_m=count_params(ours) / 1e6, gmacs=count_macs(ours.cpu(), img_size) / 1e9,
-                   eval_ips=ips["zoo"]["eval"], train_ips=ips["zoo"]["train"], peak_mem_mb=memory["zoo"] / 2**20,
-                   twin=TWINS[name][0] if ref is not None else "", max_diff=diff)
+        row = {"model": name, "params_m": count_params(ours) / 1e6, "gmacs": count_macs(ours.cpu(), img_size) / 1e9,
+                   "eval_ips": ips["zoo"]["eval"], "train_ips": ips["zoo"]["train"], "peak_mem_mb": memory["zoo"] / 2**20,
+                   "twin": TWINS[name][0] if ref is not None else "", "max_diff": diff}
         if ref is not None:
             row.update(twin_eval_ips=ips["timm"]["eval"], twin_train_ips=ips["timm"]["train"],
                        twin_peak_mem_mb=memory["timm"] / 2**20,

@@ -37,10 +37,10 @@ def summarise(rows: list[RunRow], baseline: str) -> list[dict]:
         err = [r.err1 for r in runs]
         mean, half = mean_ci(err)
         diff, dhalf = diff_ci(err, base_err)
-        table.append(dict(model=label, params_m=runs[0].params / 1e6, gmacs=runs[0].macs / 1e9, top1_err=mean,
-                          top1_err_ci95=half, diff_vs_baseline=diff, diff_ci95=dhalf, seeds=len(runs),
-                          train_s=statistics.fmean(r.train_s for r in runs),
-                          img_per_s=statistics.fmean(r.img_per_s for r in runs)))
+        table.append({"model": label, "params_m": runs[0].params / 1e6, "gmacs": runs[0].macs / 1e9, "top1_err": mean,
+                          "top1_err_ci95": half, "diff_vs_baseline": diff, "diff_ci95": dhalf, "seeds": len(runs),
+                          "train_s": statistics.fmean(r.train_s for r in runs),
+                          "img_per_s": statistics.fmean(r.img_per_s for r in runs)})
     return table
 
 
@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default=None, help="the recipe (default: configs/mnist5k_poolformer.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra config override for every run (e.g. train.limit_train=512)")
+    p.add_argument("--reuse", action="store_true", help="read back finished runs under --out instead of retraining")
     p.add_argument("--out", type=Path, default=Path("runs/bench_top1"))
     args = p.parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     for model in models:
         for seed in range(args.seeds):
             row = train_one(label=model, model=model, spec={}, seed=seed, config=args.config, epochs=args.epochs,
-                            data=args.data, out_dir=args.out / "runs", extra=args.set)
+                            data=args.data, out_dir=args.out / "runs", extra=args.set, reuse=args.reuse)
             print(f"  {model} seed {seed}: top-1 err {row.err1:.2f}% ({row.train_s:.0f} s)", flush=True)
             rows.append(row)
     table = summarise(rows, args.baseline)

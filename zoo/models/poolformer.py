@@ -17,8 +17,11 @@ from .specs import EmbedSpec, ModelSpec, StageSpec
 PAPER = "PoolFormer, https://arxiv.org/abs/2111.11418"
 
 
+STEM = EmbedSpec(7, 4, 2)  # 7x7 stride-4 patch embedding of the ImageNet models
+
+
 def poolformer(depths: tuple[int, ...], dims: tuple[int, ...], layer_scale: float, *,
-               stem: EmbedSpec = EmbedSpec(7, 4, 2), crop_pct: float = 0.9, img_size: int = 224) -> ModelSpec:
+               stem: EmbedSpec = STEM, crop_pct: float = 0.9, img_size: int = 224) -> ModelSpec:
     stages = tuple(
         StageSpec(depth=d, dim=c, embed=stem if i == 0 else EmbedSpec(3, 2, 1), token_mixer="pooling",
                   mixer_options={"pool_size": 3}, channel_mixer="mlp", mlp_ratio=4.0, norm="groupnorm1",
