@@ -10,17 +10,26 @@ declares:
   that the stage passes to the constructor.
 
 Every mixer's forward is ``forward(x, grid)`` where ``grid = (H, W)`` is the spatial size of the
-patch tokens (needed by mixers that see space through a token sequence).
+patch tokens (needed by mixers that see space through a token sequence). A mixer whose
+parameters need an init other than the backbone's generic one (truncated normal .02, zero bias)
+defines ``init_weights()``, which the model calls after the generic init.
+
+Registered: ``pooling`` (PoolFormer), ``attention`` (ViT/DeiT), ``conv_attention`` (CvT's
+convolutional projection; depthwise or per-head groups), ``token_shift`` (ShiftViT),
+``spatial_gating`` (gMLP's whole gated unit), ``identity``.
 """
 from __future__ import annotations
 
 import difflib
 import inspect
-from typing import Callable
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .mlp import get_act
 
 TOKEN_MIXERS: dict[str, type[nn.Module]] = {}
 
@@ -51,10 +60,11 @@ def _mixer_class(name: str) -> type[nn.Module]:
 def create_token_mixer(name: str, dim: int, options: dict, context: dict) -> nn.Module:
     """Build mixer ``name`` with the spec's ``options``; ``context`` holds what the stage knows."""
     cls = _mixer_class(name)
-    accepted = set(inspect.signature(cls).parameters) - {"dim"}
+    from_stage = set(getattr(cls, "stage_context", ()))
+    accepted = set(inspect.signature(cls).parameters) - {"dim"} - from_stage
     unknown = set(options) - accepted
     if unknown:
-        bad = sorted(unknown)[0]
+        bad = min(unknown)
         near = difflib.get_close_matches(bad, accepted, n=1)
         raise TypeError(f"token mixer {name!r} has no option {bad!r}; it accepts {sorted(accepted)}"
                         + (f" (did you mean {near[0]!r}?)" if near else ""))
@@ -127,3 +137,187 @@ class IdentityMixer(nn.Module):
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         return x
+
+
+class ConvProjection(nn.Module):
+    """CvT's ``dw_bn`` projection: a (grouped) convolution without bias, then BatchNorm.
+
+    Submodule names ``conv`` and ``bn`` are the official code's, so its keys map one to one.
+    """
+
+    def __init__(self, dim: int, *, kernel: int, stride: int, groups: int):
+        super().__init__()
+        self.conv = nn.Conv2d(dim, dim, kernel_size=kernel, stride=stride, padding=kernel // 2, groups=groups,
+                              bias=False)
+        self.bn = nn.BatchNorm2d(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.bn(self.conv(x))  # (B, C, H, W) -> (B, C, H', W')
+        return x.flatten(2).transpose(1, 2)  # (B, C, H', W') -> (B, H'*W', C)
+
+
+@register_token_mixer("conv_attention")
+class ConvAttention(nn.Module):
+    """Multi-head attention whose queries, keys and values come through a convolutional projection.
+
+    CvT: Wu et al., "CvT: Introducing Convolutions to Vision Transformers",
+    https://arxiv.org/abs/2103.15808 (official code: https://github.com/microsoft/CvT,
+    ``lib/models/cls_cvt.py``). The patch tokens are laid out as a map, each of q, k, v gets its
+    own ``kernel`` x ``kernel`` convolution (no bias) and BatchNorm -- stride ``stride_q`` for q,
+    ``stride_kv`` for k and v (CvT: 1 and 2, so keys and values are 4x fewer) -- and then the
+    usual linear projections ``proj_q/k/v``, attention and output ``proj``. Prefix tokens (CvT's
+    class token in its last stage) skip the convolution and are concatenated back in front, as
+    the official code does.
+
+    ``groups`` of the convolution: ``"depthwise"`` (one channel a group: CvT), ``"heads"`` (one
+    group a head, so a head's channels mix only among themselves: the per-head convolution in the
+    spirit of Primer's multi-dconv-head attention, So et al., https://arxiv.org/abs/2109.08668 --
+    Primer itself convolves each channel along the sequence after the projections), or an int.
+
+    ``scale``: ``"head_dim"`` scales the logits by ``head_dim ** -0.5`` (standard attention);
+    ``"dim"`` by ``dim ** -0.5``, which is what the official CvT code does (its CvT specs set it,
+    for identical logits with official weights).
+
+    Parameter names (``conv_proj_q.conv``, ``conv_proj_q.bn``, ``proj_q``, ..., ``proj``) are the
+    official ones.
+    """
+
+    layout = "nlc"
+    stage_context = ("num_prefix_tokens",)
+
+    def __init__(self, dim: int, *, num_heads: int, groups: Literal["depthwise", "heads"] | int = "depthwise",
+                 kernel: int = 3, stride_q: int = 1, stride_kv: int = 2, qkv_bias: bool = True,
+                 scale: Literal["head_dim", "dim"] = "head_dim", attn_drop: float = 0.0, proj_drop: float = 0.0,
+                 num_prefix_tokens: int = 0):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"conv_attention: dim {dim} is not divisible by num_heads {num_heads}")
+        if stride_q != 1:
+            raise ValueError(f"conv_attention: stride_q must be 1 (got {stride_q}): a block adds the mixer's "
+                             "output to its input, so the queries must keep every token")
+        if groups == "depthwise":
+            n_groups = dim
+        elif groups == "heads":
+            n_groups = num_heads
+        elif isinstance(groups, int) and not isinstance(groups, bool) and groups > 0 and dim % groups == 0:
+            n_groups = groups
+        else:
+            raise ValueError(f"conv_attention: groups must be 'depthwise', 'heads' or a positive divisor of "
+                             f"dim {dim}, got {groups!r}")
+        if scale not in ("head_dim", "dim"):
+            raise ValueError(f"conv_attention: scale must be 'head_dim' or 'dim', got {scale!r}")
+        self.num_heads = num_heads
+        self.num_prefix_tokens = num_prefix_tokens
+        self.scale = (dim if scale == "dim" else dim // num_heads) ** -0.5
+        self.attn_drop = attn_drop
+        self.conv_proj_q = ConvProjection(dim, kernel=kernel, stride=stride_q, groups=n_groups)
+        self.conv_proj_k = ConvProjection(dim, kernel=kernel, stride=stride_kv, groups=n_groups)
+        self.conv_proj_v = ConvProjection(dim, kernel=kernel, stride=stride_kv, groups=n_groups)
+        self.proj_q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.proj_k = nn.Linear(dim, dim, bias=qkv_bias)
+        self.proj_v = nn.Linear(dim, dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        return x.reshape(B, N, self.num_heads, C // self.num_heads).transpose(1, 2)  # (B, N, C) -> (B, heads, N, hd)
+
+    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        B, N, C = x.shape
+        p = self.num_prefix_tokens
+        prefix = x[:, :p]  # (B, p, C): class / distillation tokens, not convolved
+        fmap = x[:, p:].transpose(1, 2).reshape(B, C, *grid)  # (B, H*W, C) -> (B, C, H, W)
+        q, k, v = (proj(fmap) for proj in (self.conv_proj_q, self.conv_proj_k, self.conv_proj_v))  # (B, N', C)
+        if p:
+            q, k, v = (torch.cat([prefix, t], dim=1) for t in (q, k, v))  # (B, p + N', C)
+        q = self._heads(self.proj_q(q))  # (B, heads, N, hd)
+        k = self._heads(self.proj_k(k))  # (B, heads, Nkv, hd)
+        v = self._heads(self.proj_v(v))  # (B, heads, Nkv, hd)
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0,
+                                           scale=self.scale)  # (B, heads, N, hd)
+        x = x.transpose(1, 2).reshape(B, N, C)  # (B, heads, N, hd) -> (B, N, C)
+        return self.proj_drop(self.proj(x))
+
+
+@register_token_mixer("token_shift")
+class TokenShift(nn.Module):
+    """Shift a fraction of the channels by one pixel in each of the four directions; no parameters.
+
+    ShiftViT: Wang et al., "When Shift Operation Meets Vision Transformer: An Extremely Simple
+    Alternative to Attention Mechanism", https://arxiv.org/abs/2201.10801. As its official code
+    (``shift_feat`` in microsoft/SPACH): with ``g = dim // n_div``, the first ``g`` channels move
+    one pixel left, the next ``g`` right, the next ``g`` up, the next ``g`` down (vacated border
+    pixels are zero), the rest stay; ShiftViT uses ``n_div = 12`` (gamma = 1/12 per direction).
+    ShiftViT replaces attention by the shift outright; in this backbone's pre-norm residual block
+    the mixer returns ``shift(x) - x``, as PoolFormer's pooling returns ``pool(x) - x``, so that
+    the block adds the input back.
+    """
+
+    layout = "nchw"
+
+    def __init__(self, dim: int, *, n_div: int = 12):
+        super().__init__()
+        if n_div < 4 or dim // n_div < 1:
+            raise ValueError(f"token_shift: n_div must be >= 4 and at most dim ({dim}), got {n_div}")
+        self.g = dim // n_div
+
+    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        g = self.g
+        left, right, up, down, rest = x.split([g, g, g, g, x.shape[1] - 4 * g], dim=1)  # (B, g, H, W) each
+        left = F.pad(left[..., 1:], (0, 1))  # content moves one column left, zero column on the right
+        right = F.pad(right[..., :-1], (1, 0))  # one column right
+        up = F.pad(up[..., 1:, :], (0, 0, 0, 1))  # one row up, zero row at the bottom
+        down = F.pad(down[..., :-1, :], (0, 0, 1, 0))  # one row down
+        shifted = torch.cat([left, right, up, down, rest], dim=1)  # (B, C, H, W)
+        return shifted - x
+
+
+@register_token_mixer("spatial_gating")
+class SpatialGating(nn.Module):
+    """gMLP's whole gated unit: ``fc2(u * proj_tokens(norm(v)))`` with ``u, v = split(act(fc1(x)))``.
+
+    Liu et al., "Pay Attention to MLPs", https://arxiv.org/abs/2105.08050 (section 2, the
+    spatial gating unit). ``fc1`` widens to ``ffn_ratio * dim`` channels, the second half of them
+    is normalised (LayerNorm, eps 1e-5 as timm and the paper's code) and projected ACROSS TOKENS by
+    a ``num_tokens x num_tokens`` linear layer whose weights start near zero (std 1e-6) and bias at
+    one, so the unit starts as a plain MLP of the first half; the product goes through ``fc2``.
+
+    A gMLP block is one residual branch, so a gMLP stage pairs this mixer with
+    ``channel_mixer="none"``. The token projection fixes the sequence length: the model must be
+    created with the ``img_size`` it is fed. Names (``fc1``, ``norm``, ``proj``, ``fc2``) map
+    one to one onto timm's ``mlp_channels.fc1``, ``mlp_channels.gate.norm``, ... .
+    """
+
+    layout = "nlc"
+    stage_context = ("num_tokens",)
+
+    def __init__(self, dim: int, *, num_tokens: int, ffn_ratio: float = 6.0, act: str = "gelu",
+                 gate_norm_eps: float = 1e-5, drop: float = 0.0):
+        super().__init__()
+        hidden = int(dim * ffn_ratio)
+        if hidden % 2:
+            raise ValueError(f"spatial_gating: dim * ffn_ratio = {hidden} must be even (it is split in two halves)")
+        self.num_tokens = num_tokens
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = get_act(act)
+        self.drop1 = nn.Dropout(drop)
+        self.norm = nn.LayerNorm(hidden // 2, eps=gate_norm_eps)
+        self.proj = nn.Linear(num_tokens, num_tokens)
+        self.fc2 = nn.Linear(hidden // 2, dim)
+        self.drop2 = nn.Dropout(drop)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        nn.init.normal_(self.proj.weight, std=1e-6)
+        nn.init.ones_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        if x.shape[1] != self.num_tokens:
+            raise ValueError(f"spatial_gating is built for {self.num_tokens} tokens, the input has {x.shape[1]}: "
+                             "create the model with the img_size you feed it")
+        x = self.drop1(self.act(self.fc1(x)))  # (B, N, C) -> (B, N, hidden)
+        u, v = x.chunk(2, dim=-1)  # 2 x (B, N, hidden/2)
+        v = self.norm(v)
+        v = self.proj(v.transpose(1, 2)).transpose(1, 2)  # mix tokens: (B, hidden/2, N) -> (B, N, hidden/2)
+        return self.drop2(self.fc2(u * v))  # (B, N, hidden/2) -> (B, N, C)

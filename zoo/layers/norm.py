@@ -62,8 +62,10 @@ def _batchnorm(dim: int, layout: str, eps: float) -> nn.Module:
 
 
 # name -> (constructor, default eps). LayerNorm eps 1e-6 as ViT/DeiT; GroupNorm/BatchNorm 1e-5 as torch.
+# "layernorm_eps1e-5" is torch's default LayerNorm, which the official CvT code uses throughout.
 NORMS = {
     "layernorm": (_layernorm, 1e-6),
+    "layernorm_eps1e-5": (_layernorm, 1e-5),
     "groupnorm1": (_groupnorm1, 1e-5),
     "batchnorm": (_batchnorm, 1e-5),
 }

@@ -4,7 +4,7 @@ A ``ModelSpec`` (see specs.py) says what to build; this file says how. A block i
 block (https://arxiv.org/abs/2111.11418) with its token mixer and channel mixer injected::
 
     x = x + drop_path(ls1 * token_mixer(norm1(x)))
-    x = x + drop_path(ls2 * channel_mixer(norm2(x)))
+    x = x + drop_path(ls2 * channel_mixer(norm2(x)))    # absent for channel_mixer="none" (gMLP)
 
 A stage opens with a strided convolution (stem, downsampling or patch embedding) and runs its
 blocks in the layout its token mixer declares: channels-first maps (kept in channels_last memory
@@ -14,7 +14,7 @@ distillation tokens and a learned position embedding. The model speaks timm's in
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from timm.layers import DropPath, resample_abs_pos_embed, trunc_normal_
@@ -25,8 +25,9 @@ from torch.utils.checkpoint import checkpoint
 from ..layers.embed import ConvEmbed
 from ..layers.mixers import create_token_mixer, token_mixer_layout
 from ..layers.mlp import create_channel_mixer
+from ..layers.moe import moe_modules, reset_aux_loss
 from ..layers.norm import create_norm
-from .specs import ModelSpec, StageSpec
+from .specs import NO_CHANNEL_MIXER, ModelSpec, StageSpec
 
 
 class LayerScale(nn.Module):
@@ -45,19 +46,23 @@ class Block(nn.Module):
     """Token mixer then channel mixer, each pre-normed, scaled and added to the residual.
 
     ``token_mixer`` and ``channel_mixer`` are built by the stage and may be shared with other
-    blocks (weight sharing); norms and layer scales always belong to this block.
+    blocks (weight sharing); norms and layer scales always belong to this block. A block without
+    a channel mixer (``None``: gMLP, whose token mixer is the whole gated unit) is one residual
+    branch and has no second norm.
     """
 
-    def __init__(self, dim: int, *, token_mixer: nn.Module, channel_mixer: nn.Module, norm: str,
+    def __init__(self, dim: int, *, token_mixer: nn.Module, channel_mixer: nn.Module | None, norm: str,
                  layout: str, layer_scale: float | None, drop_path: float):
         super().__init__()
         self.layout = layout
         self.norm1 = create_norm(norm, dim, layout)
         self.token_mixer = token_mixer
         self.ls1 = LayerScale(dim, layer_scale, layout) if layer_scale is not None else nn.Identity()
-        self.norm2 = create_norm(norm, dim, layout)
-        self.channel_mixer = channel_mixer
-        self.ls2 = LayerScale(dim, layer_scale, layout) if layer_scale is not None else nn.Identity()
+        self.norm2 = self.channel_mixer = self.ls2 = None
+        if channel_mixer is not None:
+            self.norm2 = create_norm(norm, dim, layout)
+            self.channel_mixer = channel_mixer
+            self.ls2 = LayerScale(dim, layer_scale, layout) if layer_scale is not None else nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def _mix_channels(self, x: torch.Tensor) -> torch.Tensor:
@@ -69,7 +74,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         x = x + self.drop_path(self.ls1(self.token_mixer(self.norm1(x), grid)))
-        x = x + self.drop_path(self.ls2(self._mix_channels(self.norm2(x))))
+        if self.channel_mixer is not None:
+            x = x + self.drop_path(self.ls2(self._mix_channels(self.norm2(x))))
         return x
 
 
@@ -103,8 +109,13 @@ class Stage(nn.Module):
         groups = math.ceil(spec.depth / spec.share_group)
         token_mixers = [create_token_mixer(spec.token_mixer, dim, dict(spec.mixer_options), context)
                         for _ in range(groups)]
-        channel_mixers = [create_channel_mixer(spec.channel_mixer, dim, hidden_dim=hidden,
-                                               options=dict(spec.channel_options)) for _ in range(groups)]
+        if spec.channel_mixer == NO_CHANNEL_MIXER:
+            if spec.channel_options:
+                raise ValueError(f"channel_mixer 'none' takes no channel_options, got {dict(spec.channel_options)}")
+            channel_mixers = [None] * groups
+        else:
+            channel_mixers = [create_channel_mixer(spec.channel_mixer, dim, hidden_dim=hidden,
+                                                   options=dict(spec.channel_options)) for _ in range(groups)]
         self.blocks = nn.ModuleList(
             Block(dim, token_mixer=token_mixers[i // spec.share_group],
                   channel_mixer=channel_mixers[i // spec.share_group], norm=spec.norm, layout=layout,
@@ -115,7 +126,7 @@ class Stage(nn.Module):
     def embed_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Map in, stage input out: a channels_last map, or tokens with prefix and positions."""
         x = self.embed(x)
-        B, C, H, W = x.shape
+        B, _, H, W = x.shape
         if self.layout == "nchw":
             return x.contiguous(memory_format=torch.channels_last), (H, W)
         x = x.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, H*W, C)
@@ -172,7 +183,7 @@ class ZooModel(nn.Module):
             raise ValueError(f"{name}: distilled=True needs a distillation token in the last stage")
 
         total_depth = sum(s.depth for s in spec.stages)
-        rates = torch.linspace(0, spec.drop_path_rate, total_depth).tolist()
+        rates = torch.linspace(0, spec.drop_path_rate, total_depth, device="cpu").tolist()  # also under meta
         stages, feature_info = [], []
         in_dim, size, reduction, start = spec.in_chans, spec.img_size, 1, 0
         for i, s in enumerate(spec.stages):
@@ -181,9 +192,9 @@ class ZooModel(nn.Module):
             reduction *= s.embed.stride
             size, in_dim, start = stage.grid[0], s.dim, start + s.depth
             if len(spec.stages) > 1:
-                feature_info.append(dict(num_chs=s.dim, reduction=reduction, module=f"stages.{i}"))
+                feature_info.append({"num_chs": s.dim, "reduction": reduction, "module": f"stages.{i}"})
         if len(spec.stages) == 1:
-            feature_info = [dict(num_chs=last.dim, reduction=reduction, module=f"stages.0.blocks.{j}")
+            feature_info = [{"num_chs": last.dim, "reduction": reduction, "module": f"stages.0.blocks.{j}"}
                             for j in range(last.depth)]
         self.stages = nn.ModuleList(stages)
         self.feature_info = feature_info
@@ -197,17 +208,28 @@ class ZooModel(nn.Module):
         self.head_dist = None
         if spec.distilled:
             self.head_dist = nn.Linear(last.dim, spec.num_classes) if spec.num_classes > 0 else nn.Identity()
-        self.pretrained_cfg = dict(
-            architecture=name, input_size=(spec.in_chans, spec.img_size, spec.img_size),
-            num_classes=spec.num_classes, mean=spec.mean, std=spec.std, crop_pct=spec.crop_pct,
-            interpolation=spec.interpolation, first_conv="stages.0.embed.proj",
-            classifier=("head", "head_dist") if spec.distilled else "head", paper=spec.paper)
+        self.pretrained_cfg = {
+            "architecture": name, "input_size": (spec.in_chans, spec.img_size, spec.img_size),
+            "num_classes": spec.num_classes, "mean": spec.mean, "std": spec.std, "crop_pct": spec.crop_pct,
+            "interpolation": spec.interpolation, "first_conv": "stages.0.embed.proj",
+            "classifier": ("head", "head_dist") if spec.distilled else "head", "paper": spec.paper}
         self.default_cfg = self.pretrained_cfg
-        self.apply(_init_weights)
+        seen: set[int] = set()  # apply() revisits modules that blocks share: initialise each once
+
+        def init_once(m: nn.Module) -> None:
+            if id(m) not in seen:
+                seen.add(id(m))
+                _init_weights(m)
+
+        self.apply(init_once)
+        for m in self.modules():  # then the parts with an init of their own (gMLP's token projection)
+            if m is not self and callable(getattr(m, "init_weights", None)):
+                m.init_weights()
         for stage in self.stages:
             for t in (stage.cls_token, stage.dist_token, stage.pos_embed):
                 if t is not None:
                     trunc_normal_(t, std=0.02)
+        self._has_moe = bool(moe_modules(self))
 
     # ---- input checks -------------------------------------------------------------------
     def _min_input_size(self) -> int:
@@ -229,6 +251,12 @@ class ZooModel(nn.Module):
         if min(x.shape[-2:]) < self.min_input_size:
             raise ValueError(f"{self.name} needs images of at least {self.min_input_size}x{self.min_input_size}, "
                              f"got {x.shape[-2]}x{x.shape[-1]}")
+
+    def _reset_aux_loss(self) -> None:
+        """A forward starts with no pending MoE losses (see ``zoo.layers.moe.collect_aux_loss``), so
+        an uncollected eval or benchmark forward never leaks into the next training step."""
+        if self._has_moe:
+            reset_aux_loss(self)
 
     # ---- timm interface -------------------------------------------------------------------
     @torch.jit.ignore
@@ -270,6 +298,8 @@ class ZooModel(nn.Module):
         """Last stage's output: tokens (B, N, C) or a map (B, C, H, W); normed when the norm
         sits on the map."""
         self._check_input(x)
+        self._reset_aux_loss()
+        grid = self.stages[0].grid  # each stage's output grid, set by the loop before it is read
         for i, stage in enumerate(self.stages):
             if i:
                 x = self.stages[i - 1].to_map(x, grid)
@@ -313,11 +343,13 @@ class ZooModel(nn.Module):
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
         self._check_input(x)
+        self._reset_aux_loss()
         taps = self._taps()
         take, max_index = feature_take_indices(len(taps), indices)
         wanted = {taps[i] for i in take}
         last_stage = taps[max_index][0] if stop_early else len(self.stages) - 1
         intermediates = []
+        grid = self.stages[0].grid  # set by the loop before it is read
         for i, stage in enumerate(self.stages[:last_stage + 1]):
             if i:
                 x = self.stages[i - 1].to_map(x, grid)
@@ -363,4 +395,4 @@ def resize_pos_embed(pos_embed: torch.Tensor, new_grid: tuple[int, int], num_pre
     return resample_abs_pos_embed(pos_embed, list(new_grid), num_prefix_tokens=num_prefix_tokens)
 
 
-__all__ = ["Block", "Stage", "ZooModel", "LayerScale", "resize_pos_embed"]
+__all__ = ["Block", "LayerScale", "Stage", "ZooModel", "resize_pos_embed"]

@@ -9,8 +9,9 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import timm
 from timm.models._features import FeatureGetterNet

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ class StageSpec:
     embed: EmbedSpec
     token_mixer: str = "attention"
     mixer_options: Mapping[str, Any] = field(default_factory=dict)  # e.g. {"num_heads": 6}
-    channel_mixer: str = "mlp"
+    channel_mixer: str = "mlp"  # a name in zoo.layers.CHANNEL_MIXERS, or "none": no second branch (gMLP)
     mlp_ratio: float = 4.0
     channel_options: Mapping[str, Any] = field(default_factory=dict)  # e.g. {"num_experts": 4}
     norm: str = "layernorm"
@@ -71,6 +72,9 @@ class ModelSpec:
     interpolation: str = "bicubic"
     paper: str = ""
 
+
+# channel_mixer value for blocks that are one residual branch (gMLP: the token mixer is the whole unit).
+NO_CHANNEL_MIXER = "none"
 
 # Stage fields that an override applies to every stage at once (e.g. token_mixer="attention").
 STAGE_WIDE_FIELDS = tuple(f.name for f in dataclasses.fields(StageSpec) if f.name not in ("depth", "dim", "embed"))
