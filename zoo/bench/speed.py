@@ -126,7 +126,9 @@ def twin_pair(name: str, img_size: int) -> tuple[torch.nn.Module, torch.nn.Modul
 
 
 def _has_pos_embed(name: str) -> bool:
-    return name in zoo.list_models() and any(s.pos_embed for s in zoo.get_spec(name).stages)
+    """Models built for one input size: a position embedding, or gMLP's token-mixing projection."""
+    return name in zoo.list_models() and any(s.pos_embed or s.token_mixer == "spatial_gating"
+                                             for s in zoo.get_spec(name).stages)
 
 
 def measure(models: list[str], *, batch: int, img_size: int, repeats: int, warmup: int, dtype: str,
