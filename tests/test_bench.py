@@ -58,6 +58,13 @@ def test_top1_command_end_to_end(tmp_path, capsys):
     mini, base = rows["zoo_poolformer_mini_32"], rows["resnet18"]
     assert float(mini["diff_vs_baseline"]) == pytest.approx(float(mini["top1_err"]) - float(base["top1_err"]))
     assert (out / "top1.png").stat().st_size > 0 and (out / "top1.md").read_text().startswith("| model |")
+    # --reuse reads the finished runs back instead of training again, only under the same config
+    first = (out / "top1.csv").read_text()
+    assert top1.main(["--models", "zoo_poolformer_mini_32", "--seeds", "2", "--out", str(out), "--reuse", *TOY]) == 0
+    assert (out / "top1.csv").read_text() == first
+    with pytest.raises(ValueError, match="used another config"):
+        top1.main(["--models", "zoo_poolformer_mini_32", "--seeds", "2", "--out", str(out), "--reuse", *TOY,
+                   "--set", "optim.lr=0.01"])
 
 
 def test_ablate_plan_marks_non_iso_param_and_width_matches():

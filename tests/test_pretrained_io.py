@@ -118,7 +118,7 @@ def test_save_pretrained_round_trip(tmp_path):
     ref = make(drop_path_rate=0.1, token_mixer="identity")
     save_pretrained(ref, tmp_path / "saved", metadata={"top1": 99.0})
     config = json.loads((tmp_path / "saved" / "config.json").read_text())
-    assert config["architecture"] == NAME and config["top1"] == 99.0
+    assert config["architecture"] == NAME and config["metadata"] == {"top1": 99.0}
     assert config["overrides"]["num_classes"] == 10 and config["overrides"]["drop_path_rate"] == 0.1
     assert {s["token_mixer"] for s in config["overrides"]["stages"]} == {"identity"}
     assert (tmp_path / "saved" / "model.safetensors").is_file()
@@ -133,6 +133,19 @@ def test_save_pretrained_baseline(tmp_path):
     ref = make("resnet18")
     save_pretrained(ref, tmp_path / "r18")
     assert same_outputs(from_pretrained(tmp_path / "r18"), ref)
+    gray = make("resnet18", in_chans=1)
+    save_pretrained(gray, tmp_path / "gray")
+    again = from_pretrained(tmp_path / "gray")
+    assert again.conv1.in_channels == 1
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(again.eval()(x), gray(x))
+
+
+def test_metadata_cannot_overwrite_the_architecture(tmp_path):
+    save_pretrained(make(), tmp_path / "m", metadata={"architecture": "zoo_vit_mini_32"})
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["architecture"] == NAME
+    assert same_outputs(from_pretrained(tmp_path / "m"), make())
 
 
 def _fake_manifest(tmp_path, monkeypatch, model, *, corrupt: bool = False):

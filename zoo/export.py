@@ -17,14 +17,16 @@ FORMATS = {"onnx": ".onnx", "torchscript": ".ts.pt", "exported": ".pt2"}
 
 
 def export(model: torch.nn.Module, x: torch.Tensor, fmt: str, path: Path) -> None:
-    """Write ``model`` traced on ``x`` to ``path`` in format ``fmt``."""
+    """Write ``model`` traced on ``x`` to ``path`` in format ``fmt``, with a dynamic batch size."""
+    batch = torch.export.Dim("batch", min=1, max=4096)
     with torch.no_grad():
         if fmt == "onnx":
-            torch.onnx.export(model, (x,), str(path), dynamo=True, verbose=False)
+            torch.onnx.export(model, (x,), str(path), dynamo=True, verbose=False,
+                              input_names=["images"], output_names=["logits"], dynamic_shapes=({0: batch},))
         elif fmt == "torchscript":
-            torch.jit.save(torch.jit.trace(model, x), str(path))
+            torch.jit.save(torch.jit.trace(model, x), str(path))  # traced graphs are shape-generic
         elif fmt == "exported":
-            torch.export.save(torch.export.export(model, (x,)), str(path))
+            torch.export.save(torch.export.export(model, (x,), dynamic_shapes=({0: batch},)), str(path))
         else:
             raise ValueError(f"unknown format {fmt!r}; expected one of {sorted(FORMATS)}")
 
@@ -43,11 +45,12 @@ def run_exported(path: Path, fmt: str, x: torch.Tensor) -> torch.Tensor:
 
 def export_and_check(model: torch.nn.Module, fmt: str, path: Path, *, img_size: int, in_chans: int = 3,
                      batch: int = 2, atol: float = 1e-4) -> float:
-    """Export, reload, compare with eager on a new input; returns the max abs difference."""
+    """Export, reload, compare with eager on a new input of another batch size; returns the max
+    abs difference."""
     model = model.eval()
     torch.manual_seed(0)
     export(model, torch.randn(batch, in_chans, img_size, img_size), fmt, path)
-    x = torch.randn(batch, in_chans, img_size, img_size)
+    x = torch.randn(batch + 1, in_chans, img_size, img_size)  # another batch size: the export must not fix it
     with torch.no_grad():
         diff = (run_exported(path, fmt, x) - model(x)).abs().max().item()
     if not diff <= atol:
@@ -66,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--atol", type=float, default=1e-4)
     args = p.parse_args(argv)
     kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
+    if args.img_size is not None and args.name in zoo.list_models():
+        kwargs["img_size"] = args.img_size  # models built for one input size need it at construction
     pretrained = True if args.pretrained == "shipped" else (args.pretrained or False)
     try:
         model = zoo.create_model(args.name, pretrained=pretrained, **kwargs)

@@ -27,8 +27,8 @@ CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 
 def _overrides(model: nn.Module) -> dict[str, Any]:
     """The ModelSpec fields in which ``model`` differs from its registered spec, as JSON data."""
-    if not hasattr(model, "spec"):  # a timm baseline: only the class count can differ
-        return {"num_classes": model.num_classes}
+    if not hasattr(model, "spec"):  # a timm baseline: class count and input channels can differ
+        return {"num_classes": model.num_classes, "in_chans": model.conv1.in_channels}
     base, spec = get_spec(model.name), model.spec
     out = {}
     for name in MODEL_FIELDS:
@@ -39,10 +39,16 @@ def _overrides(model: nn.Module) -> dict[str, Any]:
 
 
 def _atomic_replace(write, final: Path) -> None:
+    """Write through ``write(tmp_path)`` then rename over ``final``: readers see old or new, never half."""
     fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a saved model is an ordinary file
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, final)
     finally:
         if os.path.exists(tmp):
@@ -54,7 +60,8 @@ def save_pretrained(model: nn.Module, directory: str | Path, *, metadata: dict[s
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     name = getattr(model, "name", None) or model.pretrained_cfg.get("architecture")
-    config = {"architecture": name, "overrides": _overrides(model), "format": "zoo", **(metadata or {})}
+    # user metadata is nested so that it can never overwrite the keys from_pretrained reads
+    config = {"architecture": name, "overrides": _overrides(model), "format": "zoo", "metadata": metadata or {}}
     text = json.dumps(config, indent=2, default=str) + "\n"
     # save_model (not save_file) because weight-shared blocks alias tensors, which safetensors stores once.
     _atomic_replace(lambda tmp: save_model(model, tmp, metadata={"architecture": str(name)}),
@@ -82,6 +89,6 @@ def from_pretrained(directory: str | Path, **overrides: Any) -> nn.Module:
     name = config["architecture"]
     kwargs = dict(config.get("overrides", {}))
     if name in BASELINES:
-        kwargs = {k: v for k, v in kwargs.items() if k == "num_classes"}
+        kwargs = {k: v for k, v in kwargs.items() if k in ("num_classes", "in_chans")}
     kwargs.update(overrides)
     return create_model(name, pretrained=str(directory), **kwargs)

@@ -57,7 +57,7 @@ def width_match(base: str, spec: dict, target: int) -> float:
     lo, hi = 0.25, 16.0
     for _ in range(12):  # parameters grow monotonically with the MLP width: bisect
         mid = (lo + hi) / 2
-        if count_params(zoo.create_model(base, num_classes=10, **spec, mlp_ratio=mid)) < target:
+        if count_params(zoo.create_model(base, num_classes=10, **{**spec, "mlp_ratio": mid})) < target:
             lo = mid
         else:
             hi = mid

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,7 @@ import yaml
 
 import zoo
 from zoo.bench.counts import count_macs, count_params
-from zoo.train import load_config, run
+from zoo.train import config_to_yaml, load_config, run
 from zoo.train.metrics import read_log
 
 
@@ -45,8 +46,6 @@ def train_one(*, label: str, model: str, spec: dict[str, Any], seed: int, config
     """
     name = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{label}_seed{seed}")
     row_path = Path(out_dir) / name / "bench_row.json"
-    if reuse and row_path.is_file():
-        return RunRow(**json.loads(row_path.read_text()))
     overrides = [f"model.name={model}", f"seed={seed}", f"name={name}", f"output_dir={out_dir}",
                  "log.progress=false", "log.plot=false", *dataset_overrides(data), *extra]
     if epochs is not None:
@@ -54,6 +53,13 @@ def train_one(*, label: str, model: str, spec: dict[str, Any], seed: int, config
     if spec:
         overrides.append("model.spec=" + yaml.safe_dump(spec, default_flow_style=True, width=10**6).strip())
     cfg = load_config(config, overrides)
+    # A finished run is reused only if it was trained with exactly this resolved config.
+    fingerprint = hashlib.sha256(config_to_yaml(cfg).encode()).hexdigest()
+    if reuse and row_path.is_file():
+        saved = json.loads(row_path.read_text())
+        if saved.pop("config_sha256", None) == fingerprint:
+            return RunRow(**saved)
+        raise ValueError(f"{row_path}: that run used another config; remove it or drop --reuse")
     result = run(cfg, resume=None)
     records = [r for r in read_log(result.run_dir / "metrics.jsonl") if "img_per_s" in r]
     from safetensors import safe_open
@@ -67,5 +73,7 @@ def train_one(*, label: str, model: str, spec: dict[str, Any], seed: int, config
     row = RunRow(label=label, model=model, seed=seed, top1=result.top1, err1=100 - result.top1,
                  params=count_params(built), macs=count_macs(built, img, int(meta["in_chans"])),
                  train_s=result.wall_s, img_per_s=sum(r["img_per_s"] for r in records) / max(len(records), 1))
-    row_path.write_text(json.dumps(dataclasses.asdict(row)) + "\n")
+    tmp = row_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({**dataclasses.asdict(row), "config_sha256": fingerprint}) + "\n")
+    tmp.replace(row_path)
     return row

@@ -8,7 +8,7 @@ from scipy import stats as _scipy_stats
 
 
 def mean_ci(values: list[float], confidence: float = 0.95) -> tuple[float, float]:
-    """Mean and the half-width of its two-sided t interval (0 for a single value: no spread known)."""
+    """Mean and the half-width of its two-sided t interval (nan for a single value: no spread known)."""
     mean = statistics.fmean(values)
     if len(values) < 2:
         return mean, float("nan")
