@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default="zoo_poolformer_mini_32,resnet18", help="comma-separated names")
     p.add_argument("--baseline", default="resnet18", help="the ResNet every model is compared to (always run)")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seed-start", type=int, default=0,
+                   help="first seed (seeds run seed-start .. seed-start+seeds-1): split a table across processes")
     p.add_argument("--epochs", type=int, default=None, help="default: the config's")
     p.add_argument("--config", default=None, help="the recipe (default: configs/mnist5k_poolformer.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -107,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for model in models:
-        for seed in range(args.seeds):
+        for seed in range(args.seed_start, args.seed_start + args.seeds):
             row = train_one(label=model, model=model, spec={}, seed=seed, config=args.config, epochs=args.epochs,
                             data=args.data, out_dir=args.out / "runs", extra=args.set, reuse=args.reuse)
             print(f"  {model} seed {seed}: top-1 err {row.err1:.2f}% ({row.train_s:.0f} s)", flush=True)
