@@ -109,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base", default="zoo_poolformer_mini_32")
     p.add_argument("--swap", action="append", default=[], metavar="FIELD=V1,V2", help="repeatable")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seed-start", type=int, default=0,
+                   help="first seed (seeds run seed-start .. seed-start+seeds-1): split a table across processes")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--data", default="mnist5k")
     p.add_argument("--config", default=None, help="the recipe (default: configs/mnist5k_poolformer.yaml)")
@@ -129,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for v in variants:
-        for seed in range(args.seeds):
+        for seed in range(args.seed_start, args.seed_start + args.seeds):
             row = train_one(label=v["label"], model=args.base, spec=v["spec"], seed=seed, config=args.config,
                             epochs=args.epochs, data=args.data, out_dir=args.out / "runs", extra=args.set,
                             reuse=args.reuse)
