@@ -1,6 +1,8 @@
 """The backbone contract: every registered zoo model speaks timm's interface on a small input."""
 from __future__ import annotations
 
+import functools
+
 import pytest
 import timm
 import torch
@@ -17,10 +19,21 @@ ALL = [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n for n in zoo
 MINI = zoo.list_models("*_mini_32")
 
 
+@functools.cache
 def fixed_token_count(name: str) -> bool:
-    """A position embedding or a token mixer with per-token weights (gMLP) fixes the input size."""
-    return any(s.pos_embed or "num_tokens" in getattr(TOKEN_MIXERS[s.token_mixer], "stage_context", ())
-               for s in get_spec(name).stages)
+    """The model says it is built for one input size (timm's ``pretrained_cfg["fixed_input_size"]``:
+    a position embedding, or a token mixer with per-token weights such as gMLP's)."""
+    with torch.device("meta"):  # no weights are allocated: only the config is read
+        model = zoo.create_model(name)
+    return bool(model.pretrained_cfg.get("fixed_input_size", False))
+
+
+@pytest.mark.parametrize("name", zoo.list_models())
+def test_fixed_input_size_flag(name):
+    """``fixed_input_size`` is set exactly for the models with a position embedding or per-token weights."""
+    expected = any(s.pos_embed or "num_tokens" in getattr(TOKEN_MIXERS[s.token_mixer], "stage_context", ())
+                   for s in get_spec(name).stages)
+    assert fixed_token_count(name) is expected
 
 
 def small_size(name: str) -> int:

@@ -38,7 +38,10 @@ def register_token_mixer(name: str) -> Callable[[type[nn.Module]], type[nn.Modul
     """Class decorator: make a token mixer selectable by ``name`` in specs and configs."""
 
     def add(cls: type[nn.Module]) -> type[nn.Module]:
-        assert getattr(cls, "layout", None) in ("nchw", "nlc", "any"), f"{cls.__name__} must declare its layout"
+        layout = getattr(cls, "layout", None)
+        if layout not in ("nchw", "nlc", "any"):
+            raise TypeError(f"token mixer {name!r} ({cls.__name__}) must declare a class attribute layout = "
+                            f"'nchw', 'nlc' or 'any', got {layout!r}")
         TOKEN_MIXERS[name] = cls
         return cls
 
@@ -72,6 +75,27 @@ def create_token_mixer(name: str, dim: int, options: dict, context: dict) -> nn.
     return cls(dim, **options, **needed)
 
 
+def resolve_num_heads(mixer: str, dim: int, num_heads: int | None, head_dim: int) -> int:
+    """``num_heads``, or when it is None ``max(1, dim // head_dim)``; either must divide ``dim``.
+
+    Lets an attention mixer be swapped into a model that gives it no options (an ablation of a
+    PoolFormer with ``token_mixer="attention"``): heads of ``head_dim`` channels, as many as fit.
+    """
+    if num_heads is None:
+        if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
+            raise ValueError(f"{mixer}: head_dim must be a positive int, got {head_dim!r}")
+        num_heads = max(1, dim // head_dim)
+        if dim % num_heads:
+            raise ValueError(f"{mixer}: dim {dim} is not divisible by the {num_heads} heads that head_dim "
+                             f"{head_dim} gives; pass num_heads (a divisor of {dim})")
+        return num_heads
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"{mixer}: num_heads must be a positive int, got {num_heads!r}")
+    if dim % num_heads:
+        raise ValueError(f"{mixer}: dim {dim} is not divisible by num_heads {num_heads}")
+    return num_heads
+
+
 @register_token_mixer("pooling")
 class Pooling(nn.Module):
     """PoolFormer's token mixer: average pooling minus the input.
@@ -99,15 +123,17 @@ class Attention(nn.Module):
     (https://arxiv.org/abs/2010.11929) and DeiT (https://arxiv.org/abs/2012.12877). Parameter
     names (``qkv``, ``proj``) match timm's so its checkpoints load unchanged. Runs on
     ``F.scaled_dot_product_attention`` so the fused kernel is used wherever torch has one.
+
+    ``num_heads`` defaults to ``max(1, dim // head_dim)`` (heads of 32 channels), so the mixer can
+    be swapped into any stage without options; the registered families pass it explicitly.
     """
 
     layout = "nlc"
 
-    def __init__(self, dim: int, *, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0):
+    def __init__(self, dim: int, *, num_heads: int | None = None, head_dim: int = 32, qkv_bias: bool = True,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"attention: dim {dim} is not divisible by num_heads {num_heads}")
+        num_heads = resolve_num_heads("attention", dim, num_heads, head_dim)
         self.num_heads = num_heads
         self.attn_drop = attn_drop
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
@@ -178,6 +204,8 @@ class ConvAttention(nn.Module):
     ``"dim"`` by ``dim ** -0.5``, which is what the official CvT code does (its CvT specs set it,
     for identical logits with official weights).
 
+    ``num_heads`` defaults to ``max(1, dim // head_dim)``, as for ``attention``.
+
     Parameter names (``conv_proj_q.conv``, ``conv_proj_q.bn``, ``proj_q``, ..., ``proj``) are the
     official ones.
     """
@@ -185,13 +213,13 @@ class ConvAttention(nn.Module):
     layout = "nlc"
     stage_context = ("num_prefix_tokens",)
 
-    def __init__(self, dim: int, *, num_heads: int, groups: Literal["depthwise", "heads"] | int = "depthwise",
+    def __init__(self, dim: int, *, num_heads: int | None = None, head_dim: int = 32,
+                 groups: Literal["depthwise", "heads"] | int = "depthwise",
                  kernel: int = 3, stride_q: int = 1, stride_kv: int = 2, qkv_bias: bool = True,
                  scale: Literal["head_dim", "dim"] = "head_dim", attn_drop: float = 0.0, proj_drop: float = 0.0,
                  num_prefix_tokens: int = 0):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"conv_attention: dim {dim} is not divisible by num_heads {num_heads}")
+        num_heads = resolve_num_heads("conv_attention", dim, num_heads, head_dim)
         if stride_q != 1:
             raise ValueError(f"conv_attention: stride_q must be 1 (got {stride_q}): a block adds the mixer's "
                              "output to its input, so the queries must keep every token")

@@ -19,6 +19,20 @@ Names in the registry:
 ``moe``                   :class:`zoo.layers.moe.MoE` (Switch-style mixture of experts)
 ``identity``              :class:`IdentityChannelMixer` (no channel mixing, no parameters)
 ========================  ===================================================================
+
+``identity`` versus the backbone's ``channel_mixer="none"`` (``zoo.models.specs.NO_CHANNEL_MIXER``,
+not an entry of this registry) -- they are NOT the same block:
+
+- ``"identity"`` keeps the second residual branch with the mixer replaced by the identity, so the
+  block computes ``x = x + drop_path(ls2 * norm2(x))``: a per-token, per-channel affine of
+  ``x`` (the norm's weight and bias, and layer scale if any) is still added, and ``norm2`` (and
+  ``ls2``) keep their parameters. This mirrors MetaFormer's IdentityFormer convention (Yu et al.,
+  https://arxiv.org/abs/2210.13452), where the *token* mixer is the identity; for a channel mixer
+  it means "remove the feed-forward layers but keep the branch's norm and residual", the
+  ablation that isolates the MLP's weights.
+- ``"none"`` removes the second branch altogether: no ``norm2``, no ``ls2``, no addition; the
+  block is ``x = x + drop_path(ls1 * token_mixer(norm1(x)))`` only (gMLP, whose token mixer is
+  the whole gated unit). Use it to remove the branch itself.
 """
 
 from __future__ import annotations
@@ -39,6 +53,7 @@ __all__ = [
     "GluMlp",
     "IdentityChannelMixer",
     "Mlp",
+    "QuickGELU",
     "SquaredReLU",
     "UnknownComponentError",
     "create_channel_mixer",
@@ -57,6 +72,18 @@ class SquaredReLU(nn.Module):
         return torch.square(torch.relu(x))
 
 
+class QuickGELU(nn.Module):
+    """``x * sigmoid(1.702 x)``: the sigmoid approximation of GELU.
+
+    Hendrycks & Gimpel, "Gaussian Error Linear Units", https://arxiv.org/abs/1606.08415
+    (section 2); the activation of OpenAI's CLIP and of the official CvT models
+    (microsoft/CvT ``lib/models/cls_cvt.py``), whose weights expect it rather than exact GELU.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
 # Name -> activation module class. GELU is the exact erf form (nn.GELU() default), which is
 # what timm's Mlp and the original ViT/DeiT checkpoints use; the tanh form would make loaded
 # timm weights produce slightly different outputs.
@@ -66,6 +93,7 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU,
     "squared_relu": SquaredReLU,
     "silu": nn.SiLU,
+    "quick_gelu": QuickGELU,  # CvT
 }
 
 
@@ -194,8 +222,9 @@ class GluMlp(nn.Module):
 
 
 class IdentityChannelMixer(nn.Module):
-    """No channel mixing: returns its input. For ablations that remove the feed-forward half
-    of a block (the block's residual then adds ``x`` to itself unless the backbone skips it).
+    """No channel mixing: returns its input. For ablations that remove the feed-forward layers
+    of a block while keeping its second branch: the block still adds ``ls2 * norm2(x)`` to its
+    residual (see the module docstring; ``channel_mixer="none"`` removes the branch instead).
 
     Takes the common channel-mixer signature so it is swappable by name; ``hidden_dim``,
     ``bias`` and ``drop`` are accepted and ignored. Holds no parameters.

@@ -187,7 +187,13 @@ class ZooModel(nn.Module):
         stages, feature_info = [], []
         in_dim, size, reduction, start = spec.in_chans, spec.img_size, 1, 0
         for i, s in enumerate(spec.stages):
-            stage = Stage(s, in_dim, in_size=size, drop_path=rates[start:start + s.depth])
+            try:
+                stage = Stage(s, in_dim, in_size=size, drop_path=rates[start:start + s.depth])
+            except (ValueError, TypeError, KeyError) as e:
+                prefixed = _prefixed(e, f"{name}: stages[{i}]: ")
+                if prefixed is e:
+                    raise
+                raise prefixed from None
             stages.append(stage)
             reduction *= s.embed.stride
             size, in_dim, start = stage.grid[0], s.dim, start + s.depth
@@ -203,6 +209,7 @@ class ZooModel(nn.Module):
 
         final_layout = self.stages[-1].layout if spec.head_norm_on == "map" else "nlc"
         self.norm = create_norm(spec.head_norm, last.dim, final_layout)
+        self._norm_stage: int | None = len(spec.stages) - 1  # the stage self.norm applies to; None: pruned
         self.head_drop = nn.Dropout(spec.drop_rate)
         self.head = nn.Linear(last.dim, spec.num_classes) if spec.num_classes > 0 else nn.Identity()
         self.head_dist = None
@@ -213,6 +220,10 @@ class ZooModel(nn.Module):
             "num_classes": spec.num_classes, "mean": spec.mean, "std": spec.std, "crop_pct": spec.crop_pct,
             "interpolation": spec.interpolation, "first_conv": "stages.0.embed.proj",
             "classifier": ("head", "head_dist") if spec.distilled else "head", "paper": spec.paper}
+        if any(st.pos_embed is not None or "num_tokens" in getattr(st.blocks[0].token_mixer, "stage_context", ())
+               for st in self.stages):
+            # built for one input size (a position embedding, or per-token weights): timm's flag for it
+            self.pretrained_cfg["fixed_input_size"] = True
         self.default_cfg = self.pretrained_cfg
         seen: set[int] = set()  # apply() revisits modules that blocks share: initialise each once
 
@@ -280,7 +291,12 @@ class ZooModel(nn.Module):
         return self.head if self.head_dist is None else (self.head, self.head_dist)
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        if global_pool is not None:
+        """A new head of ``num_classes`` outputs (0: none, the model returns pooled features).
+
+        ``global_pool``: ``"avg"`` or ``"token"`` changes the pooling; ``None`` or ``""`` keeps
+        the current one (timm passes ``""`` for "no pooling change" in ``reset_classifier(0, "")``).
+        """
+        if global_pool:
             if global_pool not in ("avg", "token"):
                 raise ValueError(f"global_pool must be 'avg' or 'token', got {global_pool!r}")
             if global_pool == "token" and self.stages[-1].num_prefix_tokens == 0:
@@ -347,21 +363,26 @@ class ZooModel(nn.Module):
         taps = self._taps()
         take, max_index = feature_take_indices(len(taps), indices)
         wanted = {taps[i] for i in take}
-        last_stage = taps[max_index][0] if stop_early else len(self.stages) - 1
+        # stop_early: run up to the last wanted tap (a stage of a hierarchical model, a block of an
+        # isotropic one) and no further; otherwise run every block that is left.
+        last_stage, last_block = taps[max_index] if stop_early else (len(self.stages) - 1, None)
+        # The final norm is built for the last stage of the spec; it never applies to another stage.
+        map_norm = self.spec.head_norm_on == "map" and self._norm_stage is not None
         intermediates = []
         grid = self.stages[0].grid  # set by the loop before it is read
         for i, stage in enumerate(self.stages[:last_stage + 1]):
             if i:
                 x = self.stages[i - 1].to_map(x, grid)
             x, grid = stage.embed_tokens(x)
-            for j, block in enumerate(stage.blocks):
+            blocks = stage.blocks if i < last_stage or last_block is None else stage.blocks[:last_block + 1]
+            for j, block in enumerate(blocks):
                 x = stage.run_blocks(x, grid, [block])
                 if (i, j) in wanted:
-                    y = self.norm(x) if norm and i == len(self.stages) - 1 and self.spec.head_norm_on == "map" else x
+                    y = self.norm(x) if norm and map_norm and i == self._norm_stage else x
                     intermediates.append(stage.to_map(y, grid))
         if intermediates_only:
             return intermediates
-        if self.spec.head_norm_on == "map" and last_stage == len(self.stages) - 1:
+        if map_norm and last_stage == self._norm_stage:
             x = self.norm(x)
         return x, intermediates
 
@@ -374,12 +395,26 @@ class ZooModel(nn.Module):
         self.stages = self.stages[:stage_idx + 1]
         self.stages[-1].blocks = self.stages[-1].blocks[:block_idx + 1]
         self.num_features = self.head_hidden_size = self.stages[-1].spec.dim
+        if self._norm_stage is not None and stage_idx < self._norm_stage:
+            # the final norm belongs to a removed stage (another width): nothing is left for it to norm
+            prune_norm = True
         if prune_norm:
             self.norm = nn.Identity()
+            self._norm_stage = None
         if prune_head:
             self.head_dist = None
             self.reset_classifier(0)
         return take
+
+
+def _prefixed(error: Exception, prefix: str) -> Exception:
+    """``error`` again, same type, its message prefixed (to say which model and stage failed)."""
+    message = str(error)
+    try:
+        new = type(error)(prefix + message)
+    except Exception:  # noqa: BLE001 - an exception type with another constructor: keep it as is
+        return error
+    return new
 
 
 def _init_weights(m: nn.Module) -> None:

@@ -19,9 +19,6 @@ Official checkpoints (``stage0.patch_embed.proj.weight``, ``stage2.cls_token``,
 """
 from __future__ import annotations
 
-from timm.layers import QuickGELU
-
-from ..layers.mlp import ACTIVATIONS
 from .pretrained import Layout, register_layout
 from .registry import register
 from .specs import EmbedSpec, ModelSpec, StageSpec
@@ -29,10 +26,8 @@ from .specs import EmbedSpec, ModelSpec, StageSpec
 PAPER = "CvT, https://arxiv.org/abs/2103.15808"
 NORM = "layernorm_eps1e-5"  # torch's default LayerNorm eps, as the official code
 
-# The official model factory (get_cls_model) builds every CvT with QuickGELU. Named here so that
-# any channel mixer can select it ({"act": "quick_gelu"}); mlp.py's owner may adopt it there.
-ACTIVATIONS.setdefault("quick_gelu", QuickGELU)
-
+# The official model factory (get_cls_model) builds every CvT with QuickGELU: zoo.layers.mlp's
+# "quick_gelu" activation ({"act": "quick_gelu"} in a channel mixer's options).
 OFFICIAL_EMBEDS = (EmbedSpec(7, 4, 2, norm=NORM), EmbedSpec(3, 2, 1, norm=NORM), EmbedSpec(3, 2, 1, norm=NORM))
 
 

@@ -90,7 +90,7 @@ def to_zoo_layout(state: StateDict, model: nn.Module) -> tuple[StateDict, str]:
                     key = re.sub(pattern, repl, key)
                 target = own.get(key)
                 # timm and the official PoolFormer store channel MLPs as 1x1 convolutions; ours are linear
-                if target is not None and target.shape != value.shape and target.numel() == value.numel():
+                if target is not None and _is_pointwise_pair(value.shape, target.shape):
                     value = value.reshape(target.shape)
                 out[key] = value
             note = layout.note(model)
@@ -100,13 +100,31 @@ def to_zoo_layout(state: StateDict, model: nn.Module) -> tuple[StateDict, str]:
     return state, "unknown"
 
 
-def _fill_shared(state: StateDict, model: nn.Module) -> None:
-    """Weight-shared modules appear under several names; a file may store only one of them."""
+def _is_pointwise_pair(src: torch.Size, dst: torch.Size) -> bool:
+    """A 1x1 convolution weight (O, I, 1, 1) and a linear weight (O, I), either way round: the one
+    reshape a checkpoint's tensor may get. Anything else of the right size is another tensor."""
+    return ((len(src) == 4 and len(dst) == 2 and tuple(src) == (*dst, 1, 1))
+            or (len(src) == 2 and len(dst) == 4 and tuple(dst) == (*src, 1, 1)))
+
+
+def _fill_shared(state: StateDict, model: nn.Module, source: str = "checkpoint") -> None:
+    """Weight-shared modules appear under several names; a file may store only one of them.
+
+    A file that stores several of those names must store the same tensor under each: different
+    tensors mean the file comes from a model without that sharing, and no one of them is "the"
+    shared weight, so that is an error rather than a silent pick.
+    """
     by_tensor: dict[int, list[str]] = {}
     for name, t in model.state_dict(keep_vars=True).items():
         by_tensor.setdefault(id(t), []).append(name)
     for names in by_tensor.values():
         have = [n for n in names if n in state]
+        for other in have[1:]:
+            if not torch.equal(state[have[0]], state[other]):
+                arch = getattr(model, "name", type(model).__name__)
+                raise CheckpointError(
+                    f"{source}: {have[0]} and {other} differ, but {arch} shares one tensor under both names: "
+                    f"the checkpoint is not weight-shared like the model (check share_group)")
         for n in names:
             if n not in state and have:
                 state[n] = state[have[0]]
@@ -117,6 +135,15 @@ def _adapt(state: StateDict, model: nn.Module, source: str) -> None:
     own = model.state_dict()
     classifier = model.pretrained_cfg.get("classifier", "head") if hasattr(model, "pretrained_cfg") else "fc"
     heads = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+    # A model without a classifier (num_classes=0: its head is Identity) takes the backbone only,
+    # as timm does: the checkpoint's classifier keys are dropped, with one warning.
+    dropped = [k for head in heads if f"{head}.weight" not in own
+               for k in (f"{head}.weight", f"{head}.bias") if k in state]
+    if dropped:
+        for k in dropped:
+            del state[k]
+        warnings.warn(f"{source}: the model has no classifier (num_classes=0): ignored the checkpoint's "
+                      f"{', '.join(dropped)}", stacklevel=4)
     for head in heads:
         w = f"{head}.weight"
         # only the class count may differ; another feature width is another architecture (reported below)
@@ -161,7 +188,7 @@ def _mismatch_message(model: nn.Module, state: StateDict) -> str | None:
 def load_state_into(model: nn.Module, state: StateDict, source: str) -> str:
     """Convert, adapt and strictly load ``state``; returns the layout name that was detected."""
     state, layout = to_zoo_layout(state, model)
-    _fill_shared(state, model)
+    _fill_shared(state, model, source)
     _adapt(state, model, source)
     problem = _mismatch_message(model, state)
     if problem:

@@ -12,6 +12,28 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+# Values the string-choice fields of ModelSpec accept.
+GLOBAL_POOLS = ("avg", "token")
+HEAD_NORM_PLACES = ("map", "pooled")
+
+
+def _check_int(owner: str, field_name: str, value: Any, minimum: int) -> None:
+    """``value`` must be an int (not a bool) of at least ``minimum``; else a one-line ValueError."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{owner}.{field_name}={value!r}: expected an int >= {minimum}")
+
+
+def _check_float(owner: str, field_name: str, value: Any, low: float, high: float | None, *,
+                 low_open: bool = False) -> None:
+    """``value`` must be a real number in [low, high) (or (low, ...) when ``low_open``)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (high is None or value < high)
+    if not ok:
+        lo = f"> {low}" if low_open else f">= {low}"
+        span = f"a number {lo}" + (f" and < {high}" if high is not None else "")
+        raise ValueError(f"{owner}.{field_name}={value!r}: expected {span}")
+
 
 @dataclass(frozen=True)
 class EmbedSpec:
@@ -21,6 +43,11 @@ class EmbedSpec:
     stride: int
     padding: int = 0
     norm: str = "identity"  # norm after the convolution (CvT: layernorm)
+
+    def __post_init__(self) -> None:
+        _check_int("EmbedSpec", "kernel", self.kernel, 1)
+        _check_int("EmbedSpec", "stride", self.stride, 1)
+        _check_int("EmbedSpec", "padding", self.padding, 0)
 
 
 @dataclass(frozen=True)
@@ -43,6 +70,14 @@ class StageSpec:
     # Blocks per weight-sharing group (ALBERT, WideNet): consecutive blocks of a group reuse one
     # token mixer and one channel mixer and keep their own norms. 1 = no sharing; depth = all share.
     share_group: int = 1
+
+    def __post_init__(self) -> None:
+        _check_int("StageSpec", "depth", self.depth, 1)
+        _check_int("StageSpec", "dim", self.dim, 1)
+        _check_int("StageSpec", "share_group", self.share_group, 1)
+        _check_float("StageSpec", "mlp_ratio", self.mlp_ratio, 0.0, None, low_open=True)
+        if not isinstance(self.embed, EmbedSpec):
+            raise ValueError(f"StageSpec.embed={self.embed!r}: expected an EmbedSpec")  # noqa: TRY004 - spec errors are ValueErrors
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -71,6 +106,23 @@ class ModelSpec:
     crop_pct: float = 0.9
     interpolation: str = "bicubic"
     paper: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.stages, tuple) or not self.stages:
+            raise ValueError(f"ModelSpec.stages={self.stages!r}: expected a non-empty tuple of StageSpec")
+        for i, stage in enumerate(self.stages):
+            if not isinstance(stage, StageSpec):
+                raise ValueError(f"ModelSpec.stages[{i}]={stage!r}: expected a StageSpec")  # noqa: TRY004
+        _check_int("ModelSpec", "num_classes", self.num_classes, 0)
+        _check_int("ModelSpec", "in_chans", self.in_chans, 1)
+        _check_int("ModelSpec", "img_size", self.img_size, 1)
+        if self.global_pool not in GLOBAL_POOLS:
+            raise ValueError(f"ModelSpec.global_pool={self.global_pool!r}: expected one of {list(GLOBAL_POOLS)}")
+        if self.head_norm_on not in HEAD_NORM_PLACES:
+            raise ValueError(f"ModelSpec.head_norm_on={self.head_norm_on!r}: expected one of "
+                             f"{list(HEAD_NORM_PLACES)}")
+        _check_float("ModelSpec", "drop_rate", self.drop_rate, 0.0, 1.0)
+        _check_float("ModelSpec", "drop_path_rate", self.drop_path_rate, 0.0, 1.0)
 
 
 # channel_mixer value for blocks that are one residual branch (gMLP: the token mixer is the whole unit).
@@ -104,9 +156,18 @@ def apply_overrides(spec: ModelSpec, overrides: Mapping[str, Any], *, model_name
     if "stages" in model_kw:
         model_kw["stages"] = tuple(s if isinstance(s, StageSpec) else stage_from_dict(s, where=f"stages[{i}]")
                                    for i, s in enumerate(model_kw["stages"]))
-    spec = dataclasses.replace(spec, **model_kw)
+    try:
+        spec = dataclasses.replace(spec, **model_kw)
+    except ValueError as e:
+        raise ValueError(f"{model_name}: {e}") from None
     if stage_kw:
-        spec = dataclasses.replace(spec, stages=tuple(dataclasses.replace(s, **stage_kw) for s in spec.stages))
+        stages = []
+        for i, s in enumerate(spec.stages):
+            try:
+                stages.append(dataclasses.replace(s, **stage_kw))
+            except ValueError as e:
+                raise ValueError(f"{model_name}: stages[{i}]: {e}") from None
+        spec = dataclasses.replace(spec, stages=tuple(stages))
     return spec
 
 
@@ -130,5 +191,9 @@ def stage_from_dict(data: Mapping[str, Any], *, where: str = "stage") -> StageSp
     """A ``StageSpec`` from plain YAML data; unknown or missing fields are errors naming them."""
     kw = _strict_kwargs(StageSpec, data, where)
     embed = kw["embed"]
-    kw["embed"] = embed if isinstance(embed, EmbedSpec) else EmbedSpec(**_strict_kwargs(EmbedSpec, embed, f"{where}.embed"))
-    return StageSpec(**kw)
+    try:
+        kw["embed"] = (embed if isinstance(embed, EmbedSpec)
+                       else EmbedSpec(**_strict_kwargs(EmbedSpec, embed, f"{where}.embed")))
+        return StageSpec(**kw)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
