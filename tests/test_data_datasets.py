@@ -135,6 +135,37 @@ def test_cifar_style_files(tmp_path: Path) -> None:
     )
 
 
+class _Pwn:
+    def __init__(self, target: Path) -> None:
+        self.target = target
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.target}",))
+
+
+def test_cifar_pickles_that_run_code_are_refused(tmp_path: Path) -> None:
+    from zoo.data.datasets import CifarPickleError
+
+    good = {b"data": np.arange(2 * 3072, dtype=np.uint8).reshape(2, 3072) % 251, b"labels": [0, 1]}
+    for protocol in (2, pickle.HIGHEST_PROTOCOL):  # python-2 era files and current ones
+        (tmp_path / "data_batch_1").write_bytes(pickle.dumps(good, protocol=protocol))
+        (tmp_path / "test_batch").write_bytes(pickle.dumps(good, protocol=protocol))
+        ds = create_dataset(DataConfig(dataset=str(tmp_path)), "train", None)
+        assert len(ds) == 2 and ds.classes == ["0", "1"]
+    pwned = tmp_path / "pwned"
+    evil = {b"data": np.zeros((1, 3072), np.uint8), b"labels": [0], b"x": _Pwn(pwned)}
+    (tmp_path / "test_batch").write_bytes(pickle.dumps(evil))
+    with pytest.raises(CifarPickleError, match=r"test_batch.*posix\.system|test_batch.*os\.system") as e:
+        create_dataset(DataConfig(dataset=str(tmp_path)), "val", None)
+    assert "\n" not in str(e.value)
+    assert not pwned.exists()
+    (tmp_path / "test_batch").write_bytes(b"\x80\x04garbage")
+    with pytest.raises(CifarPickleError, match="test_batch"):
+        create_dataset(DataConfig(dataset=str(tmp_path)), "val", None)
+
+
 def test_create_mixup() -> None:
     mix = create_mixup(AugmentConfig(), num_classes=10)
     assert isinstance(mix, Mixup) and isinstance(mix, ZooMixup)

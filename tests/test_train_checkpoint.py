@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from zoo.train.checkpoint import (
@@ -16,6 +18,7 @@ from zoo.train.checkpoint import (
     list_checkpoints,
 )
 from zoo.train.metrics import read_log, topk_correct, truncate_log
+from zoo.train.strict import ConfigError
 
 
 def _ckpt(root, name, complete=True):
@@ -50,9 +53,58 @@ def test_export_handles_shared_weights(tmp_path):
     m = Shared()
     export_weights(m, tmp_path / "w.safetensors", {"model": "shared", "num_classes": 3})
     sd = load_file(str(tmp_path / "w.safetensors"))
-    assert set(sd) == {"a.weight", "a.bias", "b.weight", "b.bias"}
-    assert torch.equal(sd["b.weight"], m.a.weight.detach())
+    assert len(sd) == 2 and {k.split(".")[1] for k in sd} == {"weight", "bias"}  # stored once
+    assert torch.equal(next(v for k, v in sd.items() if k.endswith("weight")), m.a.weight.detach())
     assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
+
+
+def test_export_stores_widenet_shared_blocks_once_and_loads_back(tmp_path):
+    import zoo
+
+    torch.manual_seed(0)
+    m = zoo.create_model("zoo_widenet_mini_32", num_classes=5).eval()
+    path = tmp_path / "w.safetensors"
+    export_weights(m, path, {"model": "zoo_widenet_mini_32", "num_classes": 5, "step": 3})
+    full = tmp_path / "full.safetensors"
+    save_file({k: v.detach().clone().contiguous() for k, v in m.state_dict().items()}, str(full))
+    assert path.stat().st_size < 0.5 * full.stat().st_size
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()  # ours, plus save_model's alias -> stored-name entries
+        assert {k: meta[k] for k in ("model", "num_classes", "step")} == {
+            "model": "zoo_widenet_mini_32", "num_classes": "5", "step": "3"}
+    loaded = zoo.create_model("zoo_widenet_mini_32", num_classes=5, pretrained=str(path)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), m(x), rtol=0, atol=0)
+
+
+def test_ema_checkpoint_is_safetensors_not_pickle(tmp_path):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    from zoo.train.checkpoint import EMA_STATE, load_checkpoint, save_checkpoint
+
+    try:
+        _ema_roundtrip(Accelerator(cpu=True), tmp_path, EMA_STATE, load_checkpoint, save_checkpoint)
+    finally:  # Accelerate's state is process-global: leave none behind for the in-process runs
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
+
+
+def _ema_roundtrip(acc, tmp_path, EMA_STATE, load_checkpoint, save_checkpoint):
+    ema = nn.Sequential(nn.Linear(3, 3))
+    ema.add_module("again", ema[0])  # shared, as in ALBERT/WideNet
+    saved = {k: v.clone() for k, v in ema.state_dict().items()}
+    ckpt = save_checkpoint(acc, tmp_path, {"step": 4, "num_processes": 1}, keep_last=2, ema=ema)
+    assert (ckpt / EMA_STATE).is_file()
+    assert not list(ckpt.glob("custom_checkpoint_*"))
+    with torch.no_grad():
+        ema[0].weight.zero_()
+    assert load_checkpoint(acc, ckpt, ema)["step"] == 4
+    assert all(torch.equal(saved[k], v) for k, v in ema.state_dict().items())
+    (ckpt / "custom_checkpoint_0.pkl").write_bytes(b"x")  # an older zoo's pickled EMA: refused
+    with pytest.raises(ConfigError, match="custom_checkpoint"):
+        load_checkpoint(acc, ckpt, ema)
 
 
 def test_truncate_log_drops_torn_lines_and_records_past_the_checkpoint(tmp_path):

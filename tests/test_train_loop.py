@@ -53,8 +53,11 @@ def _assert_same_weights(a: Path, b: Path) -> None:
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
 
 
-def test_smoke_train_outputs_and_export(tmp_path):
+def test_smoke_train_outputs_and_export(tmp_path, capsys):
     res = run(_cfg(tmp_path, "train.epochs=1", "log.plot=true"))
+    err = capsys.readouterr().err
+    # class names and counts are reported at the start (the subsets' counts: limit_train/limit_val)
+    assert "train: mnist5k" in err and "256 images, 10 classes (0: " in err and "val: " in err and "128 images" in err
     d = res.run_dir
     for f in ("config.yaml", "metrics.jsonl", "steps.jsonl", "model_best.safetensors", "model_last.safetensors",
               "model_ema.safetensors", "curves.png"):
@@ -76,6 +79,14 @@ def test_smoke_train_outputs_and_export(tmp_path):
     for k, v in model.state_dict().items():
         assert torch.equal(v, ref[k]), k
     assert len(list_checkpoints(d / "checkpoints")) == 1  # the epoch-end checkpoint
+
+
+def test_summary_names_a_custom_spec_run():
+    from zoo.train.loop import _model_label
+
+    cfg = load_config(ROOT / "configs" / "mnist5k_mixed.yaml", [])
+    assert _model_label(cfg) == "mnist5k_mixed (custom stages on zoo_poolformer_mini_32)"
+    assert _model_label(load_config(None, [])) == "zoo_poolformer_mini_32"
 
 
 def test_fresh_start_refuses_to_overwrite_checkpoints(tmp_path):

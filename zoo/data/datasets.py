@@ -39,6 +39,7 @@ from zoo.data.sampler import SampleKey, sample_rng
 __all__ = [
     "ArrayDataset",
     "BadDataError",
+    "CifarPickleError",
     "ImageFolderDataset",
     "create_dataset",
     "load_cifar",
@@ -311,6 +312,48 @@ def load_digits(
     return _gray_to_rgb(images[idx]), targets[idx], [str(i) for i in range(10)]
 
 
+class CifarPickleError(ValueError):
+    """A CIFAR-style pickle that is corrupt or asks for more than numpy arrays and containers."""
+
+
+# What a CIFAR batch (a dict of bytes keys -> numpy arrays, lists of ints or bytes) needs to be
+# rebuilt; anything else in a pickle's global table is refused before it is imported or called.
+_CIFAR_ALLOWED = frozenset({
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"),  # protocol-5 pickles of arrays
+    ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("builtins", "dict"),
+    ("builtins", "list"),
+    ("builtins", "tuple"),
+    ("builtins", "bytes"),
+    ("builtins", "bytearray"),
+    ("builtins", "str"),
+    ("builtins", "int"),
+    ("builtins", "float"),
+    ("_codecs", "encode"),  # protocol-2 pickles of bytes under python 3
+})
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """`pickle.Unpickler` that resolves only the globals in `_CIFAR_ALLOWED` (bytes encoding, as
+    the python-2 CIFAR files need)."""
+
+    def __init__(self, f, path: Path):
+        super().__init__(f, encoding="bytes")
+        self._path = path
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _CIFAR_ALLOWED:
+            raise CifarPickleError(f"{self._path}: refusing to unpickle {module}.{name} "
+                                   f"(a CIFAR batch holds only numpy arrays, lists and dicts)")
+        return super().find_class(module, name)
+
+
 def _is_cifar_dir(root: Path) -> bool:
     return (root / "data_batch_1").is_file() or (
         (root / "train").is_file() and (root / "test").is_file()
@@ -319,12 +362,18 @@ def _is_cifar_dir(root: Path) -> bool:
 
 def load_cifar(root: Path, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """CIFAR-10 (data_batch_1..5, test_batch, batches.meta) or CIFAR-100 (train, test, meta)
-    python pickles from a local folder; val is the test set. Only open files you trust: this is
-    Python's pickle format."""
+    python pickles from a local folder; val is the test set. The pickles are read with
+    `_CifarUnpickler`, which only rebuilds numpy arrays and plain containers: a file that asks
+    for anything else (a crafted pickle that would run code) raises `CifarPickleError`."""
 
     def read(path: Path) -> dict:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="bytes")
+            try:
+                return _CifarUnpickler(f, path).load()
+            except CifarPickleError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a truncated or corrupt pickle
+                raise CifarPickleError(f"{path}: not a readable CIFAR batch ({type(e).__name__}: {e})") from None
 
     if (root / "data_batch_1").is_file():
         files = (

@@ -1,8 +1,10 @@
 """Checkpoints that survive SIGKILL at any moment, and the exported safetensors weights.
 
 A checkpoint is a directory ``<run>/checkpoints/step_00001234/`` holding Accelerate's state
-(model, optimizer, per-process RNG, the EMA registered as a custom object, the loss scaler)
-plus ``loop_state.json`` (epoch, step, position in the epoch's data order, skip counters, best
+(model, optimizer, per-process RNG, the loss scaler), the EMA weights as ``ema.safetensors``
+(written and read here with safetensors, not registered with Accelerate: Accelerate 1.x loads
+registered custom objects with ``torch.load(weights_only=False)``, i.e. full pickle), plus
+``loop_state.json`` (epoch, step, position in the epoch's data order, skip counters, best
 top-1, partial epoch sums). It is written under a hidden temporary name and renamed into place
 with ``os.replace`` only when every process has finished writing, so a directory without the
 leading dot is always complete; ``--resume auto`` takes the newest one. Old checkpoints are
@@ -23,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
-from safetensors.torch import save_file
+from safetensors.torch import load_model, save_model
 from torch import nn
 
 __all__ = [
@@ -38,6 +40,7 @@ __all__ = [
 ]
 
 LOOP_STATE = "loop_state.json"
+EMA_STATE = "ema.safetensors"
 _NAME = re.compile(r"^step_(\d{8})$")
 
 
@@ -92,17 +95,22 @@ def _remove(path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def save_checkpoint(accelerator: Accelerator, ckpt_dir: Path, loop_state: dict[str, Any], keep_last: int) -> Path:
-    """Every process calls this at the same point; returns the final checkpoint directory."""
+def save_checkpoint(accelerator: Accelerator, ckpt_dir: Path, loop_state: dict[str, Any], keep_last: int,
+                    ema: nn.Module | None = None) -> Path:
+    """Every process calls this at the same point; returns the final checkpoint directory.
+
+    ``ema`` (the averaged model, e.g. ``ModelEmaV3.module``) is written as ``ema.safetensors``."""
     final = ckpt_dir / f"step_{loop_state['step']:08d}"
     tmp = ckpt_dir / f".tmp_{final.name}"
     if accelerator.is_main_process:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))  # main: model/optimizer/EMA/scaler; every process: its RNG
+    accelerator.save_state(str(tmp))  # main: model/optimizer/scaler; every process: its RNG
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if ema is not None:
+            _save_model_atomic(ema, tmp / EMA_STATE, None)
         # loop_state.json goes last: its presence marks the directory complete (list_checkpoints).
         atomic_write_text(tmp / LOOP_STATE, json.dumps(loop_state, indent=1, sort_keys=True))
         if final.exists():  # e.g. re-saving the same step after a resume
@@ -115,25 +123,49 @@ def save_checkpoint(accelerator: Accelerator, ckpt_dir: Path, loop_state: dict[s
     return final
 
 
-def load_checkpoint(accelerator: Accelerator, path: Path) -> dict[str, Any]:
-    """Restore Accelerate's state (weights, optimizer, EMA, RNG, accelerator.step); return the loop state."""
+def load_checkpoint(accelerator: Accelerator, path: Path, ema: nn.Module | None = None) -> dict[str, Any]:
+    """Restore Accelerate's state (weights, optimizer, RNG, accelerator.step) and ``ema``'s weights;
+    return the loop state."""
+    from .strict import ConfigError
+
     state = json.loads((path / LOOP_STATE).read_text())
     if state.get("num_processes", 1) != accelerator.num_processes:
-        from .strict import ConfigError
         raise ConfigError(f"--resume: {path} was written by {state['num_processes']} processes; resume it with "
                           f"the same number (this run has {accelerator.num_processes}) so data order and RNG match")
+    if any(path.glob("custom_checkpoint_*.pkl")):
+        raise ConfigError(f"--resume: {path} holds pickled custom state (custom_checkpoint_*.pkl, written by an "
+                          f"older zoo); it is not loaded, as unpickling it can run code: start the run afresh")
+    if ema is not None and not (path / EMA_STATE).is_file():
+        raise ConfigError(f"--resume: {path} has no {EMA_STATE} (was it written with ema.enabled: false?)")
     accelerator.load_state(str(path))
+    if ema is not None:
+        load_model(ema, str(path / EMA_STATE), strict=True, device=str(_device_of(ema)))
     return state
+
+
+def _device_of(model: nn.Module):
+    for t in model.state_dict().values():
+        return t.device
+    return "cpu"
+
+
+def _save_model_atomic(model: nn.Module, path: Path, metadata: dict[str, str] | None) -> None:
+    """``safetensors.torch.save_model`` (stores each shared tensor once) to a temporary file, fsync,
+    then ``os.replace``: a reader sees the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_model(model, str(tmp), metadata=metadata)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
 
 
 def export_weights(model: nn.Module, path: Path, metadata: dict[str, str]) -> None:
     """Save ``model``'s weights as safetensors (atomically), with ``metadata`` in the header.
 
-    Tensors are copied one by one: a weight-shared model (ALBERT/WideNet) has several names for
-    one tensor, which safetensors refuses to write as shared; copies load back the same.
+    ``safetensors.torch.save_model`` stores a tensor shared by several names (ALBERT/WideNet's
+    repeated blocks) once, under one of its names; ``zoo.models.pretrained`` fills the other
+    names from it on load.
     """
-    state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(state, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
-    os.replace(tmp, path)
+    _save_model_atomic(model, path, {k: str(v) for k, v in metadata.items()})
 

@@ -18,8 +18,9 @@ reduce the evaluation counts over processes. What differs, and why:
   hold every image exactly once, so summing is exact.
 
 Resume is exact because everything that decides the next update is restored or recomputed:
-model, optimizer, EMA and loss scaler (Accelerate's ``save_state``), every process's python /
-numpy / torch RNG (also ``save_state``; numpy drives Mixup), Accelerate's accumulation counter,
+model, optimizer and loss scaler (Accelerate's ``save_state``), the EMA (``ema.safetensors``),
+every process's python / numpy / torch RNG (also ``save_state``; numpy drives Mixup),
+Accelerate's accumulation counter,
 the position in the epoch's data order (``EpochSampler.set_start``; each sample's augmentation
 is seeded from (seed, epoch, position), not from worker state), the learning rate (a function
 of the step) and the DataLoader's base seed (its own ``torch.Generator``, so creating an
@@ -118,6 +119,15 @@ class _Subset(Dataset):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+    def describe(self) -> str:
+        """Like the datasets' ``describe()``, counting the subset's images."""
+        targets = np.asarray(self.ds.targets)[self.indices]
+        counts = np.bincount(targets, minlength=len(self.classes)) if len(targets) else np.zeros(len(self.classes))
+        per_class = ", ".join(f"{c}: {int(k)}" for c, k in zip(self.classes, counts))
+        name = getattr(self.ds, "name", type(self.ds).__name__)
+        return (f"{name} (seeded subset of {len(self.ds)}): {len(self)} images, {len(self.classes)} classes "
+                f"({per_class})")
 
     def __getitem__(self, key: int | SampleKey):
         if isinstance(key, SampleKey):
@@ -317,6 +327,8 @@ def _run(cfg: TrainConfig, resume: str | None) -> RunResult:
     # ---- data
     train_ds, val_ds = _build_datasets(cfg)
     num_classes = len(train_ds.classes)
+    _print(accelerator, f"train: {train_ds.describe()}")
+    _print(accelerator, f"val: {val_ds.describe()}")
     in_chans = int(val_ds[0][0].shape[0])
     mixup_fn = create_mixup(cfg.aug, num_classes)
     train_sampler = EpochSampler(train_ds, shuffle=True, seed=cfg.seed, repeats=cfg.data.repeated_aug,
@@ -347,8 +359,8 @@ def _run(cfg: TrainConfig, resume: str | None) -> RunResult:
     optimizer = create_optimizer(model, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
+    # The EMA is not registered with Accelerate (which would unpickle it with weights_only=False
+    # on resume): save_checkpoint / load_checkpoint keep it as safetensors.
     criterion = _train_criterion(cfg, mixup_fn is not None)
     # From here on each process draws its own randomness (Mixup, drop path) from seed + rank.
     set_seed(cfg.seed, device_specific=True)
@@ -361,7 +373,7 @@ def _run(cfg: TrainConfig, resume: str | None) -> RunResult:
         "stop_reason": None,
     }
     if resume_from is not None:
-        loop.update(load_checkpoint(accelerator, resume_from))
+        loop.update(load_checkpoint(accelerator, resume_from, ema.module if ema is not None else None))
         _print(accelerator, f"resumed from {resume_from} (epoch {loop['epoch'] + 1}, step {loop['step']})")
         if is_main:  # a killed run may have logged past its checkpoint; the resumed run redoes that
             truncate_log(run_dir / "metrics.jsonl", "epoch", loop["epoch"])
@@ -374,7 +386,8 @@ def _run(cfg: TrainConfig, resume: str | None) -> RunResult:
     nan_steps = set(cfg.debug.nan_at_steps)
 
     def checkpoint() -> None:
-        save_checkpoint(accelerator, ckpt_dir, loop, cfg.checkpoint.keep_last)
+        save_checkpoint(accelerator, ckpt_dir, loop, cfg.checkpoint.keep_last,
+                        ema.module if ema is not None else None)
 
     def eval_and_log(epoch_done: int, partial: bool) -> dict[str, Any]:
         # The unwrapped model: DDP's forward would broadcast buffers, a collective that hangs when
@@ -528,7 +541,7 @@ def _run(cfg: TrainConfig, resume: str | None) -> RunResult:
     ema_top1 = last_record.get("ema_top1") if last_record else None
     stopped_early = loop["epoch"] < cfg.train.epochs  # train.max_steps ended it
     done_epochs = loop["epoch"]
-    summary = (f"done: {cfg.model.name} {_dataset_name(cfg)} {done_epochs} epochs top1 {top1:.1f}% "
+    summary = (f"done: {_model_label(cfg)} {_dataset_name(cfg)} {done_epochs} epochs top1 {top1:.1f}% "
                f"(best {loop['best_top1']:.1f}% @ epoch {loop['best_epoch']}"
                + (f", ema {ema_top1:.1f}%" if ema_top1 is not None else "") + f") {wall:.0f} s")
     if stopped_early:
@@ -548,6 +561,15 @@ def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
             out += _changed_keys(old.get(k), new.get(k), f"{prefix}{k}.")
         return out
     return [] if old == new else [prefix.rstrip(".")]
+
+
+def _model_label(cfg: TrainConfig) -> str:
+    """The model name, with the run name and a hint when ``model.spec`` overrides its stages (the
+    model is then not the named one, e.g. configs/mnist5k_mixed.yaml)."""
+    if not cfg.model.spec:
+        return cfg.model.name
+    what = "custom stages" if "stages" in cfg.model.spec else "custom spec"
+    return f"{cfg.name} ({what} on {cfg.model.name})" if cfg.name else f"{cfg.model.name} ({what})"
 
 
 def _dataset_name(cfg: TrainConfig) -> str:
