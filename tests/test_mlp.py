@@ -142,3 +142,13 @@ def test_dropout_only_in_training() -> None:
     a = m(x)
     torch.manual_seed(1)
     assert not torch.allclose(a, m(x))
+
+
+@pytest.mark.parametrize("name", ["mlp", "mlp_squared_relu", "geglu", "reglu", "squared_relu_glu"])
+def test_forward_nchw_equals_forward_on_channels_last_tokens(name):
+    """Blocks on maps call forward_nchw (1x1 convolutions); it must be the same function."""
+    torch.manual_seed(0)
+    mixer = create_channel_mixer(name, 16, hidden_dim=24).eval()
+    x = torch.randn(2, 16, 5, 7).contiguous(memory_format=torch.channels_last)
+    expected = mixer(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (B, C, H, W) via (B, H, W, C)
+    torch.testing.assert_close(mixer.forward_nchw(x), expected, atol=1e-5, rtol=1e-5)

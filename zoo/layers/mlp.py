@@ -44,6 +44,7 @@ import inspect
 from collections.abc import Callable, Mapping
 
 import torch
+import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import nn
 
@@ -175,6 +176,17 @@ class Mlp(nn.Module):
         x = self.fc2(x)  # (..., hidden_dim) -> (..., dim)
         return self.drop2(x)
 
+    def forward_nchw(self, x: torch.Tensor) -> torch.Tensor:
+        """The same function on a (B, C, H, W) map, as 1x1 convolutions with the linear weights.
+
+        On a channels_last map oneDNN runs these natively, measured ~1.8x faster per train step
+        of PoolFormer-S12 than permuting to (B, H, W, C) for a matmul (zoo/bench/speed.py).
+        """
+        x = F.conv2d(x, self.fc1.weight[:, :, None, None], self.fc1.bias)  # (B, dim, H, W) -> (B, hidden, H, W)
+        x = self.drop1(self.act(x))
+        x = F.conv2d(x, self.fc2.weight[:, :, None, None], self.fc2.bias)  # (B, hidden, H, W) -> (B, dim, H, W)
+        return self.drop2(x)
+
 
 class GluMlp(nn.Module):
     """Gated linear unit feed-forward: ``fc2(act(a) * b)`` with ``a, b = fc1(x).chunk(2)``.
@@ -218,6 +230,14 @@ class GluMlp(nn.Module):
         gate, value = x.chunk(2, dim=-1)  # two (..., hidden_dim) views, no copy
         x = self.drop1(self.act(gate) * value)
         x = self.fc2(x)  # (..., hidden_dim) -> (..., dim)
+        return self.drop2(x)
+
+    def forward_nchw(self, x: torch.Tensor) -> torch.Tensor:
+        """The same function on a (B, C, H, W) map, as 1x1 convolutions (see ``Mlp.forward_nchw``)."""
+        x = F.conv2d(x, self.fc1.weight[:, :, None, None], self.fc1.bias)  # (B, dim, H, W) -> (B, 2*hidden, H, W)
+        gate, value = x.chunk(2, dim=1)  # two (B, hidden, H, W) views
+        x = self.drop1(self.act(gate) * value)
+        x = F.conv2d(x, self.fc2.weight[:, :, None, None], self.fc2.bias)  # (B, hidden, H, W) -> (B, dim, H, W)
         return self.drop2(x)
 
 

@@ -68,6 +68,8 @@ class Block(nn.Module):
     def _mix_channels(self, x: torch.Tensor) -> torch.Tensor:
         if self.layout == "nlc":
             return self.channel_mixer(x)
+        if hasattr(self.channel_mixer, "forward_nchw"):  # the mixer computes on maps itself (1x1 convs)
+            return self.channel_mixer.forward_nchw(x)
         # Channel mixers work channels-last; on a channels_last map both permutes are free views.
         x = self.channel_mixer(x.permute(0, 2, 3, 1))  # (B, C, H, W) -> (B, H, W, C)
         return x.permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W)
