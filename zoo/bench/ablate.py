@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import yaml
 
 import zoo
 from zoo.bench.counts import count_macs, count_params
-from zoo.bench.runs import RunRow, train_one
+from zoo.bench.runs import RunRow, add_recipe_args, train_one
 from zoo.bench.stats import diff_ci, fmt_ci, mean_ci
 from zoo.models.specs import STAGE_WIDE_FIELDS
 
@@ -108,18 +107,10 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", default="zoo_poolformer_mini_32")
     p.add_argument("--swap", action="append", default=[], metavar="FIELD=V1,V2", help="repeatable")
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--seed-start", type=int, default=0,
-                   help="first seed (seeds run seed-start .. seed-start+seeds-1): split a table across processes")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--data", default="mnist5k")
-    p.add_argument("--config", default=None, help="the recipe (default: configs/mnist5k_poolformer.yaml)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override")
     p.add_argument("--iso-tolerance", type=float, default=0.02, help="relative params change still iso-param")
     p.add_argument("--width-match", action="store_true", help="also train width-matched variants")
     p.add_argument("--img-size", type=int, default=32, help="input side for the MACs column")
-    p.add_argument("--reuse", action="store_true", help="read back finished runs under --out instead of retraining")
-    p.add_argument("--out", type=Path, default=Path("runs/bench_ablate"))
+    add_recipe_args(p, out="runs/bench_ablate")
     args = p.parse_args(argv)
     try:
         if args.base not in zoo.list_models():

@@ -1,6 +1,7 @@
 """Training runs for the benchmark tables: one recipe, many models and seeds, results as rows."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
@@ -29,6 +30,20 @@ class RunRow:
     macs: int
     train_s: float
     img_per_s: float
+
+
+def add_recipe_args(p: argparse.ArgumentParser, *, out: str) -> None:
+    """The options every training benchmark shares: the recipe, the seeds, where runs go."""
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seed-start", type=int, default=0,
+                   help="first seed (seeds run seed-start .. seed-start+seeds-1): split a table across processes")
+    p.add_argument("--epochs", type=int, default=None, help="default: the config's")
+    p.add_argument("--data", default="mnist5k", help="mnist5k, digits, or an image folder")
+    p.add_argument("--config", default=None, help="the recipe (default: configs/mnist5k_poolformer.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra config override for every run (e.g. train.limit_train=512)")
+    p.add_argument("--reuse", action="store_true", help="read back finished runs under --out instead of retraining")
+    p.add_argument("--out", type=Path, default=Path(out))
 
 
 def dataset_overrides(data: str) -> list[str]:

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import zoo
-from zoo.bench.runs import RunRow, train_one
+from zoo.bench.runs import RunRow, add_recipe_args, train_one
 from zoo.bench.stats import diff_ci, fmt_ci, mean_ci
 
 COLUMNS = ["model", "params_m", "gmacs", "top1_err", "top1_err_ci95", "diff_vs_baseline", "diff_ci95",
@@ -86,18 +86,9 @@ def plot(table: list[dict], path: Path, baseline: str, title: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m zoo.bench top1", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="mnist5k", help="mnist5k, digits, or an image folder")
     p.add_argument("--models", default="zoo_poolformer_mini_32,resnet18", help="comma-separated names")
     p.add_argument("--baseline", default="resnet18", help="the ResNet every model is compared to (always run)")
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--seed-start", type=int, default=0,
-                   help="first seed (seeds run seed-start .. seed-start+seeds-1): split a table across processes")
-    p.add_argument("--epochs", type=int, default=None, help="default: the config's")
-    p.add_argument("--config", default=None, help="the recipe (default: configs/mnist5k_poolformer.yaml)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra config override for every run (e.g. train.limit_train=512)")
-    p.add_argument("--reuse", action="store_true", help="read back finished runs under --out instead of retraining")
-    p.add_argument("--out", type=Path, default=Path("runs/bench_top1"))
+    add_recipe_args(p, out="runs/bench_top1")
     args = p.parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if args.baseline not in models:
