@@ -19,7 +19,7 @@ import yaml
 
 import zoo
 from zoo.bench.counts import count_macs, count_params
-from zoo.bench.runs import RunRow, add_recipe_args, train_one
+from zoo.bench.runs import RunRow, add_recipe_args, train_all
 from zoo.bench.stats import diff_ci, fmt_ci, mean_ci
 from zoo.models.specs import STAGE_WIDE_FIELDS
 
@@ -119,15 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError) as e:
         print(f"zoo.bench ablate: {e}", file=sys.stderr)
         return 2
-    args.out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for v in variants:
-        for seed in range(args.seed_start, args.seed_start + args.seeds):
-            row = train_one(label=v["label"], model=args.base, spec=v["spec"], seed=seed, config=args.config,
-                            epochs=args.epochs, data=args.data, out_dir=args.out / "runs", extra=args.set,
-                            reuse=args.reuse)
-            print(f"  {v['label']} seed {seed}: top-1 err {row.err1:.2f}%", flush=True)
-            rows.append(row)
+    rows = train_all([(v["label"], args.base, v["spec"]) for v in variants], args)
     text = table(variants, rows)
     print(text)
     (args.out / "ablate.md").write_text(text + "\n")

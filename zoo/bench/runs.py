@@ -92,3 +92,16 @@ def train_one(*, label: str, model: str, spec: dict[str, Any], seed: int, config
     tmp.write_text(json.dumps({**dataclasses.asdict(row), "config_sha256": fingerprint}) + "\n")
     tmp.replace(row_path)
     return row
+
+
+def train_all(jobs: list[tuple[str, str, dict[str, Any]]], args: argparse.Namespace) -> list[RunRow]:
+    """Train every (label, model, spec) job over the seeds of ``add_recipe_args``' options."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for label, model, spec in jobs:
+        for seed in range(args.seed_start, args.seed_start + args.seeds):
+            row = train_one(label=label, model=model, spec=spec, seed=seed, config=args.config, epochs=args.epochs,
+                            data=args.data, out_dir=args.out / "runs", extra=args.set, reuse=args.reuse)
+            print(f"  {label} seed {seed}: top-1 err {row.err1:.2f}% ({row.train_s:.0f} s)", flush=True)
+            rows.append(row)
+    return rows

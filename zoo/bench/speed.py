@@ -24,6 +24,7 @@ import torch
 
 import zoo
 from zoo.bench.counts import count_macs, count_params
+from zoo.models.registry import fixed_input_size
 
 # zoo name -> (timm name, overrides that make the zoo model compute exactly timm's function)
 _TIMM_POOLFORMER_HEAD = {"head_norm_on": "pooled", "head_norm": "layernorm"}
@@ -109,11 +110,10 @@ def _steps(model: torch.nn.Module, x: torch.Tensor, dtype: str):
 
 def twin_pair(name: str, img_size: int) -> tuple[torch.nn.Module, torch.nn.Module | None, float | None]:
     """The zoo model and its timm twin with the same weights, and their max output difference."""
+    kw = {"img_size": img_size} if fixed_input_size(name) else {}
     if name not in TWINS:
-        kw = {"img_size": img_size} if _has_pos_embed(name) else {}
         return zoo.create_model(name, **kw), None, None
     timm_name, overrides = TWINS[name]
-    kw = {"img_size": img_size} if _has_pos_embed(name) else {}
     ref = timm.create_model(timm_name, **kw).eval()
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "twin.pth"
@@ -123,12 +123,6 @@ def twin_pair(name: str, img_size: int) -> tuple[torch.nn.Module, torch.nn.Modul
     with torch.no_grad():
         diff = (ours(x) - ref(x)).abs().max().item()
     return ours, ref, diff
-
-
-def _has_pos_embed(name: str) -> bool:
-    """Models built for one input size: a position embedding, or gMLP's token-mixing projection."""
-    return name in zoo.list_models() and any(s.pos_embed or s.token_mixer == "spatial_gating"
-                                             for s in zoo.get_spec(name).stages)
 
 
 def measure(models: list[str], *, batch: int, img_size: int, repeats: int, warmup: int, dtype: str,

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import zoo
-from zoo.bench.runs import RunRow, add_recipe_args, train_one
+from zoo.bench.runs import RunRow, add_recipe_args, train_all
 from zoo.bench.stats import diff_ci, fmt_ci, mean_ci
 
 COLUMNS = ["model", "params_m", "gmacs", "top1_err", "top1_err_ci95", "diff_vs_baseline", "diff_ci95",
@@ -97,14 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         if m not in zoo.list_models(baselines=True):
             print(f"zoo.bench top1: {zoo.models.registry.unknown_model(m)}", file=sys.stderr)
             return 2
-    args.out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for model in models:
-        for seed in range(args.seed_start, args.seed_start + args.seeds):
-            row = train_one(label=model, model=model, spec={}, seed=seed, config=args.config, epochs=args.epochs,
-                            data=args.data, out_dir=args.out / "runs", extra=args.set, reuse=args.reuse)
-            print(f"  {model} seed {seed}: top-1 err {row.err1:.2f}% ({row.train_s:.0f} s)", flush=True)
-            rows.append(row)
+    rows = train_all([(m, m, {}) for m in models], args)
     table = summarise(rows, args.baseline)
     text = markdown(table, args.baseline)
     print(text)

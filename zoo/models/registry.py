@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import timm
+import torch
 from timm.models._features import FeatureGetterNet
 from torch import nn
 
@@ -54,6 +55,17 @@ def list_models(pattern: str = "*", *, baselines: bool = False) -> list[str]:
     """Registered zoo model names matching a shell-style ``pattern`` (and the baselines if asked)."""
     names = list(_SPECS) + (list(BASELINES) if baselines else [])
     return sorted(n for n in names if fnmatch.fnmatch(n, pattern))
+
+
+def fixed_input_size(name: str) -> bool:
+    """Whether model ``name`` is built for one input size (timm's ``pretrained_cfg["fixed_input_size"]``:
+    a position embedding, or a token mixer with per-token weights). Read from the model itself,
+    built on the meta device so that no weights are allocated."""
+    if name in BASELINES:
+        return False
+    with torch.device("meta"):
+        model = create_model(name)
+    return bool(model.pretrained_cfg.get("fixed_input_size", False))
 
 
 def unknown_model(name: str) -> ValueError:
