@@ -159,20 +159,26 @@ class Mlp(nn.Module):
         drop: float = 0.0,
     ) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim, bias=bias)
+        self.fc1 = nn.Linear(dim, self.fc1_branches * hidden_dim, bias=bias)
         self.act = get_act(act)
         self.drop1 = nn.Dropout(drop)
         self.fc2 = nn.Linear(hidden_dim, dim, bias=bias)
         self.drop2 = nn.Dropout(drop)
         self.reset_parameters()
 
+    fc1_branches = 1  # fc1 computes this many hidden_dim-wide branches in one matmul (GLU: 2)
+
     def reset_parameters(self) -> None:
         _init_linear(self.fc1)
         _init_linear(self.fc2)
 
+    def activate(self, h: torch.Tensor, channel_dim: int) -> torch.Tensor:
+        """fc1's output -> fc2's input; ``channel_dim`` is -1 on tokens, 1 on maps."""
+        return self.act(h)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.fc1(x)  # (..., dim) -> (..., hidden_dim)
-        x = self.drop1(self.act(x))
+        x = self.fc1(x)  # (..., dim) -> (..., branches * hidden_dim)
+        x = self.drop1(self.activate(x, -1))
         x = self.fc2(x)  # (..., hidden_dim) -> (..., dim)
         return self.drop2(x)
 
@@ -182,13 +188,13 @@ class Mlp(nn.Module):
         On a channels_last map oneDNN runs these natively, measured ~1.8x faster per train step
         of PoolFormer-S12 than permuting to (B, H, W, C) for a matmul (zoo/bench/speed.py).
         """
-        x = F.conv2d(x, self.fc1.weight[:, :, None, None], self.fc1.bias)  # (B, dim, H, W) -> (B, hidden, H, W)
-        x = self.drop1(self.act(x))
+        x = F.conv2d(x, self.fc1.weight[:, :, None, None], self.fc1.bias)  # (B, dim, H, W) -> (B, br*hidden, H, W)
+        x = self.drop1(self.activate(x, 1))
         x = F.conv2d(x, self.fc2.weight[:, :, None, None], self.fc2.bias)  # (B, hidden, H, W) -> (B, dim, H, W)
         return self.drop2(x)
 
 
-class GluMlp(nn.Module):
+class GluMlp(Mlp):
     """Gated linear unit feed-forward: ``fc2(act(a) * b)`` with ``a, b = fc1(x).chunk(2)``.
 
     Shazeer 2020, "GLU Variants Improve Transformer", https://arxiv.org/abs/2002.05202:
@@ -204,41 +210,11 @@ class GluMlp(nn.Module):
     Shapes: ``(..., dim) -> (..., dim)``, channels last.
     """
 
-    def __init__(
-        self,
-        dim: int,
-        *,
-        hidden_dim: int,
-        act: str = "gelu",
-        bias: bool = True,
-        drop: float = 0.0,
-    ) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, 2 * hidden_dim, bias=bias)
-        self.act = get_act(act)
-        self.drop1 = nn.Dropout(drop)
-        self.fc2 = nn.Linear(hidden_dim, dim, bias=bias)
-        self.drop2 = nn.Dropout(drop)
-        self.reset_parameters()
+    fc1_branches = 2  # gate and value packed in one matmul
 
-    def reset_parameters(self) -> None:
-        _init_linear(self.fc1)
-        _init_linear(self.fc2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.fc1(x)  # (..., dim) -> (..., 2 * hidden_dim), gate and value in one matmul
-        gate, value = x.chunk(2, dim=-1)  # two (..., hidden_dim) views, no copy
-        x = self.drop1(self.act(gate) * value)
-        x = self.fc2(x)  # (..., hidden_dim) -> (..., dim)
-        return self.drop2(x)
-
-    def forward_nchw(self, x: torch.Tensor) -> torch.Tensor:
-        """The same function on a (B, C, H, W) map, as 1x1 convolutions (see ``Mlp.forward_nchw``)."""
-        x = F.conv2d(x, self.fc1.weight[:, :, None, None], self.fc1.bias)  # (B, dim, H, W) -> (B, 2*hidden, H, W)
-        gate, value = x.chunk(2, dim=1)  # two (B, hidden, H, W) views
-        x = self.drop1(self.act(gate) * value)
-        x = F.conv2d(x, self.fc2.weight[:, :, None, None], self.fc2.bias)  # (B, hidden, H, W) -> (B, dim, H, W)
-        return self.drop2(x)
+    def activate(self, h: torch.Tensor, channel_dim: int) -> torch.Tensor:
+        gate, value = h.chunk(2, dim=channel_dim)  # two hidden_dim-wide views, no copy
+        return self.act(gate) * value
 
 
 class IdentityChannelMixer(nn.Module):
