@@ -216,3 +216,21 @@ def test_list_models_pattern():
     assert {"zoo_poolformer_s12", "zoo_poolformer_s24", "zoo_poolformer_s36", "zoo_poolformer_m36",
             "zoo_poolformer_m48"} <= set(names)
     assert all(n.startswith("zoo_poolformer_") for n in names)
+
+
+@pytest.mark.parametrize("name", ["zoo_vit_mini_32", "zoo_poolformer_mini_32"])
+def test_features_only_defaults_follow_timm(name):
+    """No out_indices: every stage of a hierarchical model, the last 3 blocks of an isotropic one
+    (timm's ViT default)."""
+    import timm
+
+    fx = zoo.create_model(name, features_only=True)
+    model = build(name)
+    n = len(model.feature_info)
+    expected = list(range(n))[-3:] if len(model.stages) == 1 else list(range(n))
+    assert list(fx.feature_info.out_indices) == expected
+    with torch.no_grad():
+        assert len(fx(torch.randn(1, 3, 32, 32))) == len(expected)
+    if "vit" in name:
+        ref = timm.create_model("vit_tiny_patch16_224", features_only=True, pretrained=False)
+        assert list(ref.feature_info.out_indices) == list(range(12))[-3:]

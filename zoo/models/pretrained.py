@@ -208,19 +208,42 @@ def load_pretrained(model: nn.Module, name: str, pretrained: bool | str | Path) 
 
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "weights"
+MANIFEST_NAME = "manifest.json"
+
+
+def read_manifest(weights_dir: Path | None = None) -> dict[str, dict]:
+    """weights/manifest.json: {model name: entry}; an entry gives file, sha256, the class count and
+    input channels the weights were trained for, the eval preprocessing, data, recipe, top-1 and
+    the command that reproduces them (see ``zoo.weights``)."""
+    path = (weights_dir or WEIGHTS_DIR) / MANIFEST_NAME
+    if not path.is_file():
+        return {}
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{path}: expected a JSON object of model name -> entry")
+    return manifest
+
+
+def shipped_entry(name: str) -> dict:
+    """The manifest entry for ``name``; a one-line error naming the names that have weights."""
+    manifest = read_manifest()
+    if name not in manifest:
+        have = ", ".join(sorted(manifest)) or "none yet"
+        raise CheckpointError(f"no shipped weights for {name!r}; weights/ has: {have}")
+    return manifest[name]
 
 
 def shipped_weights(name: str) -> Path:
     """The file weights/ ships for ``name``, checked against the manifest's sha256."""
     import hashlib
 
-    manifest_path = WEIGHTS_DIR / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
-    if name not in manifest:
-        have = ", ".join(sorted(manifest)) or "none yet"
-        raise CheckpointError(f"no shipped weights for {name!r}; weights/ has: {have}")
-    entry = manifest[name]
+    entry = shipped_entry(name)
     path = WEIGHTS_DIR / entry["file"]
+    if not path.is_file():
+        raise CheckpointError(f"{path}: listed in {WEIGHTS_DIR / MANIFEST_NAME} for {name!r} but missing")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     if digest != entry["sha256"]:
         raise CheckpointError(f"{path}: sha256 {digest[:12]}... does not match the manifest's {entry['sha256'][:12]}...")

@@ -23,7 +23,9 @@ from .specs import ModelSpec, apply_overrides
 
 _SPECS: dict[str, ModelSpec] = {}
 # timm models that zoo treats as baselines: created by zoo.create_model, never modified.
-BASELINES = ("resnet18", "resnet26", "resnet34", "resnet50", "resnet101")
+# resnet10t (timm's tiered-stem ResNet-10, 4.9 M parameters) is the baseline whose MNIST-5k weights
+# weights/ ships: resnet18's 11.2 M parameters alone would take 22 MB of weights/' 30 MB in fp16.
+BASELINES = ("resnet10t", "resnet18", "resnet26", "resnet34", "resnet50", "resnet101")
 
 
 def register(name: str, spec: ModelSpec, module: str) -> None:
@@ -34,8 +36,16 @@ def register(name: str, spec: ModelSpec, module: str) -> None:
 
     def entry_point(pretrained: bool | str = False, *, pretrained_cfg=None, pretrained_cfg_overlay=None,
                     cache_dir=None, **overrides: Any) -> nn.Module:
-        # timm's create_model passes its pretrained_cfg plumbing; zoo takes weights only from
-        # local files (no network), so those are accepted and ignored. Overrides are checked strictly.
+        # timm's create_model passes its pretrained_cfg plumbing. zoo takes weights only from local
+        # files (no network): timm's way to name one, pretrained_cfg_overlay=dict(file=...), is
+        # honoured; a hub id or URL is refused rather than ignored. Overrides are checked strictly.
+        overlay = {k: v for k, v in (pretrained_cfg_overlay or {}).items() if v is not None}
+        remote = sorted(set(overlay) - {"file"})
+        if remote:
+            raise ValueError(f"pretrained_cfg_overlay: {', '.join(remote)} not supported; zoo loads local files "
+                             f"only: pretrained_cfg_overlay=dict(file=PATH) or pretrained=PATH")
+        if "file" in overlay and pretrained:
+            pretrained = overlay["file"]
         return create_model(name, pretrained=pretrained, **overrides)
 
     entry_point.__name__ = entry_point.__qualname__ = name
@@ -75,6 +85,10 @@ def unknown_model(name: str) -> ValueError:
     return ValueError(f"unknown model {name!r}{hint}")
 
 
+# pretrained_cfg keys a shipped manifest entry sets on the model it loads.
+_PREPROCESSING = ("mean", "std", "crop_pct", "interpolation", "input_size")
+
+
 def create_model(name: str, pretrained: bool | str | Path = False, *, features_only: bool = False,
                  out_indices: int | Sequence[int] | None = None, **overrides: Any) -> nn.Module:
     """Create a zoo model or a ResNet baseline.
@@ -88,6 +102,13 @@ def create_model(name: str, pretrained: bool | str | Path = False, *, features_o
             ``drop_path_rate``, ``head_norm_on``, ...) or stage fields applied to every stage
             (``token_mixer``, ``channel_mixer``, ``mlp_ratio``, ``norm``, ...). Unknown keys are errors.
     """
+    entry = None
+    if pretrained is True:  # like timm: the shipped weights' class count and channels unless overridden
+        from .pretrained import shipped_entry
+
+        entry = shipped_entry(name)
+        for key in ("num_classes", "in_chans"):
+            overrides.setdefault(key, entry[key])
     if name in BASELINES:
         model = timm.create_model(name, pretrained=False, **overrides)
     elif name in _SPECS:
@@ -98,11 +119,15 @@ def create_model(name: str, pretrained: bool | str | Path = False, *, features_o
         from .pretrained import load_pretrained
 
         load_pretrained(model, name, pretrained)
+    if entry is not None:  # the preprocessing the weights were trained with (timm.data reads it)
+        cfg = {**model.pretrained_cfg, **{k: entry[k] for k in _PREPROCESSING if k in entry}}
+        model.pretrained_cfg = model.default_cfg = cfg
     return _features(model, out_indices) if features_only else model
 
 
 def _features(model: nn.Module, out_indices: int | Sequence[int] | None) -> nn.Module:
     """timm's FeatureGetterNet over our forward_intermediates: NCHW maps with feature_info."""
-    if out_indices is None:
-        out_indices = tuple(range(len(model.feature_info)))
+    if out_indices is None:  # timm's defaults: every stage of a hierarchical model, the last 3 blocks of a ViT
+        taps = tuple(range(len(model.feature_info)))
+        out_indices = taps[-3:] if len(getattr(model, "stages", ())) == 1 else taps
     return FeatureGetterNet(model, out_indices=out_indices, output_fmt="NCHW", prune=True)

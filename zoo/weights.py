@@ -1,0 +1,232 @@
+"""The weights zoo ships: add a finished training run to weights/, and re-measure what is there.
+
+    python -m zoo.weights add runs/mnist5k_vit --command "python train_vision.py --config configs/mnist5k_vit.yaml"
+    python -m zoo.weights check            # re-measure every entry's top-1; Markdown table; exit 1 on a mismatch
+
+``add`` takes the run's final weights (``model_last.safetensors``: the last epoch, not the epoch
+that scored best on the validation split, so the reported top-1 is not selected on it), stores
+them in float16 (half the bytes: weights/ must stay under 30 MB), evaluates that float16 copy in
+float32 on the run's validation split with the run's own eval preprocessing, and writes the
+manifest entry: file, sha256, what the weights were trained for (classes, channels, input size,
+normalisation), the data, the recipe (config file, and the sha256 of the resolved config that is
+also stored in the file's header), the measured top-1 and the command that reproduces the run.
+``zoo.create_model(name, pretrained=True)`` reads the entry. ``check`` repeats the evaluation for
+every entry, which is what ``tests/test_shipped_weights.py`` does too.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .models.pretrained import MANIFEST_NAME, WEIGHTS_DIR, CheckpointError, read_manifest
+from .models.registry import BASELINES, create_model, get_spec
+
+BUDGET_BYTES = 30_000_000  # weights/ as a whole (issue 6); tests/test_shipped_weights.py holds it to this
+STORED_DTYPE = torch.float16
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _header(path: Path) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def _resolved_config(yaml_text: str):
+    """The TrainConfig a run wrote into its weights' header (strictly re-read)."""
+    import yaml
+
+    from .train.config import TrainConfig
+    from .train.strict import from_dict
+
+    return from_dict(TrainConfig, yaml.safe_load(yaml_text))
+
+
+def family(name: str) -> str:
+    """The family file a model comes from (zoo.models.vit -> 'vit'), or the baseline's timm module."""
+    import timm
+
+    module = timm.models.model_entrypoint(name).__module__.rsplit(".", 1)[-1]
+    return f"{module} (timm baseline)" if name in BASELINES else module
+
+
+@torch.no_grad()
+def evaluate_top1(model: nn.Module, cfg, batch_size: int = 250) -> tuple[float, int]:
+    """Top-1 (%) and image count of ``model`` in float32 on ``cfg``'s validation split, with its
+    eval transform. Single process, no autocast: the number a user of the weights gets."""
+    from .data import create_dataset, create_transform
+
+    ds = create_dataset(cfg.data, "val", create_transform(cfg.aug, is_training=False))
+    model.eval()
+    correct = total = 0
+    for x, y in DataLoader(ds, batch_size=batch_size, num_workers=0):
+        correct += (model(x).argmax(dim=1) == y).sum().item()
+        total += len(y)
+    return 100.0 * correct / total, total
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=WEIGHTS_DIR.parent, capture_output=True,
+                             text=True, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def add(run_dir: Path, command: str, *, weights_dir: Path = WEIGHTS_DIR, replace: bool = False,
+        machine: str = "") -> dict[str, Any]:
+    """Ship ``run_dir``'s final weights as ``weights_dir/<model>.safetensors`` with a manifest entry."""
+    from .train.checkpoint import atomic_write_text, export_weights
+    from .train.metrics import read_log
+
+    source = run_dir / "model_last.safetensors"
+    if not source.is_file():
+        raise CheckpointError(f"{source}: not found; `add` takes a finished run's directory")
+    header = _header(source)
+    if "config" not in header or "stopped" in header:
+        raise CheckpointError(f"{source}: not the final weights of a completed train_vision.py run")
+    cfg = _resolved_config(header["config"])
+    name = header["model"]
+    if cfg.train.limit_train is not None or cfg.train.limit_val is not None:
+        raise CheckpointError(f"{source}: trained with train.limit_train/limit_val; shipped weights use whole splits")
+    if cfg.model.spec or cfg.model.img_size is not None:
+        raise CheckpointError(f"{source}: model.spec/img_size overrides; weights/ ships registered architectures only")
+    manifest = read_manifest(weights_dir)
+    if name in manifest and not replace:
+        raise CheckpointError(f"{weights_dir / MANIFEST_NAME}: already has {name!r}; pass --replace to overwrite it")
+
+    num_classes, in_chans = int(header["num_classes"]), int(header["in_chans"])
+    model = create_model(name, pretrained=str(source), num_classes=num_classes, in_chans=in_chans)
+    file = weights_dir / f"{name}.safetensors"
+    export_weights(model.to(STORED_DTYPE), file, {**header, "stored_dtype": str(STORED_DTYPE)})
+    # Measure what ships: the float16 file, loaded into a float32 model as a user loads it.
+    shipped = create_model(name, pretrained=str(file), num_classes=num_classes, in_chans=in_chans)
+    top1, n_val = evaluate_top1(shipped, cfg)
+    metrics = read_log(run_dir / "metrics.jsonl")
+    aug = cfg.aug
+    entry = {
+        "file": file.name,
+        "sha256": _sha256(file),
+        "bytes": file.stat().st_size,
+        "dtype": str(STORED_DTYPE).removeprefix("torch."),
+        "family": family(name),
+        "params": sum(p.numel() for p in shipped.parameters()),
+        "num_classes": num_classes,
+        "in_chans": in_chans,
+        "input_size": [in_chans, aug.img_size, aug.img_size],
+        "mean": list(aug.mean),
+        "std": list(aug.std),
+        "crop_pct": aug.crop_pct,
+        "interpolation": aug.interpolation,
+        "data": f"{cfg.data.dataset}: trained on its '{cfg.data.train_split}' split, "
+                f"top-1 on its '{cfg.data.val_split}' split ({n_val} images)",
+        "config": _config_path(cfg.name),
+        "config_sha256": hashlib.sha256(header["config"].encode()).hexdigest(),
+        "command": command,
+        "epochs": len([r for r in metrics if not r.get("partial")]),
+        "weights": "final epoch (model_last), float16",
+        "top1": round(top1, 2),
+        "train_log_top1": round(metrics[-1]["val_top1"], 2) if metrics else None,
+        "machine": machine,
+        "commit": _git_commit(),
+    }
+    manifest[name] = entry
+    atomic_write_text(weights_dir / MANIFEST_NAME, json.dumps(dict(sorted(manifest.items())), indent=2) + "\n")
+    return entry
+
+
+def _config_path(run_name: str) -> str:
+    """configs/<run name>.yaml when that file exists (the configs name their runs after themselves)."""
+    path = WEIGHTS_DIR.parent / "configs" / f"{run_name}.yaml"
+    return str(path.relative_to(WEIGHTS_DIR.parent)) if path.is_file() else run_name
+
+
+def measure(name: str, entry: dict[str, Any], weights_dir: Path = WEIGHTS_DIR) -> float:
+    """Re-measure a shipped entry's top-1 from the file, with the recipe stored in the file's header."""
+    file = weights_dir / entry["file"]
+    if _sha256(file) != entry["sha256"]:
+        raise CheckpointError(f"{file}: sha256 does not match the manifest's {entry['sha256'][:12]}...")
+    header = _header(file)
+    if hashlib.sha256(header["config"].encode()).hexdigest() != entry["config_sha256"]:
+        raise CheckpointError(f"{file}: its stored config does not match the manifest's config_sha256")
+    model = create_model(name, pretrained=str(file), num_classes=entry["num_classes"], in_chans=entry["in_chans"])
+    return evaluate_top1(model, _resolved_config(header["config"]))[0]
+
+
+def table(rows: list[dict[str, Any]], baseline: str | None) -> str:
+    """Markdown: model, family, params, stored MB, manifest and re-measured top-1, error vs baseline."""
+    base = next((r for r in rows if r["name"] == baseline), None)
+    out = ["| model | family | params (M) | file MB | top-1 % (manifest) | top-1 % (re-measured) | "
+           f"err vs {baseline or 'baseline'} (pp) |",
+           "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        diff = "baseline" if r is base else (f"{(100 - r['measured']) - (100 - base['measured']):+.1f}"
+                                              if base else "—")
+        out.append(f"| {r['name']} | {r['family']} | {r['params'] / 1e6:.2f} | {r['bytes'] / 1e6:.1f} | "
+                   f"{r['top1']:.1f} | {r['measured']:.1f} | {diff} |")
+    return "\n".join(out)
+
+
+def check(names: list[str] | None = None, weights_dir: Path = WEIGHTS_DIR, tolerance: float = 0.1) -> int:
+    """Print the re-measured table; return 1 when an entry is off its manifest top-1 by more than
+    ``tolerance`` points (0.1 = one image of MNIST-5k's 1,000: another CPU's float32 kernels may
+    flip one borderline image), else 0."""
+    manifest = read_manifest(weights_dir)
+    unknown = [n for n in names or [] if n not in manifest]
+    if unknown:
+        raise CheckpointError(f"no shipped weights for {', '.join(unknown)}; weights/ has: {', '.join(sorted(manifest))}")
+    rows, bad = [], []
+    for name in names or sorted(manifest, key=lambda n: (n in BASELINES, n)):
+        entry = manifest[name]
+        measured = measure(name, entry, weights_dir)
+        rows.append({"name": name, **entry, "measured": measured})
+        if abs(measured - entry["top1"]) > tolerance:
+            bad.append(f"{name}: re-measured {measured:.2f} % vs manifest {entry['top1']:.2f} %")
+    baseline = next((r["name"] for r in rows if r["name"] in BASELINES), None)
+    total = sum(p.stat().st_size for p in weights_dir.iterdir() if p.is_file())
+    print(table(rows, baseline))
+    print(f"\nweights/: {total / 1e6:.1f} MB of {BUDGET_BYTES / 1e6:.0f} MB")
+    for line in bad:
+        print("MISMATCH " + line, file=sys.stderr)
+    return 1 if bad else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m zoo.weights", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p_add = sub.add_parser("add", help="ship a finished run's final weights (float16) with a manifest entry")
+    p_add.add_argument("run_dir", type=Path)
+    p_add.add_argument("--command", required=True, help="the exact command that reproduces the run")
+    p_add.add_argument("--machine", default="", help="where the run was trained (for the manifest)")
+    p_add.add_argument("--replace", action="store_true", help="overwrite an existing entry for the model")
+    p_check = sub.add_parser("check", help="re-measure shipped weights' top-1 against the manifest")
+    p_check.add_argument("names", nargs="*")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    try:
+        if args.cmd == "add":
+            entry = add(args.run_dir, args.command, replace=args.replace, machine=args.machine)
+            print(f"weights/{entry['file']}: {entry['bytes'] / 1e6:.1f} MB, top-1 {entry['top1']:.2f} % "
+                  f"({entry['family']}, {entry['params'] / 1e6:.2f} M params)")
+            return 0
+        return check(args.names)
+    except (CheckpointError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
