@@ -176,8 +176,9 @@ def test_name_without_shipped_weights_lists_those_with(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript", "exported"])
-@pytest.mark.parametrize("name", ["zoo_poolformer_mini_32", "zoo_vit_mini_32"])
+@pytest.mark.parametrize("name", [*zoo.list_models("zoo_*mini*"), "resnet10t"])
 def test_export_round_trip(name, fmt, tmp_path):
+    """Every family's small-image variant and the baseline, checked on another batch size."""
     diff = export_and_check(make(name), fmt, tmp_path / f"m.{fmt}", img_size=32)
     assert diff <= 1e-4
 
@@ -188,7 +189,7 @@ def test_timm_pretrained_cfg_overlay_file_is_honoured_and_remote_refused(tmp_pat
     ref = make()
     save_file(ref.state_dict(), str(tmp_path / "w.safetensors"))
     via_timm = timm.create_model(NAME, pretrained=True, num_classes=10,
-                                 pretrained_cfg_overlay=dict(file=str(tmp_path / "w.safetensors")))
+                                 pretrained_cfg_overlay={"file": str(tmp_path / "w.safetensors")})
     assert same_outputs(via_timm, ref)
     with pytest.raises(ValueError, match="pretrained_cfg_overlay: hf_hub_id not supported; zoo loads local files"):
-        timm.create_model(NAME, pretrained=True, pretrained_cfg_overlay=dict(hf_hub_id="someone/weights"))
+        timm.create_model(NAME, pretrained=True, pretrained_cfg_overlay={"hf_hub_id": "someone/weights"})

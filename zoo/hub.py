@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from safetensors.torch import save_model
 from torch import nn
 
+from .atomic import atomic_write, atomic_write_text
 from .models.pretrained import CheckpointError
 from .models.registry import BASELINES, create_model, get_spec
 from .models.specs import MODEL_FIELDS
@@ -38,23 +37,6 @@ def _overrides(model: nn.Module) -> dict[str, Any]:
     return out
 
 
-def _atomic_replace(write, final: Path) -> None:
-    """Write through ``write(tmp_path)`` then rename over ``final``: readers see old or new, never half."""
-    fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a saved model is an ordinary file
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_pretrained(model: nn.Module, directory: str | Path, *, metadata: dict[str, Any] | None = None) -> Path:
     """Write ``config.json`` and ``model.safetensors`` for ``model`` into ``directory``."""
     directory = Path(directory)
@@ -64,9 +46,8 @@ def save_pretrained(model: nn.Module, directory: str | Path, *, metadata: dict[s
     config = {"architecture": name, "overrides": _overrides(model), "format": "zoo", "metadata": metadata or {}}
     text = json.dumps(config, indent=2, default=str) + "\n"
     # save_model (not save_file) because weight-shared blocks alias tensors, which safetensors stores once.
-    _atomic_replace(lambda tmp: save_model(model, tmp, metadata={"architecture": str(name)}),
-                    directory / WEIGHTS_NAME)
-    _atomic_replace(lambda tmp: Path(tmp).write_text(text), directory / CONFIG_NAME)
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_model(model, str(tmp), metadata={"architecture": str(name)}))
+    atomic_write_text(directory / CONFIG_NAME, text)
     return directory
 
 

@@ -28,8 +28,14 @@ from safetensors import safe_open
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .models.pretrained import MANIFEST_NAME, WEIGHTS_DIR, CheckpointError, read_manifest
-from .models.registry import BASELINES, create_model, get_spec
+from .atomic import atomic_write_text
+from .models.pretrained import (
+    MANIFEST_NAME,
+    WEIGHTS_DIR,
+    CheckpointError,
+    read_manifest,
+)
+from .models.registry import BASELINES, create_model
 
 BUDGET_BYTES = 30_000_000  # weights/ as a whole (issue 6); tests/test_shipped_weights.py holds it to this
 STORED_DTYPE = torch.float16
@@ -89,7 +95,7 @@ def _git_commit() -> str:
 def add(run_dir: Path, command: str, *, weights_dir: Path = WEIGHTS_DIR, replace: bool = False,
         machine: str = "") -> dict[str, Any]:
     """Ship ``run_dir``'s final weights as ``weights_dir/<model>.safetensors`` with a manifest entry."""
-    from .train.checkpoint import atomic_write_text, export_weights
+    from .train.checkpoint import export_weights
     from .train.metrics import read_log
 
     source = run_dir / "model_last.safetensors"
@@ -169,9 +175,9 @@ def measure(name: str, entry: dict[str, Any], weights_dir: Path = WEIGHTS_DIR) -
 def table(rows: list[dict[str, Any]], baseline: str | None) -> str:
     """Markdown: model, family, params, stored MB, manifest and re-measured top-1, error vs baseline."""
     base = next((r for r in rows if r["name"] == baseline), None)
-    out = ["| model | family | params (M) | file MB | top-1 % (manifest) | top-1 % (re-measured) | "
-           f"err vs {baseline or 'baseline'} (pp) |",
-           "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    head = ("| model | family | params (M) | file MB | top-1 % (manifest) | top-1 % (re-measured) | "
+            f"err vs {baseline or 'baseline'} (pp) |")
+    out = [head, "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         diff = "baseline" if r is base else (f"{(100 - r['measured']) - (100 - base['measured']):+.1f}"
                                               if base else "—")

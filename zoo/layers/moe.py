@@ -205,6 +205,10 @@ class MoE(nn.Module):
         if self.normalize_top_k and top_k > 1:
             gate_vals = gate_vals / gate_vals.sum(dim=-1, keepdim=True)
 
+        if torch.jit.is_tracing() or torch.compiler.is_exporting():
+            # An exported program must hold for every batch size: the traceable form below.
+            return self._forward_traceable(x_flat, gate_vals, expert_idx).view(shape)
+
         # --- queue assignments per expert in priority order.
         # Assignment a = r * T + t is token t's r-th choice; flattening choice-major puts every
         # first choice ahead of every second choice, and a STABLE sort by expert keeps that
@@ -283,6 +287,39 @@ class MoE(nn.Module):
             "z_loss": z_loss.detach(),
         }
         return y.view(shape)  # (T, C) -> (..., C)
+
+
+    def _forward_traceable(self, x_flat: torch.Tensor, gate_vals: torch.Tensor,
+                           expert_idx: torch.Tensor) -> torch.Tensor:
+        """The same outputs as the indexed path, in ops whose shapes follow the batch in
+        ``torch.jit.trace``, ``torch.export`` and ONNX: every expert runs on every token and the
+        gates (zero where not routed or past capacity) combine them. ``E / k`` times the expert
+        FLOPs of the indexed path; for exported inference only. No aux loss or stats are recorded.
+        The capacity is computed from a tensor count of the tokens (a Python int would be baked
+        into the trace), in float64 as Python computes it in ``capacity``."""
+        num_experts, top_k = self.num_experts, self.top_k
+        flat_expert = expert_idx.t().reshape(-1)  # (T, k) -> (k, T) -> (k*T,), priority order
+        flat_gate = gate_vals.t().reshape(-1)  # (T, k) -> (k, T) -> (k*T,)
+        onehot = F.one_hot(flat_expert, num_experts)  # (k*T, E)
+        rank = ((onehot.cumsum(0) - onehot) * onehot).sum(-1)  # (k*T,) place in its expert's queue
+        factor = self.capacity_factor
+        if not self.training and self.eval_capacity_factor is not None:
+            factor = self.eval_capacity_factor
+        if factor is not None and factor > 0:
+            tokens = torch.ones_like(x_flat[:, 0], dtype=torch.float64).sum()  # T, as a tensor
+            capacity = torch.minimum(tokens, torch.ceil(factor * tokens * top_k / num_experts))
+            flat_gate = torch.where(rank < capacity, flat_gate, 0.0)
+        weight = (onehot * flat_gate.unsqueeze(1)).view(top_k, -1, num_experts).sum(0)  # (k*T, E) -> (T, E)
+        buf = x_flat.unsqueeze(0).expand(num_experts, -1, -1)  # (T, C) -> (E, T, C)
+        h = torch.bmm(buf, self.fc1_weight.transpose(1, 2))  # (E, T, C) @ (E, C, H) -> (E, T, H)
+        if self.fc1_bias is not None:
+            h = h + self.fc1_bias.unsqueeze(1)
+        h = self.drop1(self.act(h))
+        out = torch.bmm(h, self.fc2_weight.transpose(1, 2))  # (E, T, H) @ (E, H, C) -> (E, T, C)
+        if self.fc2_bias is not None:
+            out = out + self.fc2_bias.unsqueeze(1)
+        out = self.drop2(out)
+        return (out * weight.t().unsqueeze(-1).to(out.dtype)).sum(0)  # (E, T, C) * (E, T, 1) -> (T, C)
 
 
 def _in_backward_pass() -> bool:

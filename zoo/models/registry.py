@@ -108,7 +108,8 @@ def create_model(name: str, pretrained: bool | str | Path = False, *, features_o
 
         entry = shipped_entry(name)
         for key in ("num_classes", "in_chans"):
-            overrides.setdefault(key, entry[key])
+            if key in entry:
+                overrides.setdefault(key, entry[key])
     if name in BASELINES:
         model = timm.create_model(name, pretrained=False, **overrides)
     elif name in _SPECS:

@@ -28,9 +28,10 @@ from accelerate import Accelerator
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from ..atomic import atomic_write, atomic_write_text, fsync_dir
+
 __all__ = [
     "LOOP_STATE",
-    "atomic_write_text",
     "clean_stale",
     "export_weights",
     "latest_checkpoint",
@@ -42,30 +43,6 @@ __all__ = [
 LOOP_STATE = "loop_state.json"
 EMA_STATE = "ema.safetensors"
 _NAME = re.compile(r"^step_(\d{8})$")
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that a reader sees the old file or the new one, never half."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def list_checkpoints(ckpt_dir: Path) -> list[Path]:
@@ -116,7 +93,7 @@ def save_checkpoint(accelerator: Accelerator, ckpt_dir: Path, loop_state: dict[s
         if final.exists():  # e.g. re-saving the same step after a resume
             _remove(final)
         os.replace(tmp, final)
-        _fsync_dir(ckpt_dir)
+        fsync_dir(ckpt_dir)
         for old in list_checkpoints(ckpt_dir)[:-keep_last]:
             _remove(old)
     accelerator.wait_for_everyone()
@@ -150,14 +127,8 @@ def _device_of(model: nn.Module):
 
 
 def _save_model_atomic(model: nn.Module, path: Path, metadata: dict[str, str] | None) -> None:
-    """``safetensors.torch.save_model`` (stores each shared tensor once) to a temporary file, fsync,
-    then ``os.replace``: a reader sees the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_model(model, str(tmp), metadata=metadata)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    """``safetensors.torch.save_model`` (stores each shared tensor once), atomically."""
+    atomic_write(path, lambda tmp: save_model(model, str(tmp), metadata=metadata))
 
 
 def export_weights(model: nn.Module, path: Path, metadata: dict[str, str]) -> None:

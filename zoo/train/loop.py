@@ -67,8 +67,8 @@ from zoo.data import (
 )
 from zoo.data.loader import worker_init
 
+from ..atomic import atomic_write_text
 from .checkpoint import (
-    atomic_write_text,
     clean_stale,
     export_weights,
     latest_checkpoint,

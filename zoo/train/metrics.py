@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import atomic_write_text
+from ..atomic import atomic_write_text
 
 __all__ = ["JsonLog", "TensorBoard", "plot_curves", "read_log", "topk_correct", "truncate_log"]
 
