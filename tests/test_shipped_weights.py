@@ -87,8 +87,8 @@ def test_add_ships_a_run_and_check_catches_a_wrong_top1(tmp_path):
 
 
 def test_add_refuses_a_run_on_a_subset(tmp_path):
-    res = run(load_config(None, ["train.max_steps=1", "train.limit_train=32", "train.limit_val=16", "data.num_workers=0",
-                                 "log.progress=false", "log.plot=false", f"output_dir={tmp_path}", "name=sub"]))
+    res = run(load_config(None, ["train.max_steps=1", "train.limit_train=32", "train.limit_val=16", "train.batch_size=16",
+                                 "data.num_workers=0", "log.progress=false", "log.plot=false", f"output_dir={tmp_path}", "name=sub"]))
     with pytest.raises(CheckpointError, match="limit_train/limit_val"):
         add(res.run_dir, "x", weights_dir=tmp_path)
     assert not (tmp_path / "manifest.json").exists()
