@@ -147,7 +147,7 @@ def add(run_dir: Path, command: str, *, weights_dir: Path = WEIGHTS_DIR, replace
         "top1": round(top1, 2),
         "train_log_top1": round(metrics[-1]["val_top1"], 2) if metrics else None,
         "machine": machine,
-        "commit": _git_commit(),
+        "added_at_commit": _git_commit(),  # HEAD when the entry was added (the run may predate it)
     }
     manifest[name] = entry
     atomic_write_text(weights_dir / MANIFEST_NAME, json.dumps(dict(sorted(manifest.items())), indent=2) + "\n")
