@@ -4,8 +4,8 @@
 
 For each model: params, MACs, eval and train-step images/s, peak memory, and — where timm has the
 same architecture — the ratio zoo / timm measured on the same input in the same process, the two
-models interleaved repeat by repeat (so load on the machine hits both alike), after warm-up,
-median of the repeats. Before timing, the twin's weights are loaded into the zoo model and the
+models interleaved repeat by repeat, alternating which goes first (so load on the machine and
+position in the sequence hit both alike), after warm-up, median of the repeats. Before timing, the twin's weights are loaded into the zoo model and the
 outputs compared, so the ratio is between two computations of the same function.
 """
 from __future__ import annotations
@@ -149,8 +149,9 @@ def measure(models: list[str], *, batch: int, img_size: int, repeats: int, warmu
             with PeakMemory(device) as mem:
                 train_step()
             memory[key] = mem.peak
-        for _ in range(repeats):  # interleaved: zoo, timm, zoo, timm, ...
-            for key, (train_step, eval_step) in steps.items():
+        order = list(steps.items())
+        for r in range(repeats):  # interleaved, and alternating who goes first: zoo, timm, timm, zoo, ...
+            for key, (train_step, eval_step) in (order if r % 2 == 0 else order[::-1]):
                 times[key]["train"].append(_timed(train_step, device))
                 times[key]["eval"].append(_timed(eval_step, device))
         ips = {key: {k: batch / statistics.median(v) for k, v in t.items()} for key, t in times.items()}
