@@ -5,8 +5,9 @@
 For each model: params, MACs, eval and train-step images/s, peak memory, and — where timm has the
 same architecture — the ratio zoo / timm measured on the same input in the same process, the two
 models interleaved repeat by repeat, alternating which goes first (so load on the machine and
-position in the sequence hit both alike), after warm-up, median of the repeats. Before timing, the twin's weights are loaded into the zoo model and the
-outputs compared, so the ratio is between two computations of the same function.
+position in the sequence hit both alike), after warm-up, median of the repeats. Before timing, the
+twin's weights are loaded into the zoo model and the outputs compared, so the ratio is between two
+computations of the same function.
 """
 from __future__ import annotations
 

@@ -165,14 +165,19 @@ class MoE(nn.Module):
             f"eval_capacity_factor={self.eval_capacity_factor}, router_noise={self.router_noise}"
         )
 
+    def _active_capacity_factor(self) -> float | None:
+        """The capacity factor of the current mode; ``None`` when unlimited."""
+        factor = self.capacity_factor
+        if not self.training and self.eval_capacity_factor is not None:
+            factor = self.eval_capacity_factor
+        return factor if factor is not None and factor > 0 else None
+
     def capacity(self, num_tokens: int) -> int:
         """Slots per expert for a call with ``num_tokens`` tokens in the current mode:
         ``min(T, ceil(factor * T * top_k / num_experts))``, or ``T`` if the factor is
         ``None`` / ``<= 0`` (unlimited)."""
-        factor = self.capacity_factor
-        if not self.training and self.eval_capacity_factor is not None:
-            factor = self.eval_capacity_factor
-        if factor is None or factor <= 0:
+        factor = self._active_capacity_factor()
+        if factor is None:
             return num_tokens
         return min(num_tokens, math.ceil(factor * num_tokens * self.top_k / self.num_experts))
 
@@ -288,7 +293,6 @@ class MoE(nn.Module):
         }
         return y.view(shape)  # (T, C) -> (..., C)
 
-
     def _forward_traceable(self, x_flat: torch.Tensor, gate_vals: torch.Tensor,
                            expert_idx: torch.Tensor) -> torch.Tensor:
         """The same outputs as the indexed path, in ops whose shapes follow the batch in
@@ -302,10 +306,8 @@ class MoE(nn.Module):
         flat_gate = gate_vals.t().reshape(-1)  # (T, k) -> (k, T) -> (k*T,)
         onehot = F.one_hot(flat_expert, num_experts)  # (k*T, E)
         rank = ((onehot.cumsum(0) - onehot) * onehot).sum(-1)  # (k*T,) place in its expert's queue
-        factor = self.capacity_factor
-        if not self.training and self.eval_capacity_factor is not None:
-            factor = self.eval_capacity_factor
-        if factor is not None and factor > 0:
+        factor = self._active_capacity_factor()
+        if factor is not None:
             tokens = torch.ones_like(x_flat[:, 0], dtype=torch.float64).sum()  # T, as a tensor
             capacity = torch.minimum(tokens, torch.ceil(factor * tokens * top_k / num_experts))
             flat_gate = torch.where(rank < capacity, flat_gate, 0.0)
