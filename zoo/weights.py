@@ -45,6 +45,11 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _config_sha256(config_yaml: str) -> str:
+    """Identifies a recipe: the sha256 of the resolved config a run stores in its weights' header."""
+    return hashlib.sha256(config_yaml.encode()).hexdigest()
+
+
 def _header(path: Path) -> dict[str, str]:
     with safe_open(str(path), framework="pt") as f:
         return dict(f.metadata() or {})
@@ -118,9 +123,6 @@ def add(run_dir: Path, command: str, *, weights_dir: Path = WEIGHTS_DIR, replace
     model = create_model(name, pretrained=str(source), num_classes=num_classes, in_chans=in_chans)
     file = weights_dir / f"{name}.safetensors"
     export_weights(model.to(STORED_DTYPE), file, {**header, "stored_dtype": str(STORED_DTYPE)})
-    # Measure what ships: the float16 file, loaded into a float32 model as a user loads it.
-    shipped = create_model(name, pretrained=str(file), num_classes=num_classes, in_chans=in_chans)
-    top1, n_val = evaluate_top1(shipped, cfg)
     metrics = read_log(run_dir / "metrics.jsonl")
     aug = cfg.aug
     entry = {
@@ -129,7 +131,7 @@ def add(run_dir: Path, command: str, *, weights_dir: Path = WEIGHTS_DIR, replace
         "bytes": file.stat().st_size,
         "dtype": str(STORED_DTYPE).removeprefix("torch."),
         "family": family(name),
-        "params": sum(p.numel() for p in shipped.parameters()),
+        "params": sum(p.numel() for p in model.parameters()),
         "num_classes": num_classes,
         "in_chans": in_chans,
         "input_size": [in_chans, aug.img_size, aug.img_size],
@@ -137,18 +139,20 @@ def add(run_dir: Path, command: str, *, weights_dir: Path = WEIGHTS_DIR, replace
         "std": list(aug.std),
         "crop_pct": aug.crop_pct,
         "interpolation": aug.interpolation,
-        "data": f"{cfg.data.dataset}: trained on its '{cfg.data.train_split}' split, "
-                f"top-1 on its '{cfg.data.val_split}' split ({n_val} images)",
         "config": _config_path(cfg.name),
-        "config_sha256": hashlib.sha256(header["config"].encode()).hexdigest(),
+        "config_sha256": _config_sha256(header["config"]),
         "command": command,
         "epochs": len([r for r in metrics if not r.get("partial")]),
         "weights": "final epoch (model_last), float16",
-        "top1": round(top1, 2),
         "train_log_top1": round(metrics[-1]["val_top1"], 2) if metrics else None,
         "machine": machine,
         "added_at_commit": _git_commit(),  # HEAD when the entry was added (the run may predate it)
     }
+    # Measure what ships, as `check` does: the float16 file, loaded into a float32 model as a user loads it.
+    top1, n_val = measure(name, entry, weights_dir)
+    entry["data"] = (f"{cfg.data.dataset}: trained on its '{cfg.data.train_split}' split, "
+                     f"top-1 on its '{cfg.data.val_split}' split ({n_val} images)")
+    entry["top1"] = round(top1, 2)
     manifest[name] = entry
     atomic_write_text(weights_dir / MANIFEST_NAME, json.dumps(dict(sorted(manifest.items())), indent=2) + "\n")
     return entry
@@ -160,16 +164,17 @@ def _config_path(run_name: str) -> str:
     return str(path.relative_to(WEIGHTS_DIR.parent)) if path.is_file() else run_name
 
 
-def measure(name: str, entry: dict[str, Any], weights_dir: Path = WEIGHTS_DIR) -> float:
-    """Re-measure a shipped entry's top-1 from the file, with the recipe stored in the file's header."""
+def measure(name: str, entry: dict[str, Any], weights_dir: Path = WEIGHTS_DIR) -> tuple[float, int]:
+    """Re-measure a shipped entry's top-1 (%) and the image count, from the file, with the recipe
+    stored in the file's header."""
     file = weights_dir / entry["file"]
     if _sha256(file) != entry["sha256"]:
         raise CheckpointError(f"{file}: sha256 does not match the manifest's {entry['sha256'][:12]}...")
     header = _header(file)
-    if hashlib.sha256(header["config"].encode()).hexdigest() != entry["config_sha256"]:
+    if _config_sha256(header["config"]) != entry["config_sha256"]:
         raise CheckpointError(f"{file}: its stored config does not match the manifest's config_sha256")
     model = create_model(name, pretrained=str(file), num_classes=entry["num_classes"], in_chans=entry["in_chans"])
-    return evaluate_top1(model, _resolved_config(header["config"]))[0]
+    return evaluate_top1(model, _resolved_config(header["config"]))
 
 
 def table(rows: list[dict[str, Any]], baseline: str | None) -> str:
@@ -197,7 +202,7 @@ def check(names: list[str] | None = None, weights_dir: Path = WEIGHTS_DIR, toler
     rows, bad = [], []
     for name in names or sorted(manifest, key=lambda n: (n in BASELINES, n)):
         entry = manifest[name]
-        measured = measure(name, entry, weights_dir)
+        measured, _ = measure(name, entry, weights_dir)
         rows.append({"name": name, **entry, "measured": measured})
         if abs(measured - entry["top1"]) > tolerance:
             bad.append(f"{name}: re-measured {measured:.2f} % vs manifest {entry['top1']:.2f} %")
