@@ -98,3 +98,26 @@ def test_speed_ratio_is_measured_against_the_twin():
     assert r["train_ratio"] == pytest.approx(r["train_ips"] / r["twin_train_ips"])
     assert r["eval_ratio"] == pytest.approx(r["eval_ips"] / r["twin_eval_ips"])
     assert r["params_m"] == pytest.approx(11.9, abs=0.05)
+    assert math.isnan(r["train_ratio_ci"])  # one repeat: no spread known, and the row says so
+    assert "±" not in speed.format_row(r)
+
+
+def test_speed_ratio_interval_comes_from_the_paired_repeats(monkeypatch):
+    # Fake clocks: zoo's steps take 1, 2, 3 s and timm's 2 s each, so the per-repeat ratios are
+    # 2, 1, 2/3: their mean's 95 % t interval is what the row must carry.
+    durations = iter([1.0, 0.1, 2.0, 0.1, 2.0, 0.1, 2.0, 0.1, 3.0, 0.1, 2.0, 0.1])  # train, eval per call
+
+    def fake_timed(fn, device):
+        return next(durations)
+
+    monkeypatch.setattr(speed, "_timed", fake_timed)
+    r = speed.measure(["zoo_vit_tiny_patch16_224"], batch=1, img_size=32, repeats=3, warmup=0, dtype="fp32",
+                      device=speed.torch.device("cpu"), channels_last=False)[0]
+    # repeat 0: zoo then timm; repeat 1: timm then zoo; repeat 2: zoo then timm
+    zoo_train, timm_train = [1.0, 2.0, 3.0], [2.0, 2.0, 2.0]
+    paired = [t / z for z, t in zip(zoo_train, timm_train)]
+    half = stats.t.ppf(0.975, 2) * statistics.stdev(paired) / math.sqrt(3)
+    assert r["train_ratio"] == pytest.approx(1.0)  # medians: 2 s against 2 s
+    assert r["train_ratio_ci"] == pytest.approx(half)
+    assert r["eval_ratio_ci"] == 0.0
+    assert f"**1.00x ± {half:.2f}**" in speed.format_row(r)

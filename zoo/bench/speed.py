@@ -5,14 +5,18 @@
 For each model: params, MACs, eval and train-step images/s, peak memory, and — where timm has the
 same architecture — the ratio zoo / timm measured on the same input in the same process, the two
 models interleaved repeat by repeat, alternating which goes first (so load on the machine and
-position in the sequence hit both alike), after warm-up, median of the repeats. Before timing, the
-twin's weights are loaded into the zoo model and the outputs compared, so the ratio is between two
-computations of the same function.
+position in the sequence hit both alike), after warm-up, median of the repeats. Beside each ratio,
+the half-width of the 95 % t interval of the per-repeat ratios (zoo and timm timed back to back in
+the same repeat): on a small CPU one train step varies by several percent, mostly with how many
+fresh pages the allocator faults in, so a ratio is only as settled as that interval says. Before
+timing, the twin's weights are loaded into the zoo model and the outputs compared, so the ratio is
+between two computations of the same function.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import statistics
 import sys
 import tempfile
@@ -25,6 +29,7 @@ import torch
 
 import zoo
 from zoo.bench.counts import count_macs, count_params
+from zoo.bench.stats import mean_ci
 from zoo.models.registry import fixed_input_size
 
 # zoo name -> (timm name, overrides that make the zoo model compute exactly timm's function)
@@ -164,6 +169,9 @@ def measure(models: list[str], *, batch: int, img_size: int, repeats: int, warmu
                        twin_peak_mem_mb=memory["timm"] / 2**20,
                        eval_ratio=ips["zoo"]["eval"] / ips["timm"]["eval"],
                        train_ratio=ips["zoo"]["train"] / ips["timm"]["train"])
+            for k in ("train", "eval"):  # per repeat: timm's time / zoo's time, measured back to back
+                paired = [t / z for z, t in zip(times["zoo"][k], times["timm"][k], strict=True)]
+                row[f"{k}_ratio_ci"] = mean_ci(paired)[1]
         rows.append(row)
         for model in entries.values():
             model.cpu()
@@ -176,10 +184,14 @@ HEADER = ("| model | params (M) | GMACs | eval img/s | train img/s | peak mem (M
           "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |")
 
 
+def _ratio(ratio: float, half: float) -> str:
+    return f"{ratio:.2f}x" if math.isnan(half) else f"{ratio:.2f}x ± {half:.2f}"
+
+
 def format_row(r: dict) -> str:
-    twin = (f"{r['twin']} | {r['twin_train_ips']:.1f} | **{r['train_ratio']:.2f}x** | {r['eval_ratio']:.2f}x | "
-            f"{r['max_diff']:.1e}") if r.get("twin") else "- | - | - | - | -"
-    return (f"| {r['model']} | {r['params_m']:.1f} | {r['gmacs']:.2f} | {r['eval_ips']:.1f} | {r['train_ips']:.1f} | "
+    twin = (f"{r['twin']} | {r['twin_train_ips']:.3g} | **{_ratio(r['train_ratio'], r['train_ratio_ci'])}** | "
+            f"{_ratio(r['eval_ratio'], r['eval_ratio_ci'])} | {r['max_diff']:.1e}") if r.get("twin") else "- | - | - | - | -"
+    return (f"| {r['model']} | {r['params_m']:.1f} | {r['gmacs']:.2f} | {r['eval_ips']:.3g} | {r['train_ips']:.3g} | "
             f"{r['peak_mem_mb']:.0f} | {twin} |")
 
 
