@@ -25,6 +25,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from model_helpers import randomize_batchnorm_stats
 from torch import nn
 
 import zoo
@@ -160,11 +161,7 @@ def randomized(model: nn.Module) -> nn.Module:
         for p in model.parameters():
             if p.ndim == 1 or p.shape[:2] == (1, 1):  # norm affines, biases, class token
                 p.add_(torch.randn_like(p) * 0.2)
-        for n, b in model.named_buffers():
-            if n.endswith("running_mean"):
-                b.copy_(torch.randn_like(b) * 0.2)
-            elif n.endswith("running_var"):
-                b.copy_(torch.rand_like(b) + 0.5)
+    randomize_batchnorm_stats(model, mean_std=0.2)
     return model.eval()
 
 
@@ -217,6 +214,35 @@ def test_cvt_structure():
     assert attn.conv_proj_q.conv.stride == (1, 1) and attn.conv_proj_k.conv.stride == (2, 2)
     assert attn.conv_proj_k.conv.groups == 128 and attn.conv_proj_k.conv.bias is None
     assert isinstance(attn.conv_proj_v.bn, nn.BatchNorm2d)
+
+
+def block_drop_path_rates(model: nn.Module) -> list[float]:
+    return [getattr(b.drop_path, "drop_prob", 0.0) for stage in model.stages for b in stage.blocks]
+
+
+def test_cvt_stochastic_depth_ramps_in_the_last_stage_only():
+    # Official CvT-13: DROP_PATH_RATE [0.0, 0.0, 0.1], each stage linspace(0, rate, depth).
+    rates = block_drop_path_rates(zoo.create_model("zoo_cvt_13", drop_path_rate=0.1))
+    expected = [0.0] * 3 + [0.1 * j / 9 for j in range(10)]
+    assert rates == pytest.approx(expected)
+    # timm's and DeiT's rule elsewhere: one ramp over all blocks.
+    rates = block_drop_path_rates(zoo.create_model("zoo_vit_tiny_patch16_224", drop_path_rate=0.1))
+    assert rates == pytest.approx([0.1 * j / 11 for j in range(12)])
+
+
+def test_drop_path_stages_from_a_config_and_its_errors():
+    model = zoo.create_model("zoo_poolformer_mini_32", drop_path_rate=0.2, drop_path_stages=[1.0, 0.0, 0.0, 0.5])
+    depths = [len(s.blocks) for s in model.stages]
+    rates, start = block_drop_path_rates(model), 0
+    for depth, factor in zip(depths, (1.0, 0.0, 0.0, 0.5)):
+        assert rates[start:start + depth] == pytest.approx([0.2 * factor * j / max(depth - 1, 1) for j in range(depth)])
+        start += depth
+    with pytest.raises(ValueError, match=r"drop_path_stages=\(1\.0,\): expected a tuple of 4 factors"):
+        zoo.create_model("zoo_poolformer_mini_32", drop_path_stages=(1.0,))
+    with pytest.raises(ValueError, match=r"drop_path_stages\[1\]"):
+        zoo.create_model("zoo_poolformer_mini_32", drop_path_stages=(1.0, -0.5, 0.0, 0.0))
+    with pytest.raises(ValueError, match=r"drop_path_stages\[0\] x drop_path_rate=1\.0: expected .* < 1\.0"):
+        zoo.create_model("zoo_poolformer_mini_32", drop_path_rate=0.25, drop_path_stages=(4.0, 0.0, 0.0, 0.0))
 
 
 # ---- gMLP -------------------------------------------------------------------------------------

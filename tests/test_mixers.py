@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from model_helpers import randomize_batchnorm_stats
 
 from zoo.layers.mixers import TOKEN_MIXERS, create_token_mixer
 
@@ -19,11 +20,7 @@ def build(name: str, dim: int, options: dict, **context) -> torch.nn.Module:
     with torch.no_grad():  # non-trivial affines and BatchNorm statistics
         for p in mixer.parameters():
             p.add_(torch.randn_like(p) * 0.3)
-        for n, b in mixer.named_buffers():
-            if n.endswith("running_mean"):
-                b.copy_(torch.randn_like(b) * 0.5)
-            elif n.endswith("running_var"):
-                b.copy_(torch.rand_like(b) + 0.5)
+    randomize_batchnorm_stats(mixer, mean_std=0.5)
     return mixer.eval()
 
 

@@ -5,6 +5,8 @@ import hashlib
 import json
 import os
 import pickle
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -161,6 +163,20 @@ def test_shipped_weights_load_by_name(tmp_path, monkeypatch):
     ref = make()
     _fake_manifest(tmp_path, monkeypatch, ref)
     assert same_outputs(zoo.create_model(NAME, num_classes=10, pretrained=True), ref)
+
+
+def test_missing_weights_folder_names_where_it_looked(tmp_path, monkeypatch):
+    # A wheel install has no weights/ beside zoo/: the error says where it looked and what to do.
+    monkeypatch.setattr(pretrained_mod, "WEIGHTS_DIR", tmp_path / "weights")
+    with pytest.raises(CheckpointError, match=r"weights/manifest.json: not found; .*ZOO_WEIGHTS"):
+        zoo.create_model(NAME, num_classes=10, pretrained=True)
+
+
+def test_zoo_weights_environment_variable_names_the_folder(tmp_path):
+    code = "from zoo.models import pretrained; print(pretrained.WEIGHTS_DIR)"
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "ZOO_WEIGHTS": str(tmp_path)},
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str(tmp_path)
 
 
 def test_sha256_mismatch_is_refused(tmp_path, monkeypatch):

@@ -168,6 +168,16 @@ class Stage(nn.Module):
         return self.run_blocks(x, grid), grid
 
 
+def drop_path_rates(spec: ModelSpec) -> list[float]:
+    """Each block's stochastic-depth rate: one linear ramp over all blocks, or one per stage."""
+    def ramp(end: float, n: int) -> list[float]:
+        return torch.linspace(0, end, n, device="cpu").tolist()  # device: also under a meta default device
+
+    if spec.drop_path_stages is None:
+        return ramp(spec.drop_path_rate, sum(s.depth for s in spec.stages))
+    return [r for s, f in zip(spec.stages, spec.drop_path_stages, strict=True) for r in ramp(spec.drop_path_rate * f, s.depth)]
+
+
 class ZooModel(nn.Module):
     """Every zoo model: stages from a ``ModelSpec``, a norm and a classifier head.
 
@@ -189,8 +199,7 @@ class ZooModel(nn.Module):
         if spec.distilled and not last.dist_token:
             raise ValueError(f"{name}: distilled=True needs a distillation token in the last stage")
 
-        total_depth = sum(s.depth for s in spec.stages)
-        rates = torch.linspace(0, spec.drop_path_rate, total_depth, device="cpu").tolist()  # also under meta
+        rates = drop_path_rates(spec)
         stages, feature_info = [], []
         in_dim, size, reduction, start = spec.in_chans, spec.img_size, 1, 0
         for i, s in enumerate(spec.stages):

@@ -11,7 +11,9 @@ Built as the official code builds it, from the parts of the one backbone:
 - MLP of ratio 4 with QuickGELU (``x * sigmoid(1.702 x)``, the activation the official model
   factory passes), LayerNorm with torch's eps 1e-5 everywhere;
 - no position embedding; a class token in the last stage only, which skips the convolutional
-  projection and is what the final LayerNorm and the head see.
+  projection and is what the final LayerNorm and the head see;
+- stochastic depth in the last stage only, from 0 to ``drop_path_rate`` over its blocks (the
+  official configs' DROP_PATH_RATE [0.0, 0.0, 0.1]).
 
 Official checkpoints (``stage0.patch_embed.proj.weight``, ``stage2.cls_token``,
 ``stageN.blocks.i.attn.conv_proj_q.conv.weight``, ...) load with
@@ -41,8 +43,10 @@ def cvt(depths: tuple[int, ...], dims: tuple[int, ...], heads: tuple[int, ...], 
                   channel_mixer="mlp", mlp_ratio=4.0, channel_options={"act": "quick_gelu"}, norm=NORM,
                   class_token=i == last)
         for i, (d, c, h, e) in enumerate(zip(depths, dims, heads, embeds, strict=True)))
+    # Stochastic depth in the last stage only, ramping over its blocks (official DROP_PATH_RATE [0, 0, rate]).
+    drop_path_stages = (0.0,) * last + (1.0,)
     return ModelSpec(stages=stages, img_size=img_size, global_pool="token", head_norm=NORM, head_norm_on="map",
-                     crop_pct=crop_pct, paper=PAPER)
+                     drop_path_stages=drop_path_stages, crop_pct=crop_pct, paper=PAPER)
 
 
 VARIANTS = {

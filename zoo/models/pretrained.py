@@ -8,6 +8,7 @@ refuses everything else with a one-line error naming the keys.
 from __future__ import annotations
 
 import json
+import os
 import re
 import warnings
 from collections.abc import Callable
@@ -207,7 +208,9 @@ def load_pretrained(model: nn.Module, name: str, pretrained: bool | str | Path) 
     load_state_into(model, read_state_dict(path), str(path))
 
 
-WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "weights"
+# weights/ sits beside zoo/ in the source tree, which the README's editable install uses; a wheel
+# does not carry it, so the environment variable ZOO_WEIGHTS may name the folder instead.
+WEIGHTS_DIR = Path(os.environ.get("ZOO_WEIGHTS") or Path(__file__).resolve().parents[2] / "weights")
 MANIFEST_NAME = "manifest.json"
 
 
@@ -229,6 +232,9 @@ def read_manifest(weights_dir: Path | None = None) -> dict[str, dict]:
 
 def shipped_entry(name: str) -> dict:
     """The manifest entry for ``name``; a one-line error naming the names that have weights."""
+    if not (WEIGHTS_DIR / MANIFEST_NAME).is_file():
+        raise CheckpointError(f"{WEIGHTS_DIR / MANIFEST_NAME}: not found; pretrained=True reads the weights/ folder of a "
+                              "source checkout (pip install -e .) or the folder named by ZOO_WEIGHTS")
     manifest = read_manifest()
     if name not in manifest:
         have = ", ".join(sorted(manifest)) or "none yet"

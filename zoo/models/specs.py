@@ -99,7 +99,10 @@ class ModelSpec:
     head_norm_on: Literal["map", "pooled"] = "map"
     distilled: bool = False  # DeiT: a second head on the distillation token
     drop_rate: float = 0.0  # dropout before the classifier
-    drop_path_rate: float = 0.0  # stochastic depth, linear over all blocks
+    drop_path_rate: float = 0.0  # stochastic depth, linear from 0 over all blocks (timm, DeiT, PoolFormer)
+    # Or one ramp per stage, from 0 to drop_path_rate x this stage's factor over its own blocks: the
+    # official CvT's schedule (DROP_PATH_RATE [0, 0, rate], lib/models/cls_cvt.py), factors (0, 0, 1).
+    drop_path_stages: tuple[float, ...] | None = None
     # Preprocessing the model was defined with (timm's pretrained_cfg fields).
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -123,6 +126,14 @@ class ModelSpec:
                              f"{list(HEAD_NORM_PLACES)}")
         _check_float("ModelSpec", "drop_rate", self.drop_rate, 0.0, 1.0)
         _check_float("ModelSpec", "drop_path_rate", self.drop_path_rate, 0.0, 1.0)
+        if self.drop_path_stages is not None:
+            if not isinstance(self.drop_path_stages, tuple) or len(self.drop_path_stages) != len(self.stages):
+                raise ValueError(f"ModelSpec.drop_path_stages={self.drop_path_stages!r}: expected a tuple of "
+                                 f"{len(self.stages)} factors, one per stage, or None")
+            for i, factor in enumerate(self.drop_path_stages):
+                _check_float("ModelSpec", f"drop_path_stages[{i}]", factor, 0.0, None)
+                _check_float("ModelSpec", f"drop_path_stages[{i}] x drop_path_rate", factor * self.drop_path_rate,
+                             0.0, 1.0)
 
 
 # channel_mixer value for blocks that are one residual branch (gMLP: the token mixer is the whole unit).
@@ -153,6 +164,8 @@ def apply_overrides(spec: ModelSpec, overrides: Mapping[str, Any], *, model_name
         stage_kw.setdefault("mixer_options", {})
     if "channel_mixer" in stage_kw:
         stage_kw.setdefault("channel_options", {})
+    if isinstance(model_kw.get("drop_path_stages"), list):  # from a YAML config
+        model_kw["drop_path_stages"] = tuple(model_kw["drop_path_stages"])
     if "stages" in model_kw:
         model_kw["stages"] = tuple(s if isinstance(s, StageSpec) else stage_from_dict(s, where=f"stages[{i}]")
                                    for i, s in enumerate(model_kw["stages"]))
