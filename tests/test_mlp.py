@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import zoo.layers.mlp as mlp_mod
 from zoo.layers.mlp import (
     CHANNEL_MIXERS,
     GluMlp,
@@ -152,3 +153,94 @@ def test_forward_nchw_equals_forward_on_channels_last_tokens(name):
     x = torch.randn(2, 16, 5, 7).contiguous(memory_format=torch.channels_last)
     expected = mixer(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (B, C, H, W) via (B, H, W, C)
     torch.testing.assert_close(mixer.forward_nchw(x), expected, atol=1e-5, rtol=1e-5)
+
+
+# ---- the fused GELU-MLP training path ---------------------------------------------------------
+
+def _train_grads(module: nn.Module, x: torch.Tensor, *, fused: bool, monkeypatch) -> tuple[torch.Tensor, ...]:
+    """Output, input gradient and parameter gradients of one forward+backward, on either path."""
+    monkeypatch.setattr(mlp_mod, "FUSED_BACKWARD", fused)
+    module.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(x.requires_grad)
+    out = module(x)
+    assert ("_GeluMlpFunction" in type(out.grad_fn).__name__) is fused  # the path asked for was taken
+    (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+    grads = [x.grad] if x.requires_grad else []
+    return (out.detach(), *grads, *(p.grad for p in module.parameters()))
+
+
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("input_grad", [True, False], ids=["input_grad", "frozen_input"])
+def test_fused_gelu_mlp_is_bit_identical_to_autograd(act, bias, input_grad, monkeypatch):
+    torch.manual_seed(0)
+    module = Mlp(DIM, hidden_dim=HIDDEN, act=act, bias=bias).train()
+    x = torch.randn(2, 7, DIM, requires_grad=input_grad)
+    plain = _train_grads(module, x, fused=False, monkeypatch=monkeypatch)
+    fused = _train_grads(module, x, fused=True, monkeypatch=monkeypatch)
+    assert len(plain) == len(fused)
+    for p, f in zip(plain, fused, strict=True):
+        assert torch.equal(p, f)
+
+
+def _takes_fused_path(module: nn.Module, x: torch.Tensor) -> bool:
+    out = module(x)
+    return out.grad_fn is not None and "_GeluMlpFunction" in type(out.grad_fn).__name__
+
+
+def test_fused_path_is_taken_only_where_it_computes_the_same_thing():
+    x = torch.randn(2, 5, DIM, requires_grad=True)
+    module = Mlp(DIM, hidden_dim=HIDDEN).train()
+    assert _takes_fused_path(module, x)
+    with torch.no_grad():
+        assert not _takes_fused_path(module, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts inside the plain ops
+        assert not _takes_fused_path(module, x)
+    assert not _takes_fused_path(Mlp(DIM, hidden_dim=HIDDEN, drop=0.1).train(), x)  # dropout between fc1 and fc2
+    assert _takes_fused_path(Mlp(DIM, hidden_dim=HIDDEN, drop=0.1).eval(), x)  # ... inactive in eval
+    assert not _takes_fused_path(Mlp(DIM, hidden_dim=HIDDEN, act="relu"), x)
+    assert not _takes_fused_path(GluMlp(DIM, hidden_dim=HIDDEN, act="gelu"), x)
+    frozen = Mlp(DIM, hidden_dim=HIDDEN).requires_grad_(False)
+    assert not _takes_fused_path(frozen, x.detach())  # nothing to differentiate
+    seen = []
+    module.fc1.register_forward_hook(lambda m, i, o: seen.append(o.shape))  # hooks on the parts must fire
+    assert not _takes_fused_path(module, x) and seen == [(2, 5, HIDDEN)]
+
+
+def test_fused_mlp_traces_and_checkpoints_like_the_plain_one(monkeypatch):
+    import zoo
+
+    torch.manual_seed(0)
+    model = zoo.create_model("zoo_vit_mini_32", num_classes=10).train()
+    x = torch.randn(3, 3, 32, 32)
+    traced = torch.jit.trace(Mlp(DIM, hidden_dim=HIDDEN).eval(), torch.randn(2, 5, DIM, requires_grad=True))
+    assert "PythonOp" not in str(traced.graph)  # tracing records the plain ops
+    results = []
+    for fused, checkpointed in ((False, False), (True, False), (True, True)):
+        monkeypatch.setattr(mlp_mod, "FUSED_BACKWARD", fused)
+        model.set_grad_checkpointing(checkpointed)
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the same drop-path draws
+        model(x).logsumexp(1).sum().backward()
+        results.append([p.grad.clone() for p in model.parameters()])
+    for grads in results[1:]:
+        for a, b in zip(results[0], grads, strict=True):
+            assert torch.equal(a, b)
+
+
+def test_fused_mlp_double_backward_matches_the_plain_ops(monkeypatch):
+    # A gradient penalty differentiates the input gradient again (create_graph=True).
+    torch.manual_seed(0)
+    module = Mlp(DIM, hidden_dim=HIDDEN).train()
+    x = torch.randn(2, 5, DIM, requires_grad=True)
+    results = []
+    for fused in (False, True):
+        monkeypatch.setattr(mlp_mod, "FUSED_BACKWARD", fused)
+        module.zero_grad(set_to_none=True)
+        out = module(x)
+        assert _takes_fused_path(module, x) is fused
+        (grad_x,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+        grad_x.square().sum().backward()
+        results.append([grad_x.detach(), *(p.grad for p in module.parameters())])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
