@@ -244,3 +244,23 @@ def test_fused_mlp_double_backward_matches_the_plain_ops(monkeypatch):
         results.append([grad_x.detach(), *(p.grad for p in module.parameters())])
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_mlp_second_backward_through_a_retained_graph(monkeypatch):
+    # The first backward writes over the saved activation; a second one (retain_graph=True, e.g.
+    # one backward per loss) must recompute it, not read gradients as activations.
+    torch.manual_seed(0)
+    module = Mlp(DIM, hidden_dim=HIDDEN).train()
+    x = torch.randn(2, 5, DIM, requires_grad=True)
+    results = []
+    for fused in (False, True):
+        monkeypatch.setattr(mlp_mod, "FUSED_BACKWARD", fused)
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        out = module(x)
+        assert ("_GeluMlpFunction" in type(out.grad_fn).__name__) is fused
+        out.square().sum().backward(retain_graph=True)
+        out.sum().backward()
+        results.append([x.grad, *(p.grad for p in module.parameters())])
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)

@@ -155,7 +155,7 @@ class _GeluMlpFunction(torch.autograd.Function):
     def forward(ctx, x, w1, b1, w2, b2, approximate: str):
         h = F.linear(x, w1, b1)  # (..., dim) -> (..., hidden)
         a = F.gelu(h, approximate=approximate)
-        ctx.approximate = approximate
+        ctx.approximate, ctx.consumed = approximate, False
         ctx.save_for_backward(x, w1, b1, w2, b2, h, a)
         return F.linear(a, w2, b2)  # (..., hidden) -> (..., dim)
 
@@ -169,6 +169,10 @@ class _GeluMlpFunction(torch.autograd.Function):
             grads = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True))
             return (*(next(grads) if need else None for need in ctx.needs_input_grad[:5]), None)
         need_x, need_w1, need_b1, need_w2, need_b2, _ = ctx.needs_input_grad
+        if ctx.consumed:  # a second backward through a retained graph: a was overwritten by the first
+            a = F.gelu(h, approximate=ctx.approximate)
+        else:  # .data: writing over a must not bump the version autograd checks when unpacking it again
+            a, ctx.consumed = a.data, True
         x_shape = x.shape
         x = x.reshape(-1, x.shape[-1])  # (..., dim) -> (tokens, dim)
         grad_out = grad_out.reshape(-1, grad_out.shape[-1])  # (..., dim) -> (tokens, dim)
