@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fused import SpatialGatingFunction, fused_backward_allowed
 from .mlp import get_act
 
 TOKEN_MIXERS: dict[str, type[nn.Module]] = {}
@@ -345,10 +346,19 @@ class SpatialGating(nn.Module):
         nn.init.normal_(self.proj.weight, std=1e-6)
         nn.init.ones_(self.proj.bias)
 
+    def _can_fuse(self, x: torch.Tensor) -> bool:
+        return (type(self.act) is nn.GELU and (self.drop1.p == 0 or not self.training)
+                and fused_backward_allowed(x, self.fc1, self.act, self.drop1, self.norm, self.proj, self.fc2))
+
     def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         if x.shape[1] != self.num_tokens:
             raise ValueError(f"spatial_gating is built for {self.num_tokens} tokens, the input has {x.shape[1]}: "
                              "create the model with the img_size you feed it")
+        if self._can_fuse(x):  # training: the same ops, a backward that reuses their memory
+            x = SpatialGatingFunction.apply(x, self.fc1.weight, self.fc1.bias, self.norm.weight, self.norm.bias,
+                                            self.proj.weight, self.proj.bias, self.fc2.weight, self.fc2.bias,
+                                            self.norm.eps, self.act.approximate)  # (B, N, C) -> (B, N, C)
+            return self.drop2(x)
         x = self.drop1(self.act(self.fc1(x)))  # (B, N, C) -> (B, N, hidden)
         u, v = x.chunk(2, dim=-1)  # 2 x (B, N, hidden/2)
         v = self.norm(v)

@@ -48,6 +48,8 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import nn
 
+from .fused import GeluMlpFunction, fused_backward_allowed
+
 __all__ = [
     "ACTIVATIONS",
     "CHANNEL_MIXERS",
@@ -134,64 +136,6 @@ def _init_linear(linear: nn.Linear) -> None:
         nn.init.zeros_(linear.bias)
 
 
-# Train GELU MLPs through _GeluMlpFunction (below); False: always the plain autograd ops.
-FUSED_BACKWARD = True
-
-
-class _GeluMlpFunction(torch.autograd.Function):
-    """``fc2(gelu(fc1(x)))`` for training: the same ops as autograd's three, so the same values and
-    gradients bit for bit, but a backward that allocates no hidden-width buffer.
-
-    Autograd's backward allocates two: the gradient of the activation (``grad @ fc2.weight``) and
-    that of fc1's output (``gelu_backward``). Both have the shape of the saved activation ``a``,
-    which is dead once fc2's weight gradient is taken, so here both are written over ``a``. At
-    ViT-B's hidden width (32 x 197 tokens x 3072 floats = 77 MB) every fresh buffer is a fresh
-    mmap, page-faulted in 4 KB at a time; skipping two per block halves the MLP's page faults and
-    measured ~6 % off the MLP's forward+backward on this project's 2-core CPU. A backward that
-    must itself be differentiable (``create_graph=True``) recomputes the plain ops instead.
-    """
-
-    @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, approximate: str):
-        h = F.linear(x, w1, b1)  # (..., dim) -> (..., hidden)
-        a = F.gelu(h, approximate=approximate)
-        ctx.approximate, ctx.consumed = approximate, False
-        ctx.save_for_backward(x, w1, b1, w2, b2, h, a)
-        return F.linear(a, w2, b2)  # (..., hidden) -> (..., dim)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, w1, b1, w2, b2, h, a = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True (double backward): the plain ops' graph, recomputed
-            inputs = (x, w1, b1, w2, b2)
-            wanted = [t for t, need in zip(inputs, ctx.needs_input_grad, strict=False) if need]
-            out = F.linear(F.gelu(F.linear(x, w1, b1), approximate=ctx.approximate), w2, b2)
-            grads = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True))
-            return (*(next(grads) if need else None for need in ctx.needs_input_grad[:5]), None)
-        need_x, need_w1, need_b1, need_w2, need_b2, _ = ctx.needs_input_grad
-        if ctx.consumed:  # a second backward through a retained graph: a was overwritten by the first
-            a = F.gelu(h, approximate=ctx.approximate)
-        else:  # .data: writing over a must not bump the version autograd checks when unpacking it again
-            a, ctx.consumed = a.data, True
-        x_shape = x.shape
-        x = x.reshape(-1, x.shape[-1])  # (..., dim) -> (tokens, dim)
-        grad_out = grad_out.reshape(-1, grad_out.shape[-1])  # (..., dim) -> (tokens, dim)
-        h, a = h.view(-1, h.shape[-1]), a.view(-1, a.shape[-1])  # (..., hidden) -> (tokens, hidden)
-        grad_w2 = grad_out.t().mm(a) if need_w2 else None
-        grad_b2 = grad_out.sum(0) if need_b2 else None
-        grad = torch.mm(grad_out, w2, out=a)  # d loss / d a, over a (no longer needed)
-        torch.ops.aten.gelu_backward.grad_input(grad, h, approximate=ctx.approximate, grad_input=grad)  # d / d h
-        grad_w1 = grad.t().mm(x) if need_w1 else None
-        grad_b1 = grad.sum(0) if need_b1 else None
-        grad_x = grad.mm(w1).view(x_shape) if need_x else None  # (tokens, dim) -> (..., dim)
-        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None
-
-
-def _has_hooks(*modules: nn.Module) -> bool:
-    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-               for m in modules)
-
-
 class Mlp(nn.Module):
     """Two-layer feed-forward: ``fc2(drop(act(fc1(x))))``, as in ViT / DeiT / MLP-Mixer.
 
@@ -235,21 +179,15 @@ class Mlp(nn.Module):
         return self.act(h)
 
     def _can_fuse(self, x: torch.Tensor) -> bool:
-        """Whether the training step may take ``_GeluMlpFunction``: a plain GELU MLP being trained,
-        without dropout inside, autocast, hooks on its parts, tracing or compiling (those see the
-        plain ops, as do evaluation and export)."""
-        return (FUSED_BACKWARD and torch.is_grad_enabled() and type(self.act) is nn.GELU
-                and self.fc1_branches == 1 and (self.drop1.p == 0 or not self.training)
-                and (x.requires_grad or self.fc1.weight.requires_grad or self.fc2.weight.requires_grad)
-                and not torch.is_autocast_enabled(x.device.type)
-                and not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling())
-                and not _has_hooks(self.fc1, self.act, self.drop1, self.fc2)
-                and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks))
+        """Whether this forward may take ``GeluMlpFunction``: a GELU MLP without dropout between its
+        layers (or in eval), where ``fused_backward_allowed`` says the plain ops need not run."""
+        return (type(self.act) is nn.GELU and self.fc1_branches == 1 and (self.drop1.p == 0 or not self.training)
+                and fused_backward_allowed(x, self.fc1, self.act, self.drop1, self.fc2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._can_fuse(x):
-            x = _GeluMlpFunction.apply(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
-                                       self.act.approximate)  # (..., dim) -> (..., dim)
+            x = GeluMlpFunction.apply(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
+                                      self.act.approximate)  # (..., dim) -> (..., dim)
             return self.drop2(x)
         x = self.fc1(x)  # (..., dim) -> (..., branches * hidden_dim)
         x = self.drop1(self.activate(x, -1))

@@ -1,0 +1,177 @@
+"""The fused-backward training Functions (zoo/layers/fused.py) against the plain autograd ops.
+
+Each module is run twice, ``FUSED_BACKWARD`` on and off, and the outputs and every gradient must
+agree: bit for bit for the MLP (the same ops in the same order), to float64 rounding for gMLP's
+gated unit (whose token-projection gradients are taken per image instead of on a transposed copy).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import zoo
+import zoo.layers.fused as fused_mod
+from zoo.layers.mixers import SpatialGating
+from zoo.layers.mlp import GluMlp, Mlp
+
+DIM, HIDDEN, TOKENS = 16, 24, 6
+
+
+def fused_taken(out: torch.Tensor) -> bool:
+    return out.grad_fn is not None and "Function" in type(out.grad_fn).__name__ and (
+        "GeluMlp" in type(out.grad_fn).__name__ or "SpatialGating" in type(out.grad_fn).__name__)
+
+
+def mlp(**kw) -> nn.Module:
+    return Mlp(DIM, hidden_dim=HIDDEN, **kw)
+
+
+def sgu(**kw) -> nn.Module:
+    torch.manual_seed(0)
+    module = SpatialGating(DIM, num_tokens=TOKENS, ffn_ratio=3.0, **kw)
+    with torch.no_grad():  # weights that make the token projection and the norm's affine matter
+        for p in (module.proj.weight, module.norm.weight, module.norm.bias):
+            p.add_(torch.randn_like(p) * 0.5)
+    return module
+
+
+def call(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return module(x, (2, 3)) if isinstance(module, SpatialGating) else module(x)
+
+
+def run(module, x, *, fused: bool, monkeypatch, loss=lambda out: (out * torch.linspace(-1, 1, out.shape[-1],
+                                                                                      dtype=out.dtype)).sum()):
+    """Output, input gradient (if any) and parameter gradients of one forward+backward."""
+    monkeypatch.setattr(fused_mod, "FUSED_BACKWARD", fused)
+    module.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(x.requires_grad)
+    out = call(module, x)
+    assert fused_taken(out) is fused  # the path asked for was taken
+    loss(out).backward()
+    return [out.detach(), *([x.grad] if x.requires_grad else []), *(p.grad for p in module.parameters())]
+
+
+def assert_same(plain: list, fused: list, *, exact: bool) -> None:
+    assert len(plain) == len(fused)
+    for p, f in zip(plain, fused, strict=True):
+        if exact:
+            assert torch.equal(p, f)
+        else:
+            torch.testing.assert_close(f, p, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("input_grad", [True, False], ids=["input_grad", "frozen_input"])
+def test_fused_mlp_is_bit_identical_to_autograd(act, bias, input_grad, monkeypatch):
+    torch.manual_seed(0)
+    module = mlp(act=act, bias=bias).train()
+    x = torch.randn(2, 7, DIM, requires_grad=input_grad)
+    assert_same(run(module, x, fused=False, monkeypatch=monkeypatch),
+                run(module, x, fused=True, monkeypatch=monkeypatch), exact=True)
+
+
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh"])
+@pytest.mark.parametrize("input_grad", [True, False], ids=["input_grad", "frozen_input"])
+def test_fused_spatial_gating_matches_autograd(act, input_grad, monkeypatch):
+    module = sgu(act=act).double().train()
+    x = torch.randn(3, TOKENS, DIM, dtype=torch.float64, requires_grad=input_grad)
+    plain = run(module, x, fused=False, monkeypatch=monkeypatch)
+    fused = run(module, x, fused=True, monkeypatch=monkeypatch)
+    assert torch.equal(plain[0], fused[0])  # the forward runs the same ops
+    assert_same(plain, fused, exact=False)
+
+
+def test_fused_spatial_gating_float32_gradients_agree():
+    module = sgu().train()
+    x = torch.randn(4, TOKENS, DIM, requires_grad=True)
+    grads = []
+    for on in (False, True):
+        fused_mod.FUSED_BACKWARD = on
+        try:
+            module.zero_grad(set_to_none=True)
+            x.grad = None
+            call(module, x).square().sum().backward()
+            grads.append([x.grad, *(p.grad for p in module.parameters())])
+        finally:
+            fused_mod.FUSED_BACKWARD = True
+    for p, f in zip(*grads, strict=True):
+        torch.testing.assert_close(f, p, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("make", [mlp, sgu], ids=["mlp", "spatial_gating"])
+def test_fused_path_is_taken_only_where_it_computes_the_same_thing(make):
+    x = torch.randn(2, TOKENS, DIM, requires_grad=True)
+    module = make().train()
+    assert fused_taken(call(module, x))
+    with torch.no_grad():
+        assert not fused_taken(call(module, x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts inside the plain ops
+        assert not fused_taken(call(module, x))
+    assert not fused_taken(call(make(drop=0.1).train(), x))  # dropout inside the unit
+    assert fused_taken(call(make(drop=0.1).eval(), x))  # ... inactive in eval
+    assert not fused_taken(call(make(act="relu"), x))
+    assert not fused_taken(call(make().requires_grad_(False), x.detach()))  # nothing to differentiate
+    seen = []
+    module.fc1.register_forward_hook(lambda m, i, o: seen.append(o.shape))  # hooks on the parts must fire
+    assert not fused_taken(call(module, x)) and len(seen) == 1
+    assert not fused_taken(call(GluMlp(DIM, hidden_dim=HIDDEN, act="gelu"), x))
+
+
+@pytest.mark.parametrize("make", [mlp, sgu], ids=["mlp", "spatial_gating"])
+def test_fused_double_backward_matches_the_plain_ops(make, monkeypatch):
+    # A gradient penalty differentiates the input gradient again (create_graph=True).
+    module = make().double().train()
+    x = torch.randn(2, TOKENS, DIM, dtype=torch.float64, requires_grad=True)
+    results = []
+    for fused in (False, True):
+        monkeypatch.setattr(fused_mod, "FUSED_BACKWARD", fused)
+        module.zero_grad(set_to_none=True)
+        out = call(module, x)
+        assert fused_taken(out) is fused
+        (grad_x,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+        grad_x.square().sum().backward()
+        results.append([grad_x.detach(), *(p.grad for p in module.parameters())])
+    assert_same(*results, exact=False)
+
+
+@pytest.mark.parametrize("make", [mlp, sgu], ids=["mlp", "spatial_gating"])
+def test_fused_second_backward_through_a_retained_graph(make, monkeypatch):
+    # The first backward writes over saved activations; a second one (retain_graph=True, e.g. one
+    # backward per loss) must recompute them, not read gradients as activations.
+    module = make().double().train()
+    x = torch.randn(2, TOKENS, DIM, dtype=torch.float64, requires_grad=True)
+    results = []
+    for fused in (False, True):
+        monkeypatch.setattr(fused_mod, "FUSED_BACKWARD", fused)
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        out = call(module, x)
+        assert fused_taken(out) is fused
+        out.square().sum().backward(retain_graph=True)
+        out.sum().backward()
+        results.append([x.grad, *(p.grad for p in module.parameters())])
+    assert_same(*results, exact=False)
+
+
+@pytest.mark.parametrize("name", ["zoo_vit_mini_32", "zoo_gmlp_mini_32"])
+def test_fused_models_train_like_the_plain_ones_with_and_without_checkpointing(name, monkeypatch):
+    torch.manual_seed(0)
+    model = zoo.create_model(name, num_classes=10).double().train()
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    results = []
+    for fused, checkpointed in ((False, False), (True, False), (True, True)):
+        monkeypatch.setattr(fused_mod, "FUSED_BACKWARD", fused)
+        model.set_grad_checkpointing(checkpointed)
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the same drop-path draws
+        model(x).logsumexp(1).sum().backward()
+        results.append([p.grad.clone() for p in model.parameters()])
+    for grads in results[1:]:
+        assert_same(results[0], grads, exact=False)
+
+
+def test_tracing_records_the_plain_ops():
+    traced = torch.jit.trace(mlp().train(), torch.randn(2, 5, DIM, requires_grad=True))
+    assert "PythonOp" not in str(traced.graph)

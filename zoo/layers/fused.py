@@ -1,0 +1,158 @@
+"""Training-step Functions whose backward reuses the memory of the activations it saved.
+
+A layer's forward saves activations for its backward; autograd's backward then allocates a fresh
+buffer for every gradient, though the activation of the same shape is dead by the time that
+gradient is written. On the CPU, glibc serves every buffer over 32 MB with a fresh mmap (a ViT-B
+hidden activation at batch 32 is 77 MB), zero-filled and faulted in 4 KB at a time when first
+written, and smaller ones with whatever the heap holds: on this project's 2-core machines ~12 %
+of a ViT-B train step's CPU time is the kernel doing that (see ../shared/DESIGN.md, Measuring).
+The Functions here run the same forward ops as the plain modules and write their gradients over
+the dead activations instead.
+
+Used only where it computes the same thing (``fused_backward_allowed``): a forward that will be
+differentiated, without autocast (it casts inside the plain ops), tracing, scripting or compiling
+(those record the plain ops), or hooks on the parts. A second backward through a retained graph
+recomputes what the first overwrote; a backward with ``create_graph=True`` recomputes the plain
+ops and differentiates them. ``FUSED_BACKWARD = False`` turns all of it off.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FUSED_BACKWARD = True
+
+
+def fused_backward_allowed(x: torch.Tensor, *parts: nn.Module) -> bool:
+    """Whether a forward over ``x`` may replace the plain ops of ``parts`` with a fused Function."""
+    return (FUSED_BACKWARD and torch.is_grad_enabled()
+            and (x.requires_grad or any(p.requires_grad for m in parts for p in m.parameters()))
+            and not torch.is_autocast_enabled(x.device.type)
+            and not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling())
+            and not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                        for m in parts)
+            and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks))
+
+
+def _recomputed_grads(ctx, inputs: tuple, outputs_fn, grad_out: torch.Tensor) -> tuple:
+    """``create_graph=True``: the plain ops' gradients, differentiable, recomputed from the inputs;
+    one entry per argument of ``forward`` (None for the options after ``inputs``)."""
+    wanted = [t for t, need in zip(inputs, ctx.needs_input_grad, strict=False) if need]
+    grads = iter(torch.autograd.grad(outputs_fn(*inputs), wanted, grad_out, create_graph=True))
+    return tuple(next(grads) if need else None for need in ctx.needs_input_grad)
+
+
+class GeluMlpFunction(torch.autograd.Function):
+    """``fc2(gelu(fc1(x)))`` (``zoo.layers.mlp.Mlp``), bit-identical values and gradients.
+
+    Autograd's backward allocates two hidden-width buffers: the gradient of the activation
+    (``grad @ fc2.weight``) and that of fc1's output (``gelu_backward``). Both have the shape of the
+    saved activation ``a``, which is dead once fc2's weight gradient is taken, so both are written
+    over ``a``. Measured ~6 % off a ViT-B MLP's forward+backward on this project's 2-core CPU.
+    """
+
+    @staticmethod
+    def plain(x, w1, b1, w2, b2, approximate="none"):
+        return F.linear(F.gelu(F.linear(x, w1, b1), approximate=approximate), w2, b2)
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, approximate: str):
+        h = F.linear(x, w1, b1)  # (..., dim) -> (..., hidden)
+        a = F.gelu(h, approximate=approximate)
+        ctx.approximate, ctx.consumed = approximate, False
+        ctx.save_for_backward(x, w1, b1, w2, b2, h, a)
+        return F.linear(a, w2, b2)  # (..., hidden) -> (..., dim)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, w1, b1, w2, b2, h, a = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True
+            plain = functools.partial(GeluMlpFunction.plain, approximate=ctx.approximate)
+            return _recomputed_grads(ctx, (x, w1, b1, w2, b2), plain, grad_out)
+        need_x, need_w1, need_b1, need_w2, need_b2, _ = ctx.needs_input_grad
+        if ctx.consumed:  # a second backward through a retained graph: a was overwritten by the first
+            a = F.gelu(h, approximate=ctx.approximate)
+        else:  # .data: writing over a must not bump the version autograd checks when unpacking it again
+            a, ctx.consumed = a.data, True
+        x_shape = x.shape
+        x = x.reshape(-1, x.shape[-1])  # (..., dim) -> (tokens, dim)
+        grad_out = grad_out.reshape(-1, grad_out.shape[-1])  # (..., dim) -> (tokens, dim)
+        h, a = h.view(-1, h.shape[-1]), a.view(-1, a.shape[-1])  # (..., hidden) -> (tokens, hidden)
+        grad_w2 = grad_out.t().mm(a) if need_w2 else None
+        grad_b2 = grad_out.sum(0) if need_b2 else None
+        grad = torch.mm(grad_out, w2, out=a)  # d loss / d a, over a (no longer needed)
+        torch.ops.aten.gelu_backward.grad_input(grad, h, approximate=ctx.approximate, grad_input=grad)  # d / d h
+        grad_w1 = grad.t().mm(x) if need_w1 else None
+        grad_b1 = grad.sum(0) if need_b1 else None
+        grad_x = grad.mm(w1).view(x_shape) if need_x else None  # (tokens, dim) -> (..., dim)
+        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None
+
+
+class SpatialGatingFunction(torch.autograd.Function):
+    """gMLP's gated unit (``zoo.layers.mixers.SpatialGating``): ``fc2(u * proj(norm(v))^T)`` with
+    ``u, v = gelu(fc1(x)).chunk(2)``; the same forward ops, gradients equal to float rounding.
+
+    Autograd's backward allocates, per block, the gradients of fc2's input, of u, of the gelu
+    output (a ``cat`` of u's and v's) and of fc1's output: here fc2's input gradient is written
+    over the saved product ``y``, u's and v's straight into the two halves of the saved activation
+    (no ``cat``), and fc1's output gradient over that again. The token projection's gradients are
+    taken per image on the (B, N, D) layout the forward already has, without transposed copies.
+    """
+
+    @staticmethod
+    def plain(x, w1, b1, ln_w, ln_b, wp, bp, w2, b2, eps=1e-5, approximate="none"):
+        u, v = F.gelu(F.linear(x, w1, b1), approximate=approximate).chunk(2, dim=-1)
+        v = F.layer_norm(v, (v.shape[-1],), ln_w, ln_b, eps)
+        v = F.linear(v.transpose(1, 2), wp, bp).transpose(1, 2)
+        return F.linear(u * v, w2, b2)
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, ln_w, ln_b, wp, bp, w2, b2, eps: float, approximate: str):
+        h = F.linear(x, w1, b1)  # (B, N, C) -> (B, N, 2D)
+        a = F.gelu(h, approximate=approximate)
+        u, v = a.chunk(2, dim=-1)  # 2 x (B, N, D), views of a
+        vn, mean, rstd = torch.native_layer_norm(v, (v.shape[-1],), ln_w, ln_b, eps)
+        p = F.linear(vn.transpose(1, 2), wp, bp)  # mix tokens: (B, D, N) -> (B, D, N)
+        y = u * p.transpose(1, 2)  # (B, N, D)
+        ctx.eps, ctx.approximate, ctx.consumed = eps, approximate, False
+        ctx.save_for_backward(x, w1, b1, ln_w, ln_b, wp, bp, w2, b2, h, a, vn, mean, rstd, p, y)
+        return F.linear(y, w2, b2)  # (B, N, D) -> (B, N, C)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, w1, b1, ln_w, ln_b, wp, bp, w2, b2, h, a, vn, mean, rstd, p, y = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True
+            plain = functools.partial(SpatialGatingFunction.plain, eps=ctx.eps, approximate=ctx.approximate)
+            return _recomputed_grads(ctx, (x, w1, b1, ln_w, ln_b, wp, bp, w2, b2), plain, grad_out)
+        need = ctx.needs_input_grad
+        if ctx.consumed:  # a second backward through a retained graph: recompute what the first overwrote
+            a = F.gelu(h, approximate=ctx.approximate)
+            y = a.chunk(2, dim=-1)[0] * p.transpose(1, 2)
+        else:  # .data: writing over them must not bump the versions autograd checks when unpacking again
+            a, y, ctx.consumed = a.data, y.data, True
+        B, N, C = grad_out.shape
+        D = y.shape[-1]
+        u, v = a.chunk(2, dim=-1)  # 2 x (B, N, D), views of a
+        grad_out = grad_out.reshape(B * N, C)  # (B, N, C) -> (B*N, C)
+        y2 = y.reshape(B * N, D)  # (B, N, D) -> (B*N, D)
+        grad_w2 = grad_out.t().mm(y2) if need[7] else None
+        grad_b2 = grad_out.sum(0) if need[8] else None
+        grad_y = torch.mm(grad_out, w2, out=y2).view(B, N, D)  # over y; (B*N, D) -> (B, N, D)
+        grad_pt = grad_y * u  # d loss / d p^T, (B, N, D)
+        torch.mul(grad_y, p.transpose(1, 2), out=u)  # d loss / d u, over u
+        # p = vn^T @ wp^T + bp per image: wp's gradient is sum_b grad_pt[b] @ vn[b]^T, vn's is wp^T @ grad_pt[b].
+        grad_wp = torch.bmm(grad_pt, vn.transpose(1, 2)).sum(0) if need[5] else None  # (B, N, N) -> (N, N)
+        grad_bp = grad_pt.sum((0, 2)) if need[6] else None
+        grad_vn = torch.matmul(wp.t(), grad_pt)  # (N, N) @ (B, N, D) -> (B, N, D)
+        grad_v, grad_ln_w, grad_ln_b = torch.ops.aten.native_layer_norm_backward(
+            grad_vn, v, [D], mean, rstd, ln_w, ln_b, [True, need[3], need[4]])
+        v.copy_(grad_v)  # d loss / d v, over v: a now holds d loss / d gelu output
+        h2, a2 = h.view(B * N, 2 * D), a.view(B * N, 2 * D)  # (B, N, 2D) -> (B*N, 2D)
+        torch.ops.aten.gelu_backward.grad_input(a2, h2, approximate=ctx.approximate, grad_input=a2)  # d / d h
+        grad_w1 = a2.t().mm(x.reshape(B * N, C)) if need[1] else None
+        grad_b1 = a2.sum(0) if need[2] else None
+        grad_x = a2.mm(w1).view(B, N, C) if need[0] else None  # (B*N, C) -> (B, N, C)
+        return grad_x, grad_w1, grad_b1, grad_ln_w, grad_ln_b, grad_wp, grad_bp, grad_w2, grad_b2, None, None
