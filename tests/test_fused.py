@@ -112,6 +112,7 @@ def test_fused_path_is_taken_only_where_it_computes_the_same_thing(make):
     assert not fused_taken(call(make(drop=0.1).train(), x))  # dropout inside the unit
     assert fused_taken(call(make(drop=0.1).eval(), x))  # ... inactive in eval
     assert not fused_taken(call(make(act="relu"), x))
+    assert not fused_taken(call(make().bfloat16(), x.bfloat16()))
     assert not fused_taken(call(make().requires_grad_(False), x.detach()))  # nothing to differentiate
     seen = []
     module.fc1.register_forward_hook(lambda m, i, o: seen.append(o.shape))  # hooks on the parts must fire

@@ -9,8 +9,8 @@ of a ViT-B train step's CPU time is the kernel doing that (see ../shared/DESIGN.
 The Functions here run the same forward ops as the plain modules and write their gradients over
 the dead activations instead.
 
-Used only where it computes the same thing (``fused_backward_allowed``): a forward that will be
-differentiated, without autocast (it casts inside the plain ops), tracing, scripting or compiling
+Used only where it computes the same thing (``fused_backward_allowed``): a float32 or float64
+forward that will be differentiated, without autocast (it casts inside the plain ops), tracing, scripting or compiling
 (those record the plain ops), or hooks on the parts. A second backward through a retained graph
 recomputes what the first overwrote; a backward with ``create_graph=True`` recomputes the plain
 ops and differentiates them. ``FUSED_BACKWARD = False`` turns all of it off.
@@ -29,6 +29,7 @@ FUSED_BACKWARD = True
 def fused_backward_allowed(x: torch.Tensor, *parts: nn.Module) -> bool:
     """Whether a forward over ``x`` may replace the plain ops of ``parts`` with a fused Function."""
     return (FUSED_BACKWARD and torch.is_grad_enabled()
+            and x.dtype in (torch.float32, torch.float64)  # half types: per-image partial sums would round
             and (x.requires_grad or any(p.requires_grad for m in parts for p in m.parameters()))
             and not torch.is_autocast_enabled(x.device.type)
             and not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling())
