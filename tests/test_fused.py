@@ -83,20 +83,13 @@ def test_fused_spatial_gating_matches_autograd(act, input_grad, monkeypatch):
     assert_same(plain, fused, exact=False)
 
 
-def test_fused_spatial_gating_float32_gradients_agree():
+def test_fused_spatial_gating_float32_gradients_agree(monkeypatch):
     module = sgu().train()
     x = torch.randn(4, TOKENS, DIM, requires_grad=True)
-    grads = []
-    for on in (False, True):
-        fused_mod.FUSED_BACKWARD = on
-        try:
-            module.zero_grad(set_to_none=True)
-            x.grad = None
-            call(module, x).square().sum().backward()
-            grads.append([x.grad, *(p.grad for p in module.parameters())])
-        finally:
-            fused_mod.FUSED_BACKWARD = True
-    for p, f in zip(*grads, strict=True):
+    plain, fused = (run(module, x, fused=on, monkeypatch=monkeypatch, loss=lambda out: out.square().sum())
+                    for on in (False, True))
+    assert torch.equal(plain[0], fused[0])
+    for p, f in zip(plain[1:], fused[1:], strict=True):
         torch.testing.assert_close(f, p, rtol=1e-5, atol=1e-6)
 
 
@@ -120,27 +113,9 @@ def test_fused_path_is_taken_only_where_it_computes_the_same_thing(make):
     assert not fused_taken(call(GluMlp(DIM, hidden_dim=HIDDEN, act="gelu"), x))
 
 
-@pytest.mark.parametrize("make", [mlp, sgu], ids=["mlp", "spatial_gating"])
-def test_fused_double_backward_matches_the_plain_ops(make, monkeypatch):
-    # A gradient penalty differentiates the input gradient again (create_graph=True).
-    module = make().double().train()
-    x = torch.randn(2, TOKENS, DIM, dtype=torch.float64, requires_grad=True)
-    results = []
-    for fused in (False, True):
-        monkeypatch.setattr(fused_mod, "FUSED_BACKWARD", fused)
-        module.zero_grad(set_to_none=True)
-        out = call(module, x)
-        assert fused_taken(out) is fused
-        (grad_x,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
-        grad_x.square().sum().backward()
-        results.append([grad_x.detach(), *(p.grad for p in module.parameters())])
-    assert_same(*results, exact=False)
-
-
-@pytest.mark.parametrize("make", [mlp, sgu], ids=["mlp", "spatial_gating"])
-def test_fused_second_backward_through_a_retained_graph(make, monkeypatch):
-    # The first backward writes over saved activations; a second one (retain_graph=True, e.g. one
-    # backward per loss) must recompute them, not read gradients as activations.
+def both_paths(make, monkeypatch, backward) -> list[list[torch.Tensor]]:
+    """``backward(out, x)`` on the plain and then the fused path, each from zeroed gradients; what it
+    returns, then the parameters' gradients."""
     module = make().double().train()
     x = torch.randn(2, TOKENS, DIM, dtype=torch.float64, requires_grad=True)
     results = []
@@ -150,10 +125,31 @@ def test_fused_second_backward_through_a_retained_graph(make, monkeypatch):
         x.grad = None
         out = call(module, x)
         assert fused_taken(out) is fused
+        results.append([*backward(out, x), *(p.grad for p in module.parameters())])
+    return results
+
+
+@pytest.mark.parametrize("make", [mlp, sgu], ids=["mlp", "spatial_gating"])
+def test_fused_double_backward_matches_the_plain_ops(make, monkeypatch):
+    # A gradient penalty differentiates the input gradient again (create_graph=True).
+    def penalty(out, x):
+        (grad_x,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+        grad_x.square().sum().backward()
+        return [grad_x.detach()]
+
+    assert_same(*both_paths(make, monkeypatch, penalty), exact=False)
+
+
+@pytest.mark.parametrize("make", [mlp, sgu], ids=["mlp", "spatial_gating"])
+def test_fused_second_backward_through_a_retained_graph(make, monkeypatch):
+    # The first backward writes over saved activations; a second one (retain_graph=True, e.g. one
+    # backward per loss) must recompute them, not read gradients as activations.
+    def two_losses(out, x):
         out.square().sum().backward(retain_graph=True)
         out.sum().backward()
-        results.append([x.grad, *(p.grad for p in module.parameters())])
-    assert_same(*results, exact=False)
+        return [x.grad]
+
+    assert_same(*both_paths(make, monkeypatch, two_losses), exact=False)
 
 
 @pytest.mark.parametrize("name", ["zoo_vit_mini_32", "zoo_gmlp_mini_32"])

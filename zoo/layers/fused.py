@@ -10,8 +10,8 @@ The Functions here run the same forward ops as the plain modules and write their
 the dead activations instead.
 
 Used only where it computes the same thing (``fused_backward_allowed``): a float32 or float64
-forward that will be differentiated, without autocast (it casts inside the plain ops), tracing, scripting or compiling
-(those record the plain ops), or hooks on the parts. A second backward through a retained graph
+forward that will be differentiated, without autocast (it casts inside the plain ops), tracing,
+scripting or compiling (those record the plain ops), or hooks on the parts. A second backward through a retained graph
 recomputes what the first overwrote; a backward with ``create_graph=True`` recomputes the plain
 ops and differentiates them. ``FUSED_BACKWARD = False`` turns all of it off.
 """
