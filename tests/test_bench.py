@@ -121,3 +121,27 @@ def test_speed_ratio_interval_comes_from_the_paired_repeats(monkeypatch):
     assert r["train_ratio_ci"] == pytest.approx(half)
     assert r["eval_ratio_ci"] == 0.0
     assert f"**1.00x ± {half:.2f}**" in speed.format_row(r)
+
+
+def test_cpu_peak_memory_counts_live_tensor_bytes():
+    with speed.PeakMemory(speed.torch.device("cpu")) as mem:
+        a = speed.torch.empty(2**20, dtype=speed.torch.uint8)
+        b = speed.torch.empty(2 * 2**20, dtype=speed.torch.uint8)
+        del a  # 3 MiB live at the peak, then 2 MiB, then 2.5 MiB
+        c = speed.torch.empty(2**19, dtype=speed.torch.uint8)
+        del b, c
+    assert mem.peak == 3 * 2**20
+    assert speed.peak_live_bytes([(2, -5), (0, 10), (1, 4), (3, 8)]) == 17  # summed in time order
+
+
+def test_speed_peak_memory_does_not_depend_on_what_ran_before():
+    # RSS growth read 0 MB for a model measured after a bigger one: the tensor peak must not.
+    def peak(name, batch):
+        return speed.measure([name], batch=batch, img_size=32, repeats=1, warmup=0, dtype="fp32",
+                             device=speed.torch.device("cpu"), channels_last=False)[0]["peak_mem_mb"]
+
+    small_first = peak("zoo_vit_tiny_patch16_224", 2)
+    large = peak("zoo_vit_tiny_patch16_224", 8)
+    assert peak("zoo_vit_tiny_patch16_224", 2) == pytest.approx(small_first, rel=0.02)
+    grads_mb = 5.7e6 * 4 / 2**20  # every train step allocates its gradients anew (zero_grad sets them to None)
+    assert grads_mb < small_first < large  # and the activations grow with the batch

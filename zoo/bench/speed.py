@@ -17,10 +17,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -44,8 +44,14 @@ DEFAULT_MODELS = "zoo_poolformer_s12,zoo_vit_tiny_patch16_224,zoo_vit_small_patc
 
 
 class PeakMemory:
-    """Peak memory during a block: CUDA's allocator peak, or on the CPU the process RSS sampled
-    every millisecond (torch's CPU allocator keeps no statistics)."""
+    """Peak bytes of the tensors allocated during a block, above what was live when it began.
+
+    On CUDA, the caching allocator's statistics. The CPU allocator keeps none, so there the
+    profiler records every allocation and free and :func:`peak_live_bytes` sums them in time order.
+    Not the process RSS: glibc keeps freed heap pages and hands mmapped ones back, so how much RSS
+    grows during one step depends on what ran before it (it read 0 MB for ViT-S's train step after
+    ViT-Ti's had run).
+    """
 
     def __init__(self, device: torch.device):
         self.device, self.peak = device, 0
@@ -55,27 +61,29 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.base = torch.cuda.memory_allocated(self.device)
             return self
-        import psutil
-
-        proc = psutil.Process()
-        self.base = proc.memory_info().rss
-        self._stop = threading.Event()
-
-        def sample():
-            while not self._stop.is_set():
-                self.peak = max(self.peak, proc.memory_info().rss - self.base)
-                time.sleep(0.001)
-
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
+        # Kineto otherwise writes its start/stop lines and a failed GPU probe to stderr.
+        os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+        self._profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
+        self._profiler.__enter__()
         return self
 
     def __exit__(self, *exc):
         if self.device.type == "cuda":
             self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
-        else:
-            self._stop.set()
-            self._thread.join()
+            return
+        self._profiler.__exit__(*exc)
+        events = self._profiler.profiler.kineto_results.events()
+        self.peak = peak_live_bytes((e.start_ns(), e.nbytes()) for e in events
+                                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+
+
+def peak_live_bytes(allocations) -> int:
+    """Highest running total of ``(time, bytes)`` records (a free is negative bytes), from 0."""
+    live = peak = 0
+    for _, nbytes in sorted(allocations, key=lambda record: record[0]):  # stable: ties keep record order
+        live += nbytes
+        peak = max(peak, live)
+    return peak
 
 
 def _autocast(device: torch.device, dtype: str):
@@ -180,8 +188,8 @@ def measure(models: list[str], *, batch: int, img_size: int, repeats: int, warmu
 
 
 HEADER = ("| model | params (M) | GMACs | eval img/s | train img/s | peak mem (MB) | timm twin | "
-          "twin train img/s | train ratio | eval ratio | max \\|diff\\| |\n"
-          "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |")
+          "twin train img/s | twin peak mem (MB) | train ratio | eval ratio | max \\|diff\\| |\n"
+          "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
 
 
 def _ratio(ratio: float, half: float) -> str:
@@ -189,8 +197,8 @@ def _ratio(ratio: float, half: float) -> str:
 
 
 def format_row(r: dict) -> str:
-    twin = (f"{r['twin']} | {r['twin_train_ips']:.3g} | **{_ratio(r['train_ratio'], r['train_ratio_ci'])}** | "
-            f"{_ratio(r['eval_ratio'], r['eval_ratio_ci'])} | {r['max_diff']:.1e}") if r.get("twin") else "- | - | - | - | -"
+    twin = (f"{r['twin']} | {r['twin_train_ips']:.3g} | {r['twin_peak_mem_mb']:.0f} | **{_ratio(r['train_ratio'], r['train_ratio_ci'])}** | "
+            f"{_ratio(r['eval_ratio'], r['eval_ratio_ci'])} | {r['max_diff']:.1e}") if r.get("twin") else "- | - | - | - | - | -"
     return (f"| {r['model']} | {r['params_m']:.1f} | {r['gmacs']:.2f} | {r['eval_ips']:.3g} | {r['train_ips']:.3g} | "
             f"{r['peak_mem_mb']:.0f} | {twin} |")
 
