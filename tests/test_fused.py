@@ -1,8 +1,8 @@
 """The fused-backward training Functions (zoo/layers/fused.py) against the plain autograd ops.
 
 Each module is run twice, ``FUSED_BACKWARD`` on and off, and the outputs and every gradient must
-agree: bit for bit for the MLP (the same ops in the same order), to float64 rounding for gMLP's
-gated unit (whose token-projection gradients are taken per image instead of on a transposed copy).
+agree: bit for bit for the MLP, on tokens and on maps (the same ops in the same order), to float64
+rounding for gMLP's gated unit (whose token-projection gradients are taken per image instead of on a transposed copy).
 """
 from __future__ import annotations
 
@@ -19,12 +19,23 @@ DIM, HIDDEN, TOKENS = 16, 24, 6
 
 
 def fused_taken(out: torch.Tensor) -> bool:
-    return out.grad_fn is not None and "Function" in type(out.grad_fn).__name__ and (
-        "GeluMlp" in type(out.grad_fn).__name__ or "SpatialGating" in type(out.grad_fn).__name__)
+    fn = out.grad_fn
+    while type(fn).__name__ in ("ViewBackward0", "PermuteBackward0"):  # MapMlp's layout views
+        fn = fn.next_functions[0][0]
+    return type(fn).__name__ in ("GeluMlpFunctionBackward", "GeluConvMlpFunctionBackward",
+                                 "SpatialGatingFunctionBackward")
 
 
 def mlp(**kw) -> nn.Module:
     return Mlp(DIM, hidden_dim=HIDDEN, **kw)
+
+
+class MapMlp(Mlp):
+    """The MLP as PoolFormer's blocks call it: ``forward_nchw`` on a channels_last map."""
+
+
+def map_mlp(**kw) -> nn.Module:
+    return MapMlp(DIM, hidden_dim=HIDDEN, **kw)
 
 
 def sgu(**kw) -> nn.Module:
@@ -37,6 +48,11 @@ def sgu(**kw) -> nn.Module:
 
 
 def call(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Tokens (B, 6, C) in and out; a MapMlp sees them as a channels_last (B, C, 2, 3) map."""
+    if isinstance(module, MapMlp):
+        B, N, C = x.shape
+        out = module.forward_nchw(x.view(B, 2, 3, C).permute(0, 3, 1, 2))  # (B, 2, 3, C) -> (B, C, 2, 3) view
+        return out.permute(0, 2, 3, 1).view(B, N, C)  # (B, C, 2, 3) channels_last -> (B, N, C) view
     return module(x, (2, 3)) if isinstance(module, SpatialGating) else module(x)
 
 
@@ -61,13 +77,14 @@ def assert_same(plain: list, fused: list, *, exact: bool) -> None:
             torch.testing.assert_close(f, p, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("make", [mlp, map_mlp], ids=["tokens", "map"])
 @pytest.mark.parametrize("act", ["gelu", "gelu_tanh"])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("input_grad", [True, False], ids=["input_grad", "frozen_input"])
-def test_fused_mlp_is_bit_identical_to_autograd(act, bias, input_grad, monkeypatch):
+def test_fused_mlp_is_bit_identical_to_autograd(make, act, bias, input_grad, monkeypatch):
     torch.manual_seed(0)
-    module = mlp(act=act, bias=bias).train()
-    x = torch.randn(2, 7, DIM, requires_grad=input_grad)
+    module = make(act=act, bias=bias).train()
+    x = torch.randn(2, TOKENS, DIM, requires_grad=input_grad)
     assert_same(run(module, x, fused=False, monkeypatch=monkeypatch),
                 run(module, x, fused=True, monkeypatch=monkeypatch), exact=True)
 
@@ -93,7 +110,7 @@ def test_fused_spatial_gating_float32_gradients_agree(monkeypatch):
         torch.testing.assert_close(f, p, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("make", [mlp, sgu], ids=["mlp", "spatial_gating"])
+@pytest.mark.parametrize("make", [mlp, map_mlp, sgu], ids=["mlp", "map_mlp", "spatial_gating"])
 def test_fused_path_is_taken_only_where_it_computes_the_same_thing(make):
     x = torch.randn(2, TOKENS, DIM, requires_grad=True)
     module = make().train()
@@ -109,7 +126,8 @@ def test_fused_path_is_taken_only_where_it_computes_the_same_thing(make):
     assert not fused_taken(call(make().requires_grad_(False), x.detach()))  # nothing to differentiate
     seen = []
     module.fc1.register_forward_hook(lambda m, i, o: seen.append(o.shape))  # hooks on the parts must fire
-    assert not fused_taken(call(module, x)) and len(seen) == 1
+    assert not fused_taken(call(module, x))
+    assert len(seen) == (0 if make is map_mlp else 1)  # on maps fc1 is a weight of a convolution, not called
     assert not fused_taken(call(GluMlp(DIM, hidden_dim=HIDDEN, act="gelu"), x))
 
 
@@ -129,7 +147,7 @@ def both_paths(make, monkeypatch, backward) -> list[list[torch.Tensor]]:
     return results
 
 
-@pytest.mark.parametrize("make", [mlp, sgu], ids=["mlp", "spatial_gating"])
+@pytest.mark.parametrize("make", [mlp, map_mlp, sgu], ids=["mlp", "map_mlp", "spatial_gating"])
 def test_fused_double_backward_matches_the_plain_ops(make, monkeypatch):
     # A gradient penalty differentiates the input gradient again (create_graph=True).
     def penalty(out, x):
@@ -140,7 +158,7 @@ def test_fused_double_backward_matches_the_plain_ops(make, monkeypatch):
     assert_same(*both_paths(make, monkeypatch, penalty), exact=False)
 
 
-@pytest.mark.parametrize("make", [mlp, sgu], ids=["mlp", "spatial_gating"])
+@pytest.mark.parametrize("make", [mlp, map_mlp, sgu], ids=["mlp", "map_mlp", "spatial_gating"])
 def test_fused_second_backward_through_a_retained_graph(make, monkeypatch):
     # The first backward writes over saved activations; a second one (retain_graph=True, e.g. one
     # backward per loss) must recompute them, not read gradients as activations.
@@ -152,7 +170,7 @@ def test_fused_second_backward_through_a_retained_graph(make, monkeypatch):
     assert_same(*both_paths(make, monkeypatch, two_losses), exact=False)
 
 
-@pytest.mark.parametrize("name", ["zoo_vit_mini_32", "zoo_gmlp_mini_32"])
+@pytest.mark.parametrize("name", ["zoo_vit_mini_32", "zoo_gmlp_mini_32", "zoo_poolformer_mini_32"])
 def test_fused_models_train_like_the_plain_ones_with_and_without_checkpointing(name, monkeypatch):
     torch.manual_seed(0)
     model = zoo.create_model(name, num_classes=10).double().train()
