@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -139,35 +141,71 @@ def twin_pair(name: str, img_size: int) -> tuple[torch.nn.Module, torch.nn.Modul
     return ours, ref, diff
 
 
+def _prepared(name: str, *, batch: int, img_size: int, dtype: str, device: torch.device, channels_last: bool):
+    """The zoo model and its twin on ``device``, their max output difference, and each one's
+    ``(train_step, eval_step)`` on one shared input, keyed ``zoo`` / ``timm``."""
+    ours, ref, diff = twin_pair(name, img_size)
+    x = torch.randn(batch, 3, img_size, img_size, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    entries = {"zoo": ours} | ({"timm": ref} if ref is not None else {})
+    steps = {}
+    for key, model in entries.items():
+        model.to(device)
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        steps[key] = _steps(model, x, dtype)
+    return ours, ref, diff, steps
+
+
+def peak_memory_here(name: str, batch: int, img_size: int, dtype: str, device: str, channels_last: bool,
+                     threads: int) -> dict[str, int]:
+    """Peak bytes of one train step (after one warm-up step) of the zoo model and of its twin."""
+    torch.set_num_threads(threads)
+    *_, steps = _prepared(name, batch=batch, img_size=img_size, dtype=dtype, device=torch.device(device),
+                          channels_last=channels_last)
+    peaks = {}
+    for key, (train_step, _) in steps.items():
+        train_step()
+        with PeakMemory(torch.device(device)) as mem:
+            train_step()
+        peaks[key] = mem.peak
+    return peaks
+
+
+def _peak_memory_in_child(name: str, **settings) -> dict[str, int]:
+    """:func:`peak_memory_here` in a fresh Python process. Not in this one: a profiled step leaves
+    the heap in another state, which slowed timm's PoolFormer-S12 steps after it from ~17 to ~13
+    img/s on this project's 2-core CPU (zoo's kept their speed), so it would skew later ratios."""
+    code = ("import json, sys; from zoo.bench.speed import peak_memory_here; "
+            "print(json.dumps(peak_memory_here(**json.loads(sys.argv[1]))))")
+    done = subprocess.run([sys.executable, "-c", code, json.dumps({"name": name, **settings})],
+                          check=False, capture_output=True, text=True)
+    if done.returncode != 0:
+        why = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+        raise RuntimeError(f"peak memory of {name} in a child process failed: {why}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def measure(models: list[str], *, batch: int, img_size: int, repeats: int, warmup: int, dtype: str,
             device: torch.device, channels_last: bool) -> list[dict]:
     rows = []
     for name in models:
-        ours, ref, diff = twin_pair(name, img_size)
-        x = torch.randn(batch, 3, img_size, img_size, device=device)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        ours, ref, diff, steps = _prepared(name, batch=batch, img_size=img_size, dtype=dtype, device=device,
+                                           channels_last=channels_last)
         entries = {"zoo": ours} | ({"timm": ref} if ref is not None else {})
-        steps = {}
-        for key, model in entries.items():
-            model.to(device)
-            if channels_last:
-                model.to(memory_format=torch.channels_last)
-            steps[key] = _steps(model, x, dtype)
         times = {key: {"train": [], "eval": []} for key in entries}
-        memory = {}
-        for key, (train_step, eval_step) in steps.items():
+        for train_step, eval_step in steps.values():
             for _ in range(warmup):
                 train_step()
                 eval_step()
-            with PeakMemory(device) as mem:
-                train_step()
-            memory[key] = mem.peak
         order = list(steps.items())
         for r in range(repeats):  # interleaved, and alternating who goes first: zoo, timm, timm, zoo, ...
             for key, (train_step, eval_step) in (order if r % 2 == 0 else order[::-1]):
                 times[key]["train"].append(_timed(train_step, device))
                 times[key]["eval"].append(_timed(eval_step, device))
+        memory = _peak_memory_in_child(name, batch=batch, img_size=img_size, dtype=dtype, device=str(device),
+                                       channels_last=channels_last, threads=torch.get_num_threads())
         ips = {key: {k: batch / statistics.median(v) for k, v in t.items()} for key, t in times.items()}
         row = {"model": name, "params_m": count_params(ours) / 1e6, "gmacs": count_macs(ours.cpu(), img_size) / 1e9,
                    "eval_ips": ips["zoo"]["eval"], "train_ips": ips["zoo"]["train"], "peak_mem_mb": memory["zoo"] / 2**20,
