@@ -7,7 +7,8 @@ hidden activation at batch 32 is 77 MB), zero-filled and faulted in 4 KB at a ti
 written, and smaller ones with whatever the heap holds: on this project's 2-core machines ~12 %
 of a ViT-B train step's CPU time is the kernel doing that (see ../shared/DESIGN.md, Measuring).
 The Functions here run the same forward ops as the plain modules and write their gradients over
-the dead activations instead.
+the dead activations instead (or, on maps, over a gradient buffer the convolution backward already
+allocated).
 
 Used only where it computes the same thing (``fused_backward_allowed``): a float32 or float64
 forward that will be differentiated, without autocast (it casts inside the plain ops), tracing,
