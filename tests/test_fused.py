@@ -22,8 +22,7 @@ def fused_taken(out: torch.Tensor) -> bool:
     fn = out.grad_fn
     while type(fn).__name__ in ("ViewBackward0", "PermuteBackward0"):  # MapMlp's layout views
         fn = fn.next_functions[0][0]
-    return type(fn).__name__ in ("GeluMlpFunctionBackward", "GeluConvMlpFunctionBackward",
-                                 "SpatialGatingFunctionBackward")
+    return type(fn).__name__ in ("GeluMlpFunctionBackward", "SpatialGatingFunctionBackward")
 
 
 def mlp(**kw) -> nn.Module:

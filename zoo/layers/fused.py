@@ -47,92 +47,84 @@ def _recomputed_grads(ctx, inputs: tuple, outputs_fn, grad_out: torch.Tensor) ->
     return tuple(next(grads) if need else None for need in ctx.needs_input_grad)
 
 
+def _conv1x1(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear`` over the channels of a (B, C, H, W) map: a 1x1 convolution with the linear weight."""
+    return F.conv2d(x, weight[:, :, None, None], bias)  # (B, in, H, W) -> (B, out, H, W)
+
+
 class GeluMlpFunction(torch.autograd.Function):
-    """``fc2(gelu(fc1(x)))`` (``zoo.layers.mlp.Mlp``), bit-identical values and gradients.
+    """``fc2(gelu(fc1(x)))`` (``zoo.layers.mlp.Mlp``), bit-identical values and gradients: on tokens
+    (..., dim) with linear layers, or with ``on_map`` on a (B, dim, H, W) map with 1x1 convolutions
+    (``Mlp.forward_nchw``, PoolFormer).
 
-    Autograd's backward allocates two hidden-width buffers: the gradient of the activation
-    (``grad @ fc2.weight``) and that of fc1's output (``gelu_backward``). Both have the shape of the
-    saved activation ``a``, which is dead once fc2's weight gradient is taken, so both are written
-    over ``a``. Measured ~6 % off a ViT-B MLP's forward+backward on this project's 2-core CPU.
+    On tokens, autograd's backward allocates two hidden-width buffers: the gradient of the
+    activation (``grad @ fc2.weight``) and that of fc1's output (``gelu_backward``). Both have the
+    shape of the saved activation ``a``, which is dead once fc2's weight gradient is taken, so both
+    are written over ``a``. Measured ~6 % off a ViT-B MLP's forward+backward on this project's
+    2-core CPU.
+
+    On maps, oneDNN's convolution backward allocates the activation's gradient itself, so only
+    ``gelu_backward``'s buffer is saved: it writes over that gradient instead of a fresh one (the
+    activations stay intact, so a retained graph needs no recompute). A PoolFormer-S12 train step at
+    batch 32 on the same CPU faults in ~13 % fewer pages (232 k against 267 k) and spends 0.66 s in
+    the kernel instead of 0.94 s.
     """
 
     @staticmethod
-    def plain(x, w1, b1, w2, b2, approximate="none"):
-        return F.linear(F.gelu(F.linear(x, w1, b1), approximate=approximate), w2, b2)
+    def plain(x, w1, b1, w2, b2, approximate="none", on_map=False):
+        layer = _conv1x1 if on_map else F.linear
+        return layer(F.gelu(layer(x, w1, b1), approximate=approximate), w2, b2)
 
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, approximate: str):
-        h = F.linear(x, w1, b1)  # (..., dim) -> (..., hidden)
+    def forward(ctx, x, w1, b1, w2, b2, approximate: str, on_map: bool):
+        layer = _conv1x1 if on_map else F.linear
+        h = layer(x, w1, b1)  # (..., dim) -> (..., hidden), or (B, dim, H, W) -> (B, hidden, H, W)
         a = F.gelu(h, approximate=approximate)
-        ctx.approximate, ctx.consumed = approximate, False
+        ctx.approximate, ctx.on_map, ctx.consumed = approximate, on_map, False
         ctx.save_for_backward(x, w1, b1, w2, b2, h, a)
-        return F.linear(a, w2, b2)  # (..., hidden) -> (..., dim)
+        return layer(a, w2, b2)  # back to dim channels, same layout
 
     @staticmethod
     def backward(ctx, grad_out):
         x, w1, b1, w2, b2, h, a = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True
-            plain = functools.partial(GeluMlpFunction.plain, approximate=ctx.approximate)
+            plain = functools.partial(GeluMlpFunction.plain, approximate=ctx.approximate, on_map=ctx.on_map)
             return _recomputed_grads(ctx, (x, w1, b1, w2, b2), plain, grad_out)
-        need_x, need_w1, need_b1, need_w2, need_b2, _ = ctx.needs_input_grad
-        if ctx.consumed:  # a second backward through a retained graph: a was overwritten by the first
-            a = F.gelu(h, approximate=ctx.approximate)
-        else:  # .data: writing over a must not bump the version autograd checks when unpacking it again
-            a, ctx.consumed = a.data, True
-        x_shape = x.shape
-        x = x.reshape(-1, x.shape[-1])  # (..., dim) -> (tokens, dim)
-        grad_out = grad_out.reshape(-1, grad_out.shape[-1])  # (..., dim) -> (tokens, dim)
-        h, a = h.view(-1, h.shape[-1]), a.view(-1, a.shape[-1])  # (..., hidden) -> (tokens, hidden)
-        grad_w2 = grad_out.t().mm(a) if need_w2 else None
-        grad_b2 = grad_out.sum(0) if need_b2 else None
-        grad = torch.mm(grad_out, w2, out=a)  # d loss / d a, over a (no longer needed)
-        torch.ops.aten.gelu_backward.grad_input(grad, h, approximate=ctx.approximate, grad_input=grad)  # d / d h
-        grad_w1 = grad.t().mm(x) if need_w1 else None
-        grad_b1 = grad.sum(0) if need_b1 else None
-        grad_x = grad.mm(w1).view(x_shape) if need_x else None  # (tokens, dim) -> (..., dim)
-        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None
+        backward = _map_mlp_backward if ctx.on_map else _token_mlp_backward
+        return (*backward(ctx, grad_out, x, w1, b1, w2, b2, h, a), None, None)
 
 
-class GeluConvMlpFunction(torch.autograd.Function):
-    """``Mlp.forward_nchw``: ``fc2(gelu(fc1(x)))`` on a (B, C, H, W) map as 1x1 convolutions
-    (PoolFormer), bit-identical values and gradients.
+def _token_mlp_backward(ctx, grad_out, x, w1, b1, w2, b2, h, a) -> tuple:
+    need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
+    if ctx.consumed:  # a second backward through a retained graph: a was overwritten by the first
+        a = F.gelu(h, approximate=ctx.approximate)
+    else:  # .data: writing over a must not bump the version autograd checks when unpacking it again
+        a, ctx.consumed = a.data, True
+    x_shape = x.shape
+    x = x.reshape(-1, x.shape[-1])  # (..., dim) -> (tokens, dim)
+    grad_out = grad_out.reshape(-1, grad_out.shape[-1])  # (..., dim) -> (tokens, dim)
+    h, a = h.view(-1, h.shape[-1]), a.view(-1, a.shape[-1])  # (..., hidden) -> (tokens, hidden)
+    grad_w2 = grad_out.t().mm(a) if need_w2 else None
+    grad_b2 = grad_out.sum(0) if need_b2 else None
+    grad = torch.mm(grad_out, w2, out=a)  # d loss / d a, over a (no longer needed)
+    torch.ops.aten.gelu_backward.grad_input(grad, h, approximate=ctx.approximate, grad_input=grad)  # d / d h
+    grad_w1 = grad.t().mm(x) if need_w1 else None
+    grad_b1 = grad.sum(0) if need_b1 else None
+    grad_x = grad.mm(w1).view(x_shape) if need_x else None  # (tokens, dim) -> (..., dim)
+    return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
 
-    oneDNN's convolution backward allocates the activation's gradient itself, so only
-    ``gelu_backward``'s buffer is saved here: it writes over that gradient instead of a fresh one
-    (the activations stay intact, so a retained graph needs no recompute). On this project's 2-core
-    CPU a PoolFormer-S12 train step at batch 32 faults in ~13 % fewer pages (232 k against 267 k)
-    and spends 0.66 s in the kernel instead of 0.94 s.
-    """
 
-    @staticmethod
-    def plain(x, w1, b1, w2, b2, approximate="none"):
-        h = F.conv2d(x, w1[:, :, None, None], b1)
-        return F.conv2d(F.gelu(h, approximate=approximate), w2[:, :, None, None], b2)
-
-    @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, approximate: str):
-        h = F.conv2d(x, w1[:, :, None, None], b1)  # (B, dim, H, W) -> (B, hidden, H, W)
-        a = F.gelu(h, approximate=approximate)
-        ctx.approximate = approximate
-        ctx.save_for_backward(x, w1, b1, w2, b2, h, a)
-        return F.conv2d(a, w2[:, :, None, None], b2)  # (B, hidden, H, W) -> (B, dim, H, W)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, w1, b1, w2, b2, h, a = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True
-            plain = functools.partial(GeluConvMlpFunction.plain, approximate=ctx.approximate)
-            return _recomputed_grads(ctx, (x, w1, b1, w2, b2), plain, grad_out)
-        need_x, need_w1, need_b1, need_w2, need_b2, _ = ctx.needs_input_grad
-        grad, grad_w2, grad_b2 = _conv1x1_backward(grad_out, a, w2, b2, (True, need_w2, need_b2))
-        torch.ops.aten.gelu_backward.grad_input(grad, h, approximate=ctx.approximate, grad_input=grad)  # over grad
-        grad_x, grad_w1, grad_b1 = _conv1x1_backward(grad, x, w1, b1, (need_x, need_w1, need_b1))
-        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None
+def _map_mlp_backward(ctx, grad_out, x, w1, b1, w2, b2, h, a) -> tuple:
+    need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
+    grad, grad_w2, grad_b2 = _conv1x1_backward(grad_out, a, w2, b2, (True, need_w2, need_b2))
+    torch.ops.aten.gelu_backward.grad_input(grad, h, approximate=ctx.approximate, grad_input=grad)  # over grad
+    grad_x, grad_w1, grad_b1 = _conv1x1_backward(grad, x, w1, b1, (need_x, need_w1, need_b1))
+    return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
 
 
 def _conv1x1_backward(grad_out, x, weight, bias, mask) -> tuple:
-    """The gradients of ``conv2d(x, weight[:, :, None, None], bias)`` that ``mask`` asks for (the
-    op autograd's own convolution backward calls); the weight's back in the linear layout."""
+    """The gradients of ``_conv1x1(x, weight, bias)`` that ``mask`` asks for (the op autograd's own
+    convolution backward calls); the weight's back in the linear layout."""
     grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
         grad_out, x, weight[:, :, None, None], None if bias is None else [weight.shape[0]],
         [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [mask[0], mask[1], mask[2] and bias is not None])

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import nn
 
-from .fused import GeluConvMlpFunction, GeluMlpFunction, fused_backward_allowed
+from .fused import GeluMlpFunction, fused_backward_allowed
 
 __all__ = [
     "ACTIVATIONS",
@@ -179,16 +179,16 @@ class Mlp(nn.Module):
         return self.act(h)
 
     def _can_fuse(self, x: torch.Tensor) -> bool:
-        """Whether this forward may take a fused Function (``GeluMlpFunction``, on maps
-        ``GeluConvMlpFunction``): a GELU MLP without dropout between its
-        layers (or in eval), where ``fused_backward_allowed`` says the plain ops need not run."""
+        """Whether this forward (on tokens or on maps) may take ``GeluMlpFunction``: a GELU MLP
+        without dropout between its layers (or in eval), where ``fused_backward_allowed`` says the
+        plain ops need not run."""
         return (type(self.act) is nn.GELU and self.fc1_branches == 1 and (self.drop1.p == 0 or not self.training)
                 and fused_backward_allowed(x, self.fc1, self.act, self.drop1, self.fc2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._can_fuse(x):
             x = GeluMlpFunction.apply(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
-                                      self.act.approximate)  # (..., dim) -> (..., dim)
+                                      self.act.approximate, False)  # on tokens: (..., dim) -> (..., dim)
             return self.drop2(x)
         x = self.fc1(x)  # (..., dim) -> (..., branches * hidden_dim)
         x = self.drop1(self.activate(x, -1))
@@ -202,8 +202,8 @@ class Mlp(nn.Module):
         of PoolFormer-S12 than permuting to (B, H, W, C) for a matmul (zoo/bench/speed.py).
         """
         if self._can_fuse(x):
-            x = GeluConvMlpFunction.apply(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
-                                          self.act.approximate)  # (B, dim, H, W) -> (B, dim, H, W)
+            x = GeluMlpFunction.apply(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
+                                      self.act.approximate, True)  # on_map: (B, dim, H, W) -> (B, dim, H, W)
             return self.drop2(x)
         x = F.conv2d(x, self.fc1.weight[:, :, None, None], self.fc1.bias)  # (B, dim, H, W) -> (B, br*hidden, H, W)
         x = self.drop1(self.activate(x, 1))
