@@ -142,27 +142,25 @@ def twin_pair(name: str, img_size: int) -> tuple[torch.nn.Module, torch.nn.Modul
 
 
 def _prepared(name: str, *, batch: int, img_size: int, dtype: str, device: torch.device, channels_last: bool):
-    """The zoo model and its twin on ``device``, their max output difference, and each one's
-    ``(train_step, eval_step)`` on one shared input, keyed ``zoo`` / ``timm``."""
+    """The max output difference between the zoo model and its twin, the models on ``device``, and
+    each one's ``(train_step, eval_step)`` on one shared input; both dicts keyed ``zoo`` / ``timm``."""
     ours, ref, diff = twin_pair(name, img_size)
     x = torch.randn(batch, 3, img_size, img_size, device=device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    entries = {"zoo": ours} | ({"timm": ref} if ref is not None else {})
-    steps = {}
-    for key, model in entries.items():
+    models = {"zoo": ours} | ({"timm": ref} if ref is not None else {})
+    for model in models.values():
         model.to(device)
         if channels_last:
             model.to(memory_format=torch.channels_last)
-        steps[key] = _steps(model, x, dtype)
-    return ours, ref, diff, steps
+    return diff, models, {key: _steps(model, x, dtype) for key, model in models.items()}
 
 
 def peak_memory_here(name: str, batch: int, img_size: int, dtype: str, device: str, channels_last: bool,
                      threads: int) -> dict[str, int]:
     """Peak bytes of one train step (after one warm-up step) of the zoo model and of its twin."""
     torch.set_num_threads(threads)
-    *_, steps = _prepared(name, batch=batch, img_size=img_size, dtype=dtype, device=torch.device(device),
+    _, _, steps = _prepared(name, batch=batch, img_size=img_size, dtype=dtype, device=torch.device(device),
                           channels_last=channels_last)
     peaks = {}
     for key, (train_step, _) in steps.items():
@@ -191,10 +189,9 @@ def measure(models: list[str], *, batch: int, img_size: int, repeats: int, warmu
             device: torch.device, channels_last: bool) -> list[dict]:
     rows = []
     for name in models:
-        ours, ref, diff, steps = _prepared(name, batch=batch, img_size=img_size, dtype=dtype, device=device,
-                                           channels_last=channels_last)
-        entries = {"zoo": ours} | ({"timm": ref} if ref is not None else {})
-        times = {key: {"train": [], "eval": []} for key in entries}
+        diff, models, steps = _prepared(name, batch=batch, img_size=img_size, dtype=dtype, device=device,
+                                        channels_last=channels_last)
+        times = {key: {"train": [], "eval": []} for key in models}
         for train_step, eval_step in steps.values():
             for _ in range(warmup):
                 train_step()
@@ -207,10 +204,12 @@ def measure(models: list[str], *, batch: int, img_size: int, repeats: int, warmu
         memory = _peak_memory_in_child(name, batch=batch, img_size=img_size, dtype=dtype, device=str(device),
                                        channels_last=channels_last, threads=torch.get_num_threads())
         ips = {key: {k: batch / statistics.median(v) for k, v in t.items()} for key, t in times.items()}
-        row = {"model": name, "params_m": count_params(ours) / 1e6, "gmacs": count_macs(ours.cpu(), img_size) / 1e9,
-                   "eval_ips": ips["zoo"]["eval"], "train_ips": ips["zoo"]["train"], "peak_mem_mb": memory["zoo"] / 2**20,
-                   "twin": TWINS[name][0] if ref is not None else "", "max_diff": diff}
-        if ref is not None:
+        has_twin = "timm" in models
+        row = {"model": name, "params_m": count_params(models["zoo"]) / 1e6,
+               "gmacs": count_macs(models["zoo"].cpu(), img_size) / 1e9,
+               "eval_ips": ips["zoo"]["eval"], "train_ips": ips["zoo"]["train"], "peak_mem_mb": memory["zoo"] / 2**20,
+               "twin": TWINS[name][0] if has_twin else "", "max_diff": diff}
+        if has_twin:
             row.update(twin_eval_ips=ips["timm"]["eval"], twin_train_ips=ips["timm"]["train"],
                        twin_peak_mem_mb=memory["timm"] / 2**20,
                        eval_ratio=ips["zoo"]["eval"] / ips["timm"]["eval"],
@@ -219,7 +218,7 @@ def measure(models: list[str], *, batch: int, img_size: int, repeats: int, warmu
                 paired = [t / z for z, t in zip(times["zoo"][k], times["timm"][k], strict=True)]
                 row[f"{k}_ratio_ci"] = mean_ci(paired)[1]
         rows.append(row)
-        for model in entries.values():
+        for model in models.values():
             model.cpu()
         print(format_row(row), flush=True)
     return rows
