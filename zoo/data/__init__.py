@@ -10,7 +10,7 @@ Configuration (frozen dataclasses, DeiT defaults, `validate()` raises ``ValueErr
                   mixup_switch_prob=0.5, mixup_mode="batch")
     AugmentConfig.mnist() -> AugmentConfig     mild 32x32 recipe for MNIST-5k / digits
     DataConfig(dataset="mnist5k", val_fraction=0.1, split_seed=0, train_split="train",
-               val_split="val", num_workers=2, max_bad_fraction=0.01,
+               val_split="val", num_workers=None, holdout=0.0, max_bad_fraction=0.01,
                max_image_pixels=89_478_485, repeated_aug=0)
 
 Datasets:
@@ -73,6 +73,7 @@ from zoo.data.datasets import (
     ArrayDataset,
     BadDataError,
     ImageFolderDataset,
+    Subset,
     create_dataset,
 )
 from zoo.data.image_io import BadImageError, decode_image, find_images, load_image
@@ -103,6 +104,7 @@ __all__ = [
     "EpochSampler",
     "EvalTransform",
     "ImageFolderDataset",
+    "Subset",
     "RandAugment",
     "RepeatSampler",
     "SampleKey",

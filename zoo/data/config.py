@@ -161,6 +161,12 @@ class DataConfig:
     8x8 digits, seeded split by val_fraction), or a path: an image folder (ImageNet layout, with
     `train_split` / `val_split` sub-folders or one folder a class, split by val_fraction) or a
     CIFAR-style folder of python pickles (data_batch_* / test_batch, or train / test).
+
+    num_workers: loader processes; None sizes them from the cores this process may use
+    (zoo.train.hardware.plan_threads). holdout: when > 0, a seeded stratified share of the
+    *training* images becomes the validation split and the dataset's own validation images are
+    not read at all: the split a hyper-parameter search tunes on (zoo.bench.sweep), so that the
+    split it reports stays unseen.
     """
 
     dataset: str = "mnist5k"
@@ -168,7 +174,8 @@ class DataConfig:
     split_seed: int = 0
     train_split: str = "train"
     val_split: str = "val"
-    num_workers: int = 2
+    num_workers: int | None = None
+    holdout: float = 0.0
     max_bad_fraction: float = 0.01
     max_image_pixels: int = (
         89_478_485  # PIL's own default limit (Image.MAX_IMAGE_PIXELS)
@@ -194,7 +201,9 @@ class DataConfig:
                 f"train_split: train_split and val_split must be two different non-empty names, "
                 f"got {self.train_split!r} and {self.val_split!r}"
             )
-        if self.num_workers < 0:
+        if not (0.0 <= self.holdout < 1.0):
+            raise ValueError(f"holdout: must be in [0, 1), got {self.holdout!r}")
+        if self.num_workers is not None and self.num_workers < 0:
             raise ValueError(f"num_workers: must be >= 0, got {self.num_workers!r}")
         if not (0.0 <= self.max_bad_fraction <= 1.0):
             raise ValueError(

@@ -37,6 +37,7 @@ from zoo.data.image_io import (
 from zoo.data.sampler import SampleKey, sample_rng
 
 __all__ = [
+    "Subset",
     "ArrayDataset",
     "BadDataError",
     "CifarPickleError",
@@ -108,6 +109,27 @@ class _Base(Dataset):
 
     def __len__(self) -> int:
         return len(self.targets)
+
+
+class Subset(_Base):
+    """Fixed indices of another dataset that forward SampleKeys, so the sampler's per-sample
+    augmentation seeds pass through (torch's Subset would drop them)."""
+
+    def __init__(self, ds: _Base, indices: np.ndarray, name: str):
+        self.ds, self.classes, self.name = ds, ds.classes, name
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.targets = np.asarray(ds.targets)[self.indices]
+
+    def __getitem__(self, key: int | SampleKey):
+        if isinstance(key, SampleKey):
+            return self.ds[key._replace(index=int(self.indices[key.index]))]
+        return self.ds[int(self.indices[key])]
+
+    def bad_files(self) -> list[tuple[str, str]]:
+        return self.ds.bad_files()
+
+    def bad_summary(self) -> str:
+        return self.ds.bad_summary()
 
 
 class ArrayDataset(_Base):
@@ -476,6 +498,19 @@ def create_dataset(
     cfg.validate()
     if split not in ("train", "val"):
         raise ValueError(f"split: must be 'train' or 'val', got {split!r}")
+    if cfg.holdout > 0:  # both splits come from the training images; the own val is never read
+        full = _create(cfg, "train", transform)
+        rest, held = _stratified_split(np.asarray(full.targets), cfg.holdout, cfg.split_seed)
+        ds: _Base = Subset(full, rest if split == "train" else held,
+                           f"{full.name} less a {cfg.holdout:g} holdout" if split == "train"
+                           else f"{full.name}, {cfg.holdout:g} holdout")
+    else:
+        ds = _create(cfg, split, transform)
+    logger.info("%s", ds.describe())
+    return ds
+
+
+def _create(cfg: DataConfig, split: str, transform: Transform | None) -> ImageFolderDataset | ArrayDataset:
     if cfg.dataset == "mnist5k":
         ds: ImageFolderDataset | ArrayDataset = ArrayDataset(
             *load_mnist5k(split, cfg.split_seed), transform, name=f"mnist5k/{split}"
@@ -498,5 +533,4 @@ def create_dataset(
             )
         else:
             ds = _image_folder(cfg, root, split, transform)
-    logger.info("%s", ds.describe())
     return ds

@@ -37,7 +37,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -60,7 +60,7 @@ import zoo
 from zoo import collect_aux_loss  # MoE load-balancing losses, added after every forward
 from zoo.data import (
     EpochSampler,
-    SampleKey,
+    Subset,
     create_dataset,
     create_mixup,
     create_transform,
@@ -106,33 +106,14 @@ class RunResult:
     epochs_done: int
     steps: int
     wall_s: float
+    stopped_by: str | None = None  # "on_epoch" when the caller's callback ended the run early
 
 
-class _Subset(Dataset):
-    """A fixed seeded subset (``train.limit_train``/``limit_val``) that forwards SampleKeys, so the
-    sampler's per-sample augmentation seeds pass through (torch's Subset would drop them)."""
-
-    def __init__(self, ds: Dataset, n: int, seed: int):
-        self.ds, self.classes = ds, ds.classes
-        # MNIST-5k is stored class by class: a head would be one class; a seeded subset is not.
-        self.indices = np.sort(np.random.default_rng(seed).permutation(len(ds))[:n])
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def describe(self) -> str:
-        """Like the datasets' ``describe()``, counting the subset's images."""
-        targets = np.asarray(self.ds.targets)[self.indices]
-        counts = np.bincount(targets, minlength=len(self.classes)) if len(targets) else np.zeros(len(self.classes))
-        per_class = ", ".join(f"{c}: {int(k)}" for c, k in zip(self.classes, counts))
-        name = getattr(self.ds, "name", type(self.ds).__name__)
-        return (f"{name} (seeded subset of {len(self.ds)}): {len(self)} images, {len(self.classes)} classes "
-                f"({per_class})")
-
-    def __getitem__(self, key: int | SampleKey):
-        if isinstance(key, SampleKey):
-            return self.ds[key._replace(index=int(self.indices[key.index]))]
-        return self.ds[int(self.indices[key])]
+def _seeded_subset(ds: Dataset, n: int, seed: int) -> Subset:
+    """``train.limit_train``/``limit_val``: a fixed seeded subset of ``n`` images. MNIST-5k is stored
+    class by class, so a head would be one class; a seeded subset is not."""
+    indices = np.sort(np.random.default_rng(seed).permutation(len(ds))[:n])
+    return Subset(ds, indices, f"{ds.name} (seeded subset of {len(ds)})")
 
 
 def _threads(cfg: TrainConfig, state: PartialState) -> None:
@@ -173,9 +154,9 @@ def _build_datasets(cfg: TrainConfig) -> tuple[Dataset, Dataset]:
     except FileNotFoundError as e:
         raise ConfigError(f"data.{e}") from None
     if cfg.train.limit_train is not None and cfg.train.limit_train < len(train_ds):
-        train_ds = _Subset(train_ds, cfg.train.limit_train, cfg.seed)
+        train_ds = _seeded_subset(train_ds, cfg.train.limit_train, cfg.seed)
     if cfg.train.limit_val is not None and cfg.train.limit_val < len(val_ds):
-        val_ds = _Subset(val_ds, cfg.train.limit_val, cfg.seed)
+        val_ds = _seeded_subset(val_ds, cfg.train.limit_val, cfg.seed)
     return train_ds, val_ds
 
 
@@ -266,14 +247,19 @@ def _print(accelerator: Accelerator, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def run(cfg: TrainConfig, resume: str | None = None) -> RunResult:
+def run(cfg: TrainConfig, resume: str | None = None,
+        on_epoch: Callable[[dict[str, Any]], bool] | None = None) -> RunResult:
     """Train ``cfg``; ``resume`` is None (fresh), ``"auto"`` (newest checkpoint, fresh if none) or a path.
+
+    ``on_epoch(record)`` is called on every process after each evaluation with the record written
+    to metrics.jsonl (``epoch``, ``val_err1``, ``val_top1``, ...); when it returns True the run
+    checkpoints and ends there (an Optuna pruner's decision, say), with ``stopped_by="on_epoch"``.
 
     Raises ``ConfigError`` for problems with the config (the CLI exits 2) and ``TrainingStopped``
     when too many consecutive steps were non-finite (after saving a checkpoint).
     """
     try:
-        return _run(cfg, resume)
+        return _run(cfg, resume, on_epoch)
     finally:
         # Accelerate keeps its settings (mixed precision, accumulation steps) in process-wide
         # singletons that refuse different values later; forget them so that another run() in this
@@ -282,7 +268,7 @@ def run(cfg: TrainConfig, resume: str | None = None) -> RunResult:
         GradientState._reset_state()
 
 
-def _run(cfg: TrainConfig, resume: str | None) -> RunResult:
+def _run(cfg: TrainConfig, resume: str | None, on_epoch) -> RunResult:
     t0 = time.time()
     # Without a GPU, Accelerate sets up a multi-process (gloo) run under torchrun only when told
     # cpu=True; otherwise every process would believe it is alone.
@@ -427,6 +413,7 @@ def _run(cfg: TrainConfig, resume: str | None) -> RunResult:
     # ---- train
     max_steps = cfg.train.max_steps
     last_record: dict[str, Any] | None = None
+    stopped_by = None
     model.train()
     while loop["epoch"] < cfg.train.epochs and not (max_steps is not None and loop["step"] >= max_steps):
         epoch = loop["epoch"]
@@ -522,6 +509,9 @@ def _run(cfg: TrainConfig, resume: str | None) -> RunResult:
             loop["epoch"], loop["micro"] = epoch + 1, 0
             loop["sums"] = {"loss": 0.0, "steps": 0, "skipped": 0, "images": 0, "time": 0.0}
         checkpoint()
+        if on_epoch is not None and on_epoch(last_record):
+            stopped_by = "on_epoch"
+            break
 
     # ---- finish: exports, plot, summary
     if last_record is None:  # resumed a finished run: report from the logs
@@ -550,7 +540,7 @@ def _run(cfg: TrainConfig, resume: str | None) -> RunResult:
         print(summary, flush=True)
     return RunResult(summary=summary, run_dir=run_dir, top1=top1, best_top1=loop["best_top1"],
                      best_epoch=loop["best_epoch"], ema_top1=ema_top1, epochs_done=done_epochs,
-                     steps=loop["step"], wall_s=wall)
+                     steps=loop["step"], wall_s=wall, stopped_by=stopped_by)
 
 
 def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
