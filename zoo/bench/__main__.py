@@ -6,6 +6,8 @@ Commands (each module has its own ``--help``):
   speed   params, MACs, eval / train-step images/s and memory; ratio to the timm twin
   top1    top-1 error of models vs the ResNet baseline, same recipe, over seeds
   ablate  one-change ablations of a base model (token mixer, channel mixer, ...)
+  sweep   equal-budget Optuna sweeps of arms (model, optimizer[, one change]): tuned, re-trained over seeds
+  readme  copy the results files' Markdown tables into README.md's marked blocks (--check: compare only)
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import importlib
 import sys
 
 COMMANDS = {"data": "zoo.bench.data", "moe": "zoo.bench.moe", "speed": "zoo.bench.speed", "top1": "zoo.bench.top1",
-            "ablate": "zoo.bench.ablate"}
+            "ablate": "zoo.bench.ablate", "sweep": "zoo.bench.sweep", "readme": "zoo.bench.report"}
 
 
 def main(argv: list[str] | None = None) -> int:
