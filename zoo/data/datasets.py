@@ -1,5 +1,5 @@
-"""Datasets: image folders (ImageNet layout), the embedded MNIST-5k and scikit-learn digits, and
-CIFAR-style local pickles.
+"""Datasets: image folders (ImageNet layout), the embedded MNIST-5k, scikit-learn digits and ELPV
+solar cells, and CIFAR-style local pickles.
 
 Every dataset returns `(CHW float32 tensor, int label)` and has `.classes`, `.targets` and
 `.class_counts()`. `__getitem__` takes a plain index or a `SampleKey` from `EpochSampler`; with a
@@ -37,14 +37,15 @@ from zoo.data.image_io import (
 from zoo.data.sampler import SampleKey, sample_rng
 
 __all__ = [
-    "Subset",
     "ArrayDataset",
     "BadDataError",
     "CifarPickleError",
     "ImageFolderDataset",
+    "Subset",
     "create_dataset",
     "load_cifar",
     "load_digits",
+    "load_elpv",
     "load_mnist5k",
 ]
 
@@ -318,6 +319,60 @@ def load_mnist5k(split: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray, lis
     return _gray_to_rgb(images[idx]), targets[idx], [str(i) for i in range(10)]
 
 
+# ELPV (Buerhop-Lutz et al. 2018, Deitsch et al. 2019): 2,624 electroluminescence images of solar
+# cells, 300x300 grayscale, shipped as PNGs inside the `elpv-dataset` wheel (no download; data
+# CC BY-NC-SA 4.0, code Apache-2.0). Each cell has an expert's defect probability 0, 1/3, 2/3 or 1:
+# the four grades are the classes (1,508 / 295 / 106 / 715).
+ELPV_SIZE = 64
+ELPV_CLASSES = ["0.00", "0.33", "0.67", "1.00"]
+ELPV_VAL_FRACTION = 0.25
+ELPV_MISSING = ("dataset: 'elpv' needs the images inside the elpv-dataset package, which is not installed: "
+                'pip install -e ".[elpv]" (or pip install elpv-dataset)')
+
+
+@functools.cache
+def _elpv_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(images uint8 (N, 64, 64), grade 0-3, 1 for polycrystalline / 0 for monocrystalline).
+    Decoding the 2,624 PNGs takes ~3 s: once a process (forked workers inherit it)."""
+    try:
+        from elpv_dataset.utils import load_dataset
+    except ImportError:
+        raise FileNotFoundError(ELPV_MISSING) from None
+    import cv2
+
+    try:
+        images, probs, types = load_dataset()  # the package's own PNGs and labels.csv
+    except OSError as e:  # a damaged install: a PNG or labels.csv missing or unreadable
+        raise FileNotFoundError(f"dataset: elpv-dataset is installed but its images cannot be read ({e}); "
+                                f"reinstall it: pip install --force-reinstall elpv-dataset") from None
+    grades = np.rint(np.asarray(probs, dtype=np.float64) * 3).astype(np.int64)
+    if images.ndim != 3 or images.dtype != np.uint8 or len(images) != len(grades) or not (
+        np.allclose(probs, grades / 3) and set(np.unique(grades)) <= {0, 1, 2, 3}
+    ):
+        raise ValueError(f"dataset: elpv-dataset returned {images.dtype} {images.shape} images and defect "
+                         f"probabilities {sorted(set(np.round(probs, 3)))}; expected (N, H, W) uint8 grayscale "
+                         f"images and probabilities 0, 1/3, 2/3, 1")
+    # INTER_AREA averages each 4.7 x 4.7 block: thin cracks stay visible at 64 (mostly not at 32)
+    small = np.stack([cv2.resize(im, (ELPV_SIZE, ELPV_SIZE), interpolation=cv2.INTER_AREA) for im in images])
+    poly = (np.asarray(types) == "poly").astype(np.int64)
+    for a in (small, grades, poly):
+        a.setflags(write=False)
+    return small, grades, poly
+
+
+def load_elpv(split: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """ELPV solar cells from the `elpv-dataset` package: 300x300 grayscale downscaled to 64x64
+    (area averaging), three channels; classes are the defect probabilities 0, 1/3, 2/3, 1
+    (`ELPV_CLASSES`). A fixed seeded split stratified by grade and by cell type (mono /
+    polycrystalline), a quarter to val as in Deitsch et al. (2019): 1,970 train (1,131 / 222 / 80 /
+    537) and 654 val (377 / 73 / 26 / 178) with seed 0. Raises FileNotFoundError naming the pip
+    extra when the package is missing."""
+    images, grades, poly = _elpv_arrays()
+    train, val = _stratified_split(grades * 2 + poly, ELPV_VAL_FRACTION, seed)
+    idx = train if split == "train" else val
+    return _gray_to_rgb(images[idx]), grades[idx], list(ELPV_CLASSES)
+
+
 def load_digits(
     split: str, val_fraction: float, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -515,6 +570,8 @@ def _create(cfg: DataConfig, split: str, transform: Transform | None) -> ImageFo
         ds: ImageFolderDataset | ArrayDataset = ArrayDataset(
             *load_mnist5k(split, cfg.split_seed), transform, name=f"mnist5k/{split}"
         )
+    elif cfg.dataset == "elpv":
+        ds = ArrayDataset(*load_elpv(split, cfg.split_seed), transform, name=f"elpv/{split}")
     elif cfg.dataset == "digits":
         ds = ArrayDataset(
             *load_digits(split, cfg.val_fraction, cfg.split_seed),
@@ -525,7 +582,7 @@ def _create(cfg: DataConfig, split: str, transform: Transform | None) -> ImageFo
         root = Path(cfg.dataset).expanduser()
         if not root.is_dir():
             raise FileNotFoundError(
-                f"dataset: {cfg.dataset!r} is neither 'mnist5k', 'digits' nor an existing folder"
+                f"dataset: {cfg.dataset!r} is neither 'mnist5k', 'elpv', 'digits' nor an existing folder"
             )
         if _is_cifar_dir(root):
             ds = ArrayDataset(
