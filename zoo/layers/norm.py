@@ -6,11 +6,11 @@ one for the stage's layout, so a block never guesses.
 """
 from __future__ import annotations
 
-import difflib
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..names import suggest
 
 LAYOUTS = ("nchw", "nlc")
 
@@ -76,9 +76,8 @@ def create_norm(name: str, dim: int, layout: str, *, eps: float | None = None) -
     if name == "identity":
         return nn.Identity()
     if name not in NORMS:
-        near = difflib.get_close_matches(name, [*NORMS, "identity"], n=3)
         raise ValueError(f"unknown norm {name!r}; expected one of {sorted([*NORMS, 'identity'])}"
-                         + (f" (did you mean {near[0]!r}?)" if near else ""))
+                         + suggest(name, [*NORMS, "identity"]))
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
     build, default_eps = NORMS[name]

@@ -6,7 +6,6 @@ strict overrides) and in timm's registry (so ``timm.create_model('zoo_...')`` wo
 """
 from __future__ import annotations
 
-import difflib
 import fnmatch
 import sys
 from collections.abc import Sequence
@@ -18,6 +17,7 @@ import torch
 from timm.models._features import FeatureGetterNet
 from torch import nn
 
+from ..names import close_names
 from .backbone import ZooModel
 from .specs import ModelSpec, apply_overrides
 
@@ -79,8 +79,8 @@ def fixed_input_size(name: str) -> bool:
 
 
 def unknown_model(name: str) -> ValueError:
-    known = list(_SPECS) + list(BASELINES)
-    near = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+    # Up to three names, unquoted: a misspelt size (s12 / s24 / s36) is usually one of several.
+    near = close_names(name, [*_SPECS, *BASELINES], n=3)
     hint = f"; did you mean {', '.join(near)}?" if near else "; see zoo.list_models()"
     return ValueError(f"unknown model {name!r}{hint}")
 

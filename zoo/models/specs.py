@@ -7,10 +7,11 @@ entry points; swapping any component for an ablation is ``dataclasses.replace`` 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from ..names import suggest
 
 # Values the string-choice fields of ModelSpec accept.
 GLOBAL_POOLS = ("avg", "token")
@@ -154,10 +155,8 @@ def apply_overrides(spec: ModelSpec, overrides: Mapping[str, Any], *, model_name
     valid = set(MODEL_FIELDS) | set(STAGE_WIDE_FIELDS)
     for key in overrides:
         if key not in valid:
-            near = difflib.get_close_matches(key, valid, n=1)
-            raise TypeError(f"{model_name}: unknown model argument {key!r}"
-                            + (f" (did you mean {near[0]!r}?)" if near else "")
-                            + f"; valid: {sorted(valid)}")
+            raise TypeError(f"{model_name}: unknown model argument {key!r}{suggest(key, valid)}; "
+                            f"valid: {sorted(valid)}")
     model_kw = {k: v for k, v in overrides.items() if k in MODEL_FIELDS}
     stage_kw = {k: v for k, v in overrides.items() if k in STAGE_WIDE_FIELDS}
     if "token_mixer" in stage_kw:
@@ -190,9 +189,8 @@ def _strict_kwargs(cls: type, data: Mapping[str, Any], where: str) -> dict[str, 
     names = [f.name for f in dataclasses.fields(cls)]
     for key in data:
         if key not in names:
-            near = difflib.get_close_matches(key, names, n=1)
             raise TypeError(f"{where}: unknown {cls.__name__} field {key!r}"
-                            + (f" (did you mean {near[0]!r}?)" if near else f"; valid: {names}"))
+                            + (suggest(key, names) or f"; valid: {names}"))
     missing = [f.name for f in dataclasses.fields(cls)
                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in data]
     if missing:

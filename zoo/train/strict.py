@@ -16,13 +16,14 @@ here; cross-field rules live in a dataclass's ``validate()`` which raises ``Valu
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import re
 import types
 import typing
 from typing import Any, Literal, Union
 
 import yaml
+
+from ..names import suggest
 
 __all__ = ["ConfigError", "apply_overrides", "bounds", "flat_keys", "from_dict", "to_dict"]
 
@@ -62,18 +63,13 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _closest(word: str, options: list[str]) -> str | None:
-    hits = difflib.get_close_matches(word, options, n=1, cutoff=0.5)
-    return hits[0] if hits else None
-
-
-def _closest_anywhere(word: str, keys: list[str]) -> str | None:
-    """The dotted key whose last part is nearest to ``word`` (``lr`` -> ``optim.lr``)."""
-    leaves = {}
-    for k in keys:
+def _suggest_key(word: str, prefix: str, fields: list[str], root: type) -> str:
+    """The ``" (did you mean 'KEY'?)"`` of an unknown key ``prefix + word``: the nearest field beside it,
+    else the dotted key anywhere in ``root`` whose last part is nearest (``lr`` -> ``optim.lr``)."""
+    leaves: dict[str, str] = {}
+    for k in flat_keys(root):
         leaves.setdefault(k.rsplit(".", 1)[-1], k)  # the shallowest key with that leaf name
-    hit = _closest(word.rsplit(".", 1)[-1], list(leaves))
-    return leaves[hit] if hit else None
+    return suggest(word, {f: prefix + f for f in fields}) or suggest(word.rsplit(".", 1)[-1], leaves)
 
 
 def flat_keys(cls: type, prefix: str = "") -> list[str]:
@@ -105,9 +101,8 @@ def _convert(value: Any, tp: Any, key: str, root: type) -> Any:
         allowed = typing.get_args(tp)
         if value in allowed and type(value) in {type(a) for a in allowed}:
             return value
-        hint = _closest(str(value), [str(a) for a in allowed])
-        msg = f"{key}: {_fmt(value)} is not one of {', '.join(_fmt(a) for a in allowed)}"
-        raise ConfigError(msg + (f" (did you mean {_fmt(hint)}?)" if hint else ""))
+        raise ConfigError(f"{key}: {_fmt(value)} is not one of {', '.join(_fmt(a) for a in allowed)}"
+                          + suggest(str(value), [str(a) for a in allowed]))
     if origin in (Union, types.UnionType):
         members = typing.get_args(tp)
         # Try exact-type members first, so that `bool | str` keeps `True` a bool.
@@ -188,9 +183,7 @@ def from_dict(cls: type, data: dict | None, *, prefix: str = "", root: type | No
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     for k in data:
         if k not in fields:
-            near = _closest(str(k), list(fields))
-            near = prefix + near if near else _closest_anywhere(str(k), flat_keys(root))
-            raise ConfigError(f"unknown key '{prefix}{k}'" + (f" (did you mean '{near}'?)" if near else ""))
+            raise ConfigError(f"unknown key '{prefix}{k}'" + _suggest_key(str(k), prefix, list(fields), root))
     kwargs = {}
     for name, f in fields.items():
         if name not in data:
