@@ -10,15 +10,15 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 import zoo
 from zoo.models import BASELINES, CheckpointError
 from zoo.models.pretrained import WEIGHTS_DIR, read_manifest
-from zoo.train import config_to_yaml, load_config, run
-from zoo.weights import BUDGET_BYTES, _resolved_config, add, check, evaluate_top1
+from zoo.train import load_config, run
+from zoo.weights import BUDGET_BYTES, _resolved_config, add, check, evaluate_top1, recipe_drift
 
 MANIFEST = read_manifest()
-ROOT = WEIGHTS_DIR.parent
 
 
 def test_every_family_and_the_baseline_ship_weights():
@@ -41,19 +41,39 @@ def test_shipped_weights_reproduce_their_manifest_top1(name):
     model = zoo.create_model(name, pretrained=True)  # sha256 checked; classes and channels from the manifest
     assert model.num_classes == entry["num_classes"]
     assert list(model.pretrained_cfg["mean"]) == entry["mean"] and model.pretrained_cfg["crop_pct"] == entry["crop_pct"]
+    _assert_float16(WEIGHTS_DIR / entry["file"])
     with safe_open(str(WEIGHTS_DIR / entry["file"]), framework="pt") as f:
         stored = f.metadata()["config"]
-        assert {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict) <= {"F16", "I64"}  # float16 (+ BN's step counters)
-    # The command reproduces the run: the config file it names resolves to the config the file stores.
-    assert entry["command"].endswith(f"python train_vision.py --config {entry['config']}")
-    resolved = config_to_yaml(load_config(ROOT / entry["config"]))
-    assert hashlib.sha256(resolved.encode()).hexdigest() == entry["config_sha256"] == \
-        hashlib.sha256(stored.encode()).hexdigest(), f"{entry['config']} no longer resolves to the shipped recipe"
+    assert hashlib.sha256(stored.encode()).hexdigest() == entry["config_sha256"]
+    # The command reproduces the run: the config it names, with its overrides, resolves today to
+    # the recipe the file stores (execution settings such as threads aside).
+    assert f"python train_vision.py --config {entry['config']}" in entry["command"]
+    assert recipe_drift(entry) == [], f"{entry['command']!r} no longer trains the shipped recipe"
     top1, n = evaluate_top1(model, _resolved_config(stored))
     assert n == 1000
     # One image of 1,000 (0.1 point) of slack: another CPU's float32 kernels may flip a borderline one.
     assert abs(top1 - entry["top1"]) <= 0.1 + 1e-9, f"re-measured {top1:.2f} % vs manifest {entry['top1']} %"
     assert top1 > 90.0, "shipped weights should be worth loading"
+
+
+def _assert_float16(path):
+    with safe_open(str(path), framework="pt") as f:
+        dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    assert dtypes <= {"F16", "I64"}, f"{path.name} stored as {sorted(dtypes)}: expected float16 (+ BatchNorm's step counters)"
+
+
+def test_the_checks_fail_on_a_wrong_file_and_a_drifted_command(tmp_path):
+    """The two checks above can fail: a float32 file, and a command that would train another recipe."""
+    entry = MANIFEST["zoo_poolformer_mini_32"]
+    model = zoo.create_model("zoo_poolformer_mini_32", pretrained=True)
+    wrong = tmp_path / "float32.safetensors"
+    save_file(model.state_dict(), str(wrong))
+    with pytest.raises(AssertionError, match=r"stored as \['F32'\]"):
+        _assert_float16(wrong)
+    assert recipe_drift({**entry, "command": entry["command"] + " optim.lr=1e-3"}) == ["optim.lr"]
+    # Without the precision it was trained in, today's `auto` default is another recipe.
+    assert recipe_drift({**entry, "command": entry["command"].replace(" train.precision=bf16", "")}) == \
+        ["train.precision"]
 
 
 def test_shipped_weights_adapt_like_any_checkpoint():

@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 import zoo
 from zoo.train import TrainingStopped, load_config, run
 from zoo.train.checkpoint import list_checkpoints
+from zoo.train.metrics import read_epochs
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -62,7 +63,8 @@ def test_smoke_train_outputs_and_export(tmp_path, capsys):
     for f in ("config.yaml", "metrics.jsonl", "steps.jsonl", "model_best.safetensors", "model_last.safetensors",
               "model_ema.safetensors", "curves.png"):
         assert (d / f).is_file(), f
-    (m,) = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+    header, m = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+    assert header["machine"]["cpu_capability"] and header["precision"] in ("bf16", "fp32") and header["threads"] >= 1
     for k in ("train_loss", "val_loss", "val_top1", "val_top5", "val_err1", "lr", "img_per_s", "ema_top1"):
         assert k in m
     assert m["epoch"] == 1 and m["step"] == 8 and 0 <= m["val_top1"] <= 100
@@ -193,8 +195,8 @@ def test_two_processes_match_one_process(tmp_path):
     l2 = [s["loss"] for s in _steps(tmp_path / "two")]
     assert len(l1) == len(l2) == 16
     assert l2 == pytest.approx(l1, rel=1e-4)
-    m1 = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
-    m2 = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    m1, m2 = read_epochs(tmp_path / "one" / "metrics.jsonl"), read_epochs(tmp_path / "two" / "metrics.jsonl")
+    assert len(m1) == len(m2) == 2
     assert [m["val_top1"] for m in m1] == pytest.approx([m["val_top1"] for m in m2], abs=0.8)  # 1 image of 128
     w1, w2 = load_file(str(tmp_path / "one" / "model_last.safetensors")), load_file(
         str(tmp_path / "two" / "model_last.safetensors"))
@@ -235,5 +237,5 @@ def test_default_config_reaches_98_percent(tmp_path):
     summary = p.stdout.strip().splitlines()[-1]
     print(summary)
     assert summary.startswith("done: zoo_poolformer_mini_32 mnist5k 40 epochs top1 ")
-    last = json.loads((tmp_path / "mnist5k_poolformer" / "metrics.jsonl").read_text().splitlines()[-1])
+    last = read_epochs(tmp_path / "mnist5k_poolformer" / "metrics.jsonl")[-1]
     assert last["val_top1"] >= 98.0

@@ -65,6 +65,32 @@ def _resolved_config(yaml_text: str):
     return from_dict(TrainConfig, yaml.safe_load(yaml_text))
 
 
+def command_config(command: str):
+    """The TrainConfig a manifest command trains (``python train_vision.py --config FILE key=value ...``)."""
+    import shlex
+
+    from .train.config import load_config
+
+    args = shlex.split(command)
+    # the last train_vision.py of the command (a distilled student's command trains its teacher first)
+    script = max((i for i, a in enumerate(args) if a.endswith("train_vision.py")), default=None)
+    if script is None:
+        raise CheckpointError(f"command {command!r}: expected `python train_vision.py [--config FILE] [key=value ...]`")
+    args, config = args[script + 1:], None
+    if args[:1] == ["--config"]:
+        config, args = WEIGHTS_DIR.parent / args[1], args[2:]
+    return load_config(config, args)
+
+
+def recipe_drift(entry: dict[str, Any], weights_dir: Path = WEIGHTS_DIR) -> list[str]:
+    """Keys on which the entry's command, run today, would train another recipe than the one stored
+    in its file's header ([] when it reproduces the run; execution settings such as threads aside)."""
+    from .train.config import recipe_changes
+
+    stored = _resolved_config(_header(weights_dir / entry["file"])["config"])
+    return recipe_changes(stored, command_config(entry["command"]))
+
+
 def family(name: str) -> str:
     """The family file a model comes from (zoo.models.vit -> 'vit'), or the baseline's timm module."""
     import timm
@@ -101,7 +127,7 @@ def add(run_dir: Path, command: str, *, weights_dir: Path = WEIGHTS_DIR, replace
         machine: str = "") -> dict[str, Any]:
     """Ship ``run_dir``'s final weights as ``weights_dir/<model>.safetensors`` with a manifest entry."""
     from .train.checkpoint import export_weights
-    from .train.metrics import read_log
+    from .train.metrics import read_epochs
 
     source = run_dir / "model_last.safetensors"
     if not source.is_file():
@@ -123,7 +149,7 @@ def add(run_dir: Path, command: str, *, weights_dir: Path = WEIGHTS_DIR, replace
     model = create_model(name, pretrained=str(source), num_classes=num_classes, in_chans=in_chans)
     file = weights_dir / f"{name}.safetensors"
     export_weights(model.to(STORED_DTYPE), file, {**header, "stored_dtype": str(STORED_DTYPE)})
-    metrics = read_log(run_dir / "metrics.jsonl")
+    metrics = read_epochs(run_dir / "metrics.jsonl")
     aug = cfg.aug
     entry = {
         "file": file.name,

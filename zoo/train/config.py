@@ -46,6 +46,9 @@ __all__ = [
     "OptimConfig",
     "ScheduleConfig",
     "TrainConfig",
+    "EXECUTION_KEYS",
+    "changed_keys",
+    "recipe_changes",
     "config_to_yaml",
     "load_config",
 ]
@@ -89,15 +92,22 @@ class LoopConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    name: Literal["adamw", "lamb", "sgd"] = "adamw"
+    # Library, fixed hyper-parameters and their sources: zoo.train.optim.OPTIMIZERS. muon: torch's
+    # Muon on the blocks' 2-D weights, AdamW on the rest.
+    name: Literal["adamw", "sgd", "lamb", "lion", "kron", "soap", "shampoo", "sm3", "muon"] = "adamw"
     lr: float | None = field(default=None, metadata=bounds(gt=0))  # absolute; None: the scaling rule
     base_lr: float = field(default=5e-4, metadata=bounds(gt=0))  # DeiT: lr = 5e-4 * batch / 512
     lr_base_batch: int = field(default=512, metadata=bounds(ge=1))
     weight_decay: float = field(default=0.05, metadata=bounds(ge=0))
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = field(default=1e-8, metadata=bounds(gt=0))
-    momentum: float = field(default=0.9, metadata=bounds(ge=0, lt=1))  # sgd only
-    nesterov: bool = True  # sgd only
+    # The fields below are read by some optimizers only; setting one that optim.name does not read
+    # is an error (validate). Their defaults are the libraries' (sources in OPTIMIZERS).
+    betas: tuple[float, float] = (0.9, 0.999)  # adamw, lamb, muon's AdamW part (lion, soap: fixed, see OPTIMIZERS)
+    eps: float = field(default=1e-8, metadata=bounds(gt=0))  # adamw, lamb, muon's AdamW part
+    momentum: float = field(default=0.9, metadata=bounds(ge=0, lt=1))  # sgd, kron
+    nesterov: bool = True  # sgd
+    # soap: eigenbasis refresh every N steps (default 10); shampoo: inverse roots every N steps
+    # (default 1); kron: preconditioner update every N steps (default: timm's probability schedule).
+    precondition_frequency: int | None = field(default=None, metadata=bounds(ge=1))
     clip_grad: float | None = field(default=None, metadata=bounds(gt=0))  # max global grad norm
     # No weight decay on 1-d params (norms, biases) nor on model.no_weight_decay() names (tokens,
     # position embeddings): DeiT's rule.
@@ -106,6 +116,19 @@ class OptimConfig:
     def validate(self) -> None:
         if not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas: each must be in [0, 1), got {list(self.betas)}")
+        from dataclasses import fields
+
+        from .optim import OPTIMIZERS, per_optimizer_fields  # the table says which fields each one reads
+
+        def shown(v: Any) -> str:  # as YAML writes it
+            return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(to_dict(v))
+
+        defaults = {f.name: f.default for f in fields(self)}
+        for key in per_optimizer_fields():
+            if key not in OPTIMIZERS[self.name].reads and getattr(self, key) != defaults[key]:
+                users = [n for n, spec in OPTIMIZERS.items() if key in spec.reads]
+                raise ValueError(f"{key}: optim.name {self.name!r} does not use it (read by {', '.join(users)}); "
+                                 f"leave it at its default {shown(defaults[key])}")
 
 
 @dataclass(frozen=True)
@@ -229,6 +252,26 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if "base" in data:
         raise ConfigError("base: only allowed at the top of a config file, not as an override")
     return from_dict(TrainConfig, data)
+
+
+# How a run executes on a machine, not what it trains: two configs that differ only here are
+# the same recipe (a shipped checkpoint's command stays its command on any machine).
+EXECUTION_KEYS = ("data.num_workers", "train.num_threads", "log.progress", "log.tensorboard", "log.plot")
+
+
+def recipe_changes(a: TrainConfig, b: TrainConfig) -> list[str]:
+    """Dotted keys whose values differ between two configs, execution settings aside."""
+    return [k for k in changed_keys(to_dict(a), to_dict(b)) if k not in EXECUTION_KEYS]
+
+
+def changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts (``strict.to_dict`` of each)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new), key=str):
+            out += changed_keys(old.get(k), new.get(k), f"{prefix}{k}.")
+        return out
+    return [] if old == new else [prefix.rstrip(".")]
 
 
 def config_to_yaml(cfg: TrainConfig) -> str:

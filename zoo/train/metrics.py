@@ -15,7 +15,7 @@ import torch
 
 from ..atomic import atomic_write_text
 
-__all__ = ["JsonLog", "TensorBoard", "plot_curves", "read_log", "topk_correct", "truncate_log"]
+__all__ = ["JsonLog", "TensorBoard", "plot_curves", "read_epochs", "read_log", "topk_correct", "truncate_log"]
 
 
 def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[int]:
@@ -36,6 +36,11 @@ def read_log(path: Path) -> list[dict[str, Any]]:
             except json.JSONDecodeError:
                 continue
     return out
+
+
+def read_epochs(path: Path) -> list[dict[str, Any]]:
+    """The per-epoch records of a metrics.jsonl (without its header record, which has no epoch)."""
+    return [r for r in read_log(path) if "epoch" in r]
 
 
 def truncate_log(path: Path, key: str, upto: int) -> None:
