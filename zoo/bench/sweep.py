@@ -35,18 +35,27 @@ import math
 import os
 import socket
 import sys
-import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
 from zoo.bench import sweep_table
 from zoo.bench.report import RESULTS, command_line, environment, write_results
 from zoo.bench.runs import dataset_overrides
+from zoo.bench.sweep_storage import (
+    DesignError,
+    Heartbeat,
+    Studies,
+    claim,
+    ensure_slots,
+    finished,
+    open_storage,
+)
 from zoo.train import ConfigError, TrainingStopped, config_to_yaml, load_config
 
 PROG = "python -m zoo.bench sweep"
@@ -250,170 +259,6 @@ def check(plan: Plan) -> dict[str, int]:
     return params
 
 
-# ---------------------------------------------------------------- the storage
-
-
-WAITING_OR_LIVE = ("WAITING", "RUNNING", "COMPLETE", "PRUNED")
-
-
-def open_storage(url: str, heartbeat: int, grace: int):
-    import optuna
-
-    kw = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)  # Optuna >= 4.9
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        hook = ({"heartbeat_stale_trial_callback": retry()} if retry is not None else
-                {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback()})
-        storage = optuna.storages.RDBStorage(url, engine_kwargs=kw, heartbeat_interval=heartbeat,
-                                             grace_period=grace, **hook)
-    if url.startswith("sqlite"):  # write-ahead log: readers do not wait for a writer; no fsync per commit
-        import sqlalchemy
-
-        @sqlalchemy.event.listens_for(storage.engine, "connect")
-        def _pragmas(conn, _record) -> None:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-
-        storage.engine.dispose()
-    return storage
-
-
-def _diff(saved: dict, design: dict) -> str:
-    for k in design:
-        if saved.get(k) != design[k]:
-            return f"{k}: {json.dumps(saved.get(k))} in the storage, {json.dumps(design[k])} here"
-    return "?"
-
-
-class Studies:
-    """The sweep's studies in one storage: the design, a tuning and a final study per arm."""
-
-    def __init__(self, plan: Plan, storage):
-        import optuna
-
-        self.plan, self.storage = plan, storage
-        design = plan.design()
-        meta = optuna.create_study(storage=storage, study_name=plan.study, load_if_exists=True)
-        if "design" not in meta.user_attrs:
-            meta.set_user_attr("design", design)
-            meta = optuna.load_study(study_name=plan.study, storage=storage)  # a concurrent start may have won
-        if meta.user_attrs["design"] != design:
-            raise InputError(f"storage: study {plan.study!r} was made with another design ("
-                             f"{_diff(meta.user_attrs['design'], design)}); use another --study or storage")
-        self.pruner = (optuna.pruners.MedianPruner(n_startup_trials=plan.prune_startup, n_warmup_steps=plan.prune_after)
-                       if plan.prune else optuna.pruners.NopPruner())
-        self.tune = {a.label: self._study(f"{plan.study}:tune:{a.label}", self.tune_slots()) for a in plan.arms}
-        self.final: dict[str, Any] = {}
-
-    def _study(self, name: str, slots: dict[int, tuple[dict, dict]] | None):
-        """Load or create; the creator (one process: names are unique) queues the slots."""
-        import optuna
-
-        kw = dict(storage=self.storage, pruner=self.pruner, sampler=optuna.samplers.RandomSampler(self.plan.qmc_seed))
-        try:
-            study = optuna.create_study(study_name=name, direction="minimize", **kw)
-        except optuna.exceptions.DuplicatedStudyError:
-            return optuna.load_study(study_name=name, **kw)
-        if slots:
-            ensure_slots(study, slots)
-        return study
-
-    def tune_slots(self) -> dict[int, tuple[dict, dict]]:
-        return {n: (p, {"kind": "tune"}) for n, p in enumerate(self.plan.points())}
-
-    def final_slots(self, arm: str) -> dict[int, tuple[dict, dict]] | None:
-        best = min(finished(self.tune[arm], "COMPLETE").values(), key=lambda t: (t.value, t.user_attrs["slot"]),
-                   default=None)
-        if best is None:
-            return None
-        return {i: (best.params, {"kind": "final", "seed": s, "from_trial": best.user_attrs["slot"]})
-                for i, s in enumerate(self.plan.final_seeds())}
-
-    def tune_done(self, arm: str) -> bool:
-        return len(finished(self.tune[arm])) >= self.plan.trials
-
-    def final_study(self, arm: str):
-        if arm not in self.final and self.tune_done(arm):
-            self.final[arm] = self._study(f"{self.plan.study}:final:{arm}", self.final_slots(arm))
-        return self.final.get(arm)
-
-    def all(self) -> list:
-        return [*self.tune.values(), *self.final.values()]
-
-
-def finished(study, *states: str) -> dict[int, Any]:
-    """Slot -> its first finished trial (COMPLETE or PRUNED unless ``states`` says)."""
-    from optuna.trial import TrialState
-
-    want = tuple(TrialState[s] for s in (states or ("COMPLETE", "PRUNED")))
-    out: dict[int, Any] = {}
-    for t in study.get_trials(deepcopy=False, states=want):
-        out.setdefault(t.user_attrs.get("slot"), t)
-    out.pop(None, None)
-    return out
-
-
-def ensure_slots(study, slots: dict[int, tuple[dict, dict]]) -> int:
-    """Queue every slot that has no waiting, running or finished trial (new, or only failed)."""
-    from optuna.trial import TrialState
-
-    live = {t.user_attrs.get("slot") for t in study.get_trials(deepcopy=False, states=tuple(
-        TrialState[s] for s in WAITING_OR_LIVE))}
-    missing = [n for n in slots if n not in live]
-    for n in missing:
-        params, attrs = slots[n]
-        study.enqueue_trial(params, user_attrs={"slot": n, **attrs})
-    return len(missing)
-
-
-def claim(study, storage=None):
-    """Take the next queued trial of ``study``, or None. A claim gives itself up (FAIL, user attr
-    ``surplus``) when the queue emptied between the look and the ask (a fresh trial has no slot),
-    or when its slot is finished or held by a lower-numbered waiting/running copy (two workers
-    queued the same failed slot): of concurrent copies only the lowest runs, in any interleaving."""
-    from optuna.trial import TrialState
-
-    if not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-        return None
-    trial = study.ask()
-    if storage is not None:
-        storage.record_heartbeat(trial._trial_id)
-    slot = trial.user_attrs.get("slot")
-    reason = "the queue emptied before ask()" if slot is None else None
-    for t in study.get_trials(deepcopy=False) if slot is not None else ():
-        if t.number != trial.number and t.user_attrs.get("slot") == slot and (
-                t.state in (TrialState.COMPLETE, TrialState.PRUNED)
-                or (t.state in (TrialState.WAITING, TrialState.RUNNING) and t.number < trial.number)):
-            reason = f"slot {slot} is held by trial {t.number}"
-            break
-    if reason is None:
-        return trial
-    trial.set_user_attr("surplus", reason)
-    study.tell(trial, state=TrialState.FAIL)
-    return False
-
-
-class Heartbeat:
-    """Tells the storage this worker is alive while its trial trains (Optuna does the same in optimize)."""
-
-    def __init__(self, storage, trial):
-        self.storage, self.trial_id, self.stop_event = storage, trial._trial_id, threading.Event()
-        self.thread = threading.Thread(target=self._beat, daemon=True)
-
-    def _beat(self) -> None:
-        while not self.stop_event.wait(self.storage.heartbeat_interval):
-            self.storage.record_heartbeat(self.trial_id)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop_event.set()
-        self.thread.join()
-
-
 # ---------------------------------------------------------------- the worker
 
 
@@ -546,13 +391,13 @@ def report(plan: Plan, studies: Studies, params: dict[str, int], bar: float | No
     sens, dist = results / f"{stem}_sensitivity.png", results / f"{stem}_trials.png"
     seeds = plan.final_seeds()
     notes = [
-        f"Budget per arm: {plan.trials} trials of {plan.epochs} epochs at the same points of "
-        f"{', '.join(map(str, plan.dims))} (scrambled Sobol, seed {plan.qmc_seed}), tuned on a {plan.holdout:g} holdout "
-        f"of the training images (seed {plan.tune_seed}); each arm's best config re-trained with seeds "
-        f"{seeds[0]}-{seeds[-1]} on all training images and reported on {plan.data}'s own validation split.",
-        f"Bar: {bar:.2f} % = {why}. A pruned trial counts as not reaching the bar (the median pruner stops only "
-        "trials worse than the median at that epoch); the median trial error takes it at its last reported error; "
-        "a diverged trial counts at 100 %.",
+        (f"Budget per arm: {plan.trials} trials of {plan.epochs} epochs at the same points of "
+         f"{', '.join(map(str, plan.dims))} (scrambled Sobol, seed {plan.qmc_seed}), tuned on a {plan.holdout:g} "
+         f"holdout of the training images (seed {plan.tune_seed}); each arm's best config re-trained with seeds "
+         f"{seeds[0]}-{seeds[-1]} on all training images and reported on {plan.data}'s own validation split."),
+        (f"Bar: {bar:.2f} % = {why}. A pruned trial counts as not reaching the bar (the median pruner stops only "
+         "trials worse than the median at that epoch); the median trial error takes it at its last reported error; "
+         "a diverged trial counts at 100 %."),
         (f"Pruning (median, after {plan.prune_startup} finished trials, from epoch {plan.prune_after}) saved {saved} "
          f"of {full} tuning epochs ({saved / full:.0%})." if plan.prune and full else "Pruning off.")
         + f" Training time {wall:.0f} s over {len(rows)} runs.",
@@ -642,7 +487,7 @@ def main(argv: list[str] | None = None, train_fn: Callable | None = None) -> int
         url = f"sqlite:///{(plan.runs / plan.study / 'study.db').resolve()}"
     try:
         studies = Studies(plan, open_storage(url, args.heartbeat, args.grace))
-    except InputError as e:
+    except DesignError as e:
         print(f"zoo.bench sweep: {e}", file=sys.stderr)
         return 2
     print(f"sweep {plan.study}: {len(plan.arms)} arms x {plan.trials} trials of {plan.epochs} epochs, "

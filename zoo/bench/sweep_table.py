@@ -124,9 +124,9 @@ def _pct(x: float) -> str:
 
 
 def markdown(table: list[dict], baseline: str, bar: float, notes: list[str]) -> str:
-    lines = [f"| arm | params (M) | best config | best-config tuning err % | final err % (95% CI, seeds) | "
-             f"vs {baseline} (95% CI) | robustness: err <= {bar:.2f} % (Wilson 95% CI) | median trial err % | "
-             "trials (complete/pruned) | wall s |",
+    lines = [(f"| arm | params (M) | best config | best-config tuning err % | final err % (95% CI, seeds) | "
+              f"vs {baseline} (95% CI) | robustness: err <= {bar:.2f} % (Wilson 95% CI) | median trial err % | "
+              "trials (complete/pruned) | wall s |"),
              "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in table:
         final = f"{fmt_ci(r['final_err'], r['final_err_ci95'])} ({r['final_seeds']})" if r["final_seeds"] else "—"
