@@ -8,20 +8,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zoo.layers.activations import SquaredReLU, get_act
 from zoo.layers.mlp import (
+    CHANNEL_MIXER_ALIASES,
     CHANNEL_MIXERS,
     GluMlp,
     Mlp,
-    SquaredReLU,
-    UnknownComponentError,
     create_channel_mixer,
-    get_act,
 )
+from zoo.names import UnknownComponentError
 
 DIM, HIDDEN = 16, 24
 
 
-@pytest.mark.parametrize("name", sorted(CHANNEL_MIXERS))
+@pytest.mark.parametrize("name", sorted([*CHANNEL_MIXERS, *CHANNEL_MIXER_ALIASES]))
 @pytest.mark.parametrize("shape", [(2, 5, DIM), (2, 3, 4, DIM)], ids=["tokens", "map_bhwc"])
 def test_every_registered_mixer_builds_keeps_shape_and_trains(name: str, shape: tuple[int, ...]) -> None:
     torch.manual_seed(0)

@@ -20,7 +20,6 @@ convolutional projection; depthwise or per-head groups), ``token_shift`` (ShiftV
 """
 from __future__ import annotations
 
-import difflib
 import inspect
 from collections.abc import Callable
 from typing import Literal
@@ -29,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..names import suggest
+from .activations import get_act
 from .fused import SpatialGatingFunction, fused_backward_allowed
-from .mlp import get_act
 
 TOKEN_MIXERS: dict[str, type[nn.Module]] = {}
 
@@ -55,9 +55,8 @@ def token_mixer_layout(name: str) -> str:
 
 def _mixer_class(name: str) -> type[nn.Module]:
     if name not in TOKEN_MIXERS:
-        near = difflib.get_close_matches(name, TOKEN_MIXERS, n=3)
         raise ValueError(f"unknown token mixer {name!r}; expected one of {sorted(TOKEN_MIXERS)}"
-                         + (f" (did you mean {near[0]!r}?)" if near else ""))
+                         + suggest(name, TOKEN_MIXERS))
     return TOKEN_MIXERS[name]
 
 
@@ -69,9 +68,8 @@ def create_token_mixer(name: str, dim: int, options: dict, context: dict) -> nn.
     unknown = set(options) - accepted
     if unknown:
         bad = min(unknown)
-        near = difflib.get_close_matches(bad, accepted, n=1)
         raise TypeError(f"token mixer {name!r} has no option {bad!r}; it accepts {sorted(accepted)}"
-                        + (f" (did you mean {near[0]!r}?)" if near else ""))
+                        + suggest(bad, accepted))
     needed = {k: context[k] for k in getattr(cls, "stage_context", ())}
     return cls(dim, **options, **needed)
 
@@ -147,8 +145,7 @@ class Attention(nn.Module):
         # Unbinding dim 2 (not timm's permute to (3, B, heads, N, hd) then unbind) makes autograd's
         # backward stack the three gradients straight into qkv's (B, N, 3, heads, hd) layout: one
         # copy of 3*B*N*C floats per block instead of a stack and a second, reshaping copy. Same
-        # values and gradients bit for bit; measured 20-30 ms less per ViT-B block's train step
-        # at batch 32 on this project's 2-core CPU.
+        # values and gradients bit for bit. (The ViT rows of the README's CPU speed table time it.)
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # 3 x (B, N, heads, hd) -> (B, heads, N, hd)
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         x = x.transpose(1, 2).reshape(B, N, C)  # (B, heads, N, hd) -> (B, N, C)

@@ -10,8 +10,8 @@ YAML file can swap one for another by name through :data:`CHANNEL_MIXERS` /
 Names in the registry:
 
 ========================  ===================================================================
-``mlp``                   :class:`Mlp`, activation chosen by the ``act`` option (GELU default)
-``mlp_gelu``              :class:`Mlp` with exact (erf) GELU -- ViT / DeiT / timm ``Mlp``
+``mlp``                   :class:`Mlp`, activation chosen by the ``act`` option: exact (erf) GELU by
+                          default -- ViT / DeiT / timm ``Mlp``; alias ``mlp_gelu``
 ``mlp_squared_relu``      :class:`Mlp` with squared ReLU (Primer)
 ``geglu``                 :class:`GluMlp` with GELU gate (Shazeer 2020)
 ``reglu``                 :class:`GluMlp` with ReLU gate (Shazeer 2020)
@@ -19,6 +19,9 @@ Names in the registry:
 ``moe``                   :class:`zoo.layers.moe.MoE` (Switch-style mixture of experts)
 ``identity``              :class:`IdentityChannelMixer` (no channel mixing, no parameters)
 ========================  ===================================================================
+
+Aliases (:data:`CHANNEL_MIXER_ALIASES`) are other names of an entry, not entries: ``mlp_gelu`` builds
+exactly what ``mlp`` builds. Activations are named in :mod:`zoo.layers.activations`.
 
 ``identity`` versus the backbone's ``channel_mixer="none"`` (``zoo.models.specs.NO_CHANNEL_MIXER``,
 not an entry of this registry) -- they are NOT the same block:
@@ -37,103 +40,28 @@ not an entry of this registry) -- they are NOT the same block:
 
 from __future__ import annotations
 
-import difflib
 import functools
-import importlib
 import inspect
 from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
-from timm.layers import trunc_normal_
 from torch import nn
 
+from ..names import unknown_component
+from .activations import get_act
 from .fused import GeluMlpFunction, fused_backward_allowed
+from .init import trunc_normal_init_
+from .moe import MoE
 
 __all__ = [
-    "ACTIVATIONS",
     "CHANNEL_MIXERS",
+    "CHANNEL_MIXER_ALIASES",
     "GluMlp",
     "IdentityChannelMixer",
     "Mlp",
-    "QuickGELU",
-    "SquaredReLU",
-    "UnknownComponentError",
     "create_channel_mixer",
-    "get_act",
 ]
-
-
-class SquaredReLU(nn.Module):
-    """``relu(x) ** 2``, the activation found by Primer's search.
-
-    So et al. 2021, "Primer: Searching for Efficient Transformers for Language Modeling",
-    https://arxiv.org/abs/2109.08668 (section 3, "squared ReLU").
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.square(torch.relu(x))
-
-
-class QuickGELU(nn.Module):
-    """``x * sigmoid(1.702 x)``: the sigmoid approximation of GELU.
-
-    Hendrycks & Gimpel, "Gaussian Error Linear Units", https://arxiv.org/abs/1606.08415
-    (section 2); the activation of OpenAI's CLIP and of the official CvT models
-    (microsoft/CvT ``lib/models/cls_cvt.py``), whose weights expect it rather than exact GELU.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(1.702 * x)
-
-
-# Name -> activation module class. GELU is the exact erf form (nn.GELU() default), which is
-# what timm's Mlp and the original ViT/DeiT checkpoints use; the tanh form would make loaded
-# timm weights produce slightly different outputs.
-ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
-    "gelu": nn.GELU,
-    "gelu_tanh": functools.partial(nn.GELU, approximate="tanh"),
-    "relu": nn.ReLU,
-    "squared_relu": SquaredReLU,
-    "silu": nn.SiLU,
-    "quick_gelu": QuickGELU,  # CvT
-}
-
-
-class UnknownComponentError(KeyError, ValueError):
-    """A component name that is not registered; the message lists the nearest names.
-
-    Subclasses both ``KeyError`` (it is a failed registry look-up) and ``ValueError`` (it is a bad
-    config value), and prints its message without the quotes ``KeyError`` adds.
-    """
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else ""
-
-
-def _unknown_name(kind: str, name: str, known: Mapping[str, object]) -> UnknownComponentError:
-    near = difflib.get_close_matches(name, list(known), n=3, cutoff=0.5)
-    hint = f"did you mean {', '.join(repr(n) for n in near)}? " if near else ""
-    return UnknownComponentError(
-        f"unknown {kind} {name!r}; {hint}registered: {', '.join(sorted(known))}"
-    )
-
-
-def get_act(name: str) -> nn.Module:
-    """A fresh activation module by name: ``gelu`` (exact erf), ``gelu_tanh``, ``relu``,
-    ``squared_relu``, ``silu``."""
-    try:
-        factory = ACTIVATIONS[name]
-    except KeyError:
-        raise _unknown_name("activation", name, ACTIVATIONS) from None
-    return factory()
-
-
-def _init_linear(linear: nn.Linear) -> None:
-    # ViT / DeiT init (timm's VisionTransformer.init_weights): truncated normal std .02, zero bias.
-    trunc_normal_(linear.weight, std=0.02)
-    if linear.bias is not None:
-        nn.init.zeros_(linear.bias)
 
 
 class Mlp(nn.Module):
@@ -171,8 +99,8 @@ class Mlp(nn.Module):
     fc1_branches = 1  # fc1 computes this many hidden_dim-wide branches in one matmul (GLU: 2)
 
     def reset_parameters(self) -> None:
-        _init_linear(self.fc1)
-        _init_linear(self.fc2)
+        trunc_normal_init_(self.fc1.weight, self.fc1.bias)
+        trunc_normal_init_(self.fc2.weight, self.fc2.bias)
 
     def activate(self, h: torch.Tensor, channel_dim: int) -> torch.Tensor:
         """fc1's output -> fc2's input; ``channel_dim`` is -1 on tokens, 1 on maps."""
@@ -198,8 +126,10 @@ class Mlp(nn.Module):
     def forward_nchw(self, x: torch.Tensor) -> torch.Tensor:
         """The same function on a (B, C, H, W) map, as 1x1 convolutions with the linear weights.
 
-        On a channels_last map oneDNN runs these natively, measured ~1.8x faster per train step
-        of PoolFormer-S12 than permuting to (B, H, W, C) for a matmul (zoo/bench/speed.py).
+        On a channels_last map oneDNN runs these natively, reading and writing the map in place,
+        where a matmul would need the map permuted to (B, H, W, C) and back. The PoolFormer train
+        step this serves is timed against timm's in the README's CPU speed table
+        (``zoo_poolformer_s12`` row).
         """
         if self._can_fuse(x):
             x = GeluMlpFunction.apply(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
@@ -252,18 +182,19 @@ class IdentityChannelMixer(nn.Module):
 
 
 # Name -> constructor. ``functools.partial`` entries fix an option (e.g. the activation); those
-# fixed options cannot be overridden through ``options``. "moe" is registered by
-# ``zoo.layers.moe`` itself (imported at the end of this module), because moe.py builds on the
-# activations above and a module-level import in both directions would be circular.
+# fixed options cannot be overridden through ``options``.
 CHANNEL_MIXERS: dict[str, Callable[..., nn.Module]] = {
     "mlp": Mlp,
-    "mlp_gelu": functools.partial(Mlp, act="gelu"),
     "mlp_squared_relu": functools.partial(Mlp, act="squared_relu"),
     "geglu": functools.partial(GluMlp, act="gelu"),
     "reglu": functools.partial(GluMlp, act="relu"),
     "squared_relu_glu": functools.partial(GluMlp, act="squared_relu"),
+    "moe": MoE,
     "identity": IdentityChannelMixer,
 }
+# Alias -> the entry it names. An alias is resolved before anything else, so it takes the same
+# options as its entry.
+CHANNEL_MIXER_ALIASES: dict[str, str] = {"mlp_gelu": "mlp"}
 
 # Arguments every channel mixer takes directly; they are not "options".
 _COMMON_ARGS = ("dim", "hidden_dim", "bias", "drop")
@@ -295,14 +226,14 @@ def create_channel_mixer(
     """Build the channel mixer registered as ``name``.
 
     ``options`` are the class's own keyword options (e.g. ``{"num_experts": 8}`` for ``moe``,
-    ``{"act": "relu"}`` for ``mlp``). An unknown name raises :class:`UnknownComponentError`
-    (a ``KeyError`` and ``ValueError``) naming the nearest registered names; an unknown option
+    ``{"act": "relu"}`` for ``mlp``). An unknown name raises :class:`zoo.names.UnknownComponentError`
+    (a ``KeyError`` and ``ValueError``) naming the nearest registered name; an unknown option
     raises ``TypeError`` naming it and the valid ones.
     """
     try:
-        ctor = CHANNEL_MIXERS[name]
+        ctor = CHANNEL_MIXERS[CHANNEL_MIXER_ALIASES.get(name, name)]
     except KeyError:
-        raise _unknown_name("channel mixer", name, CHANNEL_MIXERS) from None
+        raise unknown_component("channel mixer", name, CHANNEL_MIXERS, CHANNEL_MIXER_ALIASES) from None
     options = dict(options or {})
     valid = _options_of(ctor)
     unknown = sorted(k for k in options if k not in valid)
@@ -314,8 +245,3 @@ def create_channel_mixer(
                if any(k in _COMMON_ARGS for k in unknown) else "")
         )
     return ctor(dim, hidden_dim=hidden_dim, bias=bias, drop=drop, **options)
-
-
-# Registers CHANNEL_MIXERS["moe"]. Imported last so that moe.py finds this module complete
-# whichever of the two is imported first (see the note above CHANNEL_MIXERS).
-importlib.import_module("zoo.layers.moe")

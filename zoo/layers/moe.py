@@ -25,10 +25,10 @@ import math
 
 import torch
 import torch.nn.functional as F
-from timm.layers import trunc_normal_
 from torch import nn
 
-from zoo.layers.mlp import CHANNEL_MIXERS, get_act
+from .activations import get_act
+from .init import trunc_normal_init_
 
 __all__ = ["MoE", "collect_aux_loss", "moe_modules", "reset_aux_loss"]
 
@@ -56,7 +56,7 @@ class MoE(nn.Module):
             experts), so nothing is dropped.
         eval_capacity_factor: the same in eval mode; ``None`` means use ``capacity_factor``
             (Switch evaluates with a larger one, e.g. 2.0; ``0`` = unlimited).
-        act: expert activation, a name for :func:`zoo.layers.mlp.get_act`.
+        act: expert activation, a name for :func:`zoo.layers.activations.get_act`.
         bias: biases in the expert linears (the router never has one).
         drop: dropout after the activation and after the second linear, as in ``Mlp``.
         router_noise: in training, Gaussian noise with std ``router_noise / num_experts`` is
@@ -72,9 +72,10 @@ class MoE(nn.Module):
         trim_capacity: in eager mode, shrink the buffer to the largest actual expert load when
             that is below the capacity. Outputs are identical (the trimmed slots would be empty
             and weighted 0); it saves the matmuls on padding. It needs the load on the host
-            (``int(counts.max())``): free on CPU, a device sync on GPU, where it measured slower
-            (H100, bf16, 64 x 197 tokens: 4.9-5.1 ms vs 3.7-4.2 ms fwd+bwd padded). ``None`` (default): trim
-            on CPU only. Always skipped under ``torch.compile`` so that shapes stay static.
+            (``int(counts.max())``): free on CPU, a device sync on GPU, where the host then waits for
+            the router instead of queueing the experts' kernels behind it, which costs more than
+            the padded matmuls it saves. ``None`` (default): trim on CPU only. Always skipped
+            under ``torch.compile`` so that shapes stay static.
 
     Init: expert weights truncated-normal std .02 and zero biases, like a ViT ``Mlp``; router
     truncated-normal std .02. (A zero router would tie all logits, and ``topk`` breaks ties by
@@ -151,12 +152,9 @@ class MoE(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        trunc_normal_(self.router.weight, std=0.02)
-        trunc_normal_(self.fc1_weight, std=0.02)
-        trunc_normal_(self.fc2_weight, std=0.02)
-        if self.fc1_bias is not None:
-            nn.init.zeros_(self.fc1_bias)
-            nn.init.zeros_(self.fc2_bias)
+        trunc_normal_init_(self.router.weight)
+        trunc_normal_init_(self.fc1_weight, self.fc1_bias)
+        trunc_normal_init_(self.fc2_weight, self.fc2_bias)
 
     def extra_repr(self) -> str:
         return (
@@ -376,7 +374,3 @@ def collect_aux_loss(model: nn.Module, *, reset: bool = True) -> torch.Tensor:
         return torch.stack(pending).sum()
     param = next(model.parameters(), None)
     return torch.zeros((), device=param.device if param is not None else None)
-
-
-# Register under the name YAML configs use; see the note above CHANNEL_MIXERS in mlp.py.
-CHANNEL_MIXERS["moe"] = MoE

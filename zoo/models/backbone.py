@@ -14,15 +14,16 @@ distillation tokens and a learned position embedding. The model speaks timm's in
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 
 import torch
-from timm.layers import DropPath, resample_abs_pos_embed, trunc_normal_
+from timm.layers import DropPath, resample_abs_pos_embed
 from timm.models._features import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..layers.embed import ConvEmbed
+from ..layers.init import trunc_normal_init_
 from ..layers.mixers import create_token_mixer, token_mixer_layout
 from ..layers.mlp import create_channel_mixer
 from ..layers.moe import moe_modules, reset_aux_loss
@@ -130,9 +131,10 @@ class Stage(nn.Module):
         x = self.embed(x)
         B, _, H, W = x.shape
         if self.layout == "nchw":
-            # channels_last on the CPU: oneDNN's pooling and 1x1 convolutions run natively on it
-            # (PoolFormer-S12 train step 1.7x timm's NCHW); on a GPU cuDNN is faster in NCHW (0.8x
-            # measured on an H100 in bf16), so maps stay as they come.
+            # channels_last on the CPU: oneDNN's pooling and 1x1 convolutions run natively on it,
+            # with no reorder between layers; on a GPU cuDNN's kernels are the faster ones in NCHW,
+            # so maps stay as they come there. Both are timed in the README's speed tables
+            # (zoo_poolformer_s12 on the CPU; the H100 table and the note under it).
             if x.device.type == "cpu":
                 x = x.contiguous(memory_format=torch.channels_last)
             return x, (H, W)
@@ -255,7 +257,7 @@ class ZooModel(nn.Module):
         for stage in self.stages:
             for t in (stage.cls_token, stage.dist_token, stage.pos_embed):
                 if t is not None:
-                    trunc_normal_(t, std=0.02)
+                    trunc_normal_init_(t)
         self._has_moe = bool(moe_modules(self))
 
     # ---- input checks -------------------------------------------------------------------
@@ -331,11 +333,7 @@ class ZooModel(nn.Module):
         sits on the map."""
         self._check_input(x)
         self._reset_aux_loss()
-        grid = self.stages[0].grid  # each stage's output grid, set by the loop before it is read
-        for i, stage in enumerate(self.stages):
-            if i:
-                x = self.stages[i - 1].to_map(x, grid)
-            x, grid = stage(x)
+        x, _ = self._run_stages(x)
         return self.norm(x) if self.spec.head_norm_on == "map" else x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -368,6 +366,27 @@ class ZooModel(nn.Module):
             return [(0, j) for j in range(len(self.stages[0].blocks))]
         return [(i, len(s.blocks) - 1) for i, s in enumerate(self.stages)]
 
+    def _run_stages(self, x: torch.Tensor, taps: Container[tuple[int, int]] = (), *, norm_taps: bool = False,
+                    stop: tuple[int, int | None] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The stage walk: each stage embeds the previous one's output (as an NCHW map) and runs its
+        blocks. Returns the last block's output and, at each (stage, block) of ``taps``, that block's
+        output as a map (through the final norm where ``norm_taps`` and the norm's stage). ``stop``:
+        the (stage, block) to end at, ``block`` None for the whole stage; None runs everything."""
+        last_stage, last_block = (len(self.stages) - 1, None) if stop is None else stop
+        intermediates = []
+        grid = self.stages[0].grid  # each stage's output grid, set by the loop before it is read
+        for i, stage in enumerate(self.stages[:last_stage + 1]):
+            if i:
+                x = self.stages[i - 1].to_map(x, grid)
+            x, grid = stage.embed_tokens(x)
+            blocks = stage.blocks if i < last_stage or last_block is None else stage.blocks[:last_block + 1]
+            for j, block in enumerate(blocks):
+                x = stage.run_blocks(x, grid, [block])
+                if (i, j) in taps:
+                    y = self.norm(x) if norm_taps and i == self._norm_stage else x
+                    intermediates.append(stage.to_map(y, grid))
+        return x, intermediates
+
     def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None,
                               norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
                               intermediates_only: bool = False):
@@ -384,18 +403,7 @@ class ZooModel(nn.Module):
         last_stage, last_block = taps[max_index] if stop_early else (len(self.stages) - 1, None)
         # The final norm is built for the last stage of the spec; it never applies to another stage.
         map_norm = self.spec.head_norm_on == "map" and self._norm_stage is not None
-        intermediates = []
-        grid = self.stages[0].grid  # set by the loop before it is read
-        for i, stage in enumerate(self.stages[:last_stage + 1]):
-            if i:
-                x = self.stages[i - 1].to_map(x, grid)
-            x, grid = stage.embed_tokens(x)
-            blocks = stage.blocks if i < last_stage or last_block is None else stage.blocks[:last_block + 1]
-            for j, block in enumerate(blocks):
-                x = stage.run_blocks(x, grid, [block])
-                if (i, j) in wanted:
-                    y = self.norm(x) if norm and map_norm and i == self._norm_stage else x
-                    intermediates.append(stage.to_map(y, grid))
+        x, intermediates = self._run_stages(x, wanted, norm_taps=norm and map_norm, stop=(last_stage, last_block))
         if intermediates_only:
             return intermediates
         if map_norm and last_stage == self._norm_stage:
@@ -434,11 +442,9 @@ def _prefixed(error: Exception, prefix: str) -> Exception:
 
 
 def _init_weights(m: nn.Module) -> None:
-    """timm's ViT / PoolFormer init: truncated normal 0.02 for linear and conv weights, zero bias."""
+    """timm's ViT / PoolFormer init (``zoo.layers.init``) of every linear and convolution."""
     if isinstance(m, (nn.Linear, nn.Conv2d)):
-        trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
+        trunc_normal_init_(m.weight, m.bias)
 
 
 def resize_pos_embed(pos_embed: torch.Tensor, new_grid: tuple[int, int], num_prefix_tokens: int) -> torch.Tensor:
