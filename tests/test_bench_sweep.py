@@ -186,7 +186,7 @@ def fake_sweep(tmp_path_factory):
 def test_every_arm_gets_the_same_budget_at_the_same_points(fake_sweep):
     tmp = fake_sweep["tmp"]
     studies = load(tmp)
-    args, plan = sweep.parse(fake_sweep["argv"])
+    _, plan = sweep.parse(fake_sweep["argv"])
     assert sorted(studies["tune"]) == sorted(ARMS.split(","))
     points = {}
     for arm, study in studies["tune"].items():
@@ -220,7 +220,10 @@ def test_the_reported_split_is_never_tuned_on(fake_sweep):
     held = create_dataset(tune[0].data, "val", None)
     train = create_dataset(final[0].data, "train", None)
     own_val = create_dataset(final[0].data, "val", None)
-    digest = lambda ds: {np.asarray(ds[i][0]).tobytes() for i in range(len(ds))}  # noqa: E731
+
+    def digest(ds) -> set[bytes]:
+        return {np.asarray(ds[i][0]).tobytes() for i in range(len(ds))}
+
     assert digest(held) <= digest(train) and len(held) == 0.2 * len(train)
     assert digest(own_val) - digest(train)  # the reported split holds images tuning never saw
 
