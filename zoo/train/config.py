@@ -116,9 +116,10 @@ class OptimConfig:
     def validate(self) -> None:
         if not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas: each must be in [0, 1), got {list(self.betas)}")
+        # Which optimizer reads which field is zoo.train.optim's table (imported here: optim imports config).
         from dataclasses import fields
 
-        from .optim import OPTIMIZERS, per_optimizer_fields  # the table says which fields each one reads
+        from .optim import OPTIMIZERS, per_optimizer_fields
 
         def shown(v: Any) -> str:  # as YAML writes it
             return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(to_dict(v))
