@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 
 import zoo
 from zoo.bench.counts import count_macs, count_params
+from zoo.models.poolformer import TIMM_HEAD as TIMM_POOLFORMER_HEAD
 from zoo.models.pretrained import CheckpointError
 
 POOLFORMERS = ["s12", "s24", "s36", "m36", "m48"]
@@ -23,8 +24,6 @@ VITS = [("zoo_vit_tiny_patch16_224", "vit_tiny_patch16_224"),
         ("zoo_deit_tiny_distilled_patch16_224", "deit_tiny_distilled_patch16_224"),
         ("zoo_deit_small_distilled_patch16_224", "deit_small_distilled_patch16_224"),
         ("zoo_deit_base_distilled_patch16_224", "deit_base_distilled_patch16_224")]
-# timm's PoolFormer port normalises the pooled vector, the official code the map (see poolformer.py)
-TIMM_POOLFORMER_HEAD = {"head_norm_on": "pooled", "head_norm": "layernorm"}
 
 
 def randomized(model: torch.nn.Module) -> torch.nn.Module:

@@ -32,12 +32,12 @@ import torch
 import zoo
 from zoo.bench.counts import count_macs, count_params
 from zoo.bench.stats import mean_ci
+from zoo.models.poolformer import TIMM_HEAD as TIMM_POOLFORMER_HEAD
 from zoo.models.registry import fixed_input_size
 
 # zoo name -> (timm name, overrides that make the zoo model compute exactly timm's function)
-_TIMM_POOLFORMER_HEAD = {"head_norm_on": "pooled", "head_norm": "layernorm"}
 TWINS: dict[str, tuple[str, dict]] = {
-    **{f"zoo_poolformer_{s}": (f"poolformer_{s}", _TIMM_POOLFORMER_HEAD) for s in ("s12", "s24", "s36", "m36", "m48")},
+    **{f"zoo_poolformer_{s}": (f"poolformer_{s}", TIMM_POOLFORMER_HEAD) for s in ("s12", "s24", "s36", "m36", "m48")},
     **{f"zoo_vit_{s}_patch16_224": (f"vit_{s}_patch16_224", {}) for s in ("tiny", "small", "base")},
     **{f"zoo_deit_{s}_distilled_patch16_224": (f"deit_{s}_distilled_patch16_224", {}) for s in ("tiny", "small", "base")},
     **{f"zoo_gmlp_{s}16_224": (f"gmlp_{s}16_224", {}) for s in ("ti", "s", "b")},
@@ -51,8 +51,8 @@ class PeakMemory:
     On CUDA, the caching allocator's statistics. The CPU allocator keeps none, so there the
     profiler records every allocation and free and :func:`peak_live_bytes` sums them in time order.
     Not the process RSS: glibc keeps freed heap pages and hands mmapped ones back, so how much RSS
-    grows during one step depends on what ran before it (it read 0 MB for ViT-S's train step after
-    ViT-Ti's had run).
+    grows during one step depends on what ran before it (a step can grow it by nothing when an
+    earlier, bigger one left the pages behind; tests/test_bench.py checks that this peak does not).
     """
 
     def __init__(self, device: torch.device):

@@ -18,6 +18,9 @@ PAPER = "PoolFormer, https://arxiv.org/abs/2111.11418"
 
 
 STEM = EmbedSpec(7, 4, 2)  # 7x7 stride-4 patch embedding of the ImageNet models
+# The overrides that make a zoo PoolFormer compute timm's function: timm's MetaFormer port
+# normalises the pooled vector with a LayerNorm where the official code normalises the map.
+TIMM_HEAD = {"head_norm_on": "pooled", "head_norm": "layernorm"}
 
 
 def poolformer(depths: tuple[int, ...], dims: tuple[int, ...], layer_scale: float, *,
@@ -58,7 +61,7 @@ register_layout(Layout(
     ),
     note=lambda model: None if model.spec.head_norm_on == "pooled" else (
         "timm's PoolFormer normalises the pooled vector, this model the feature map (as the official code): "
-        "create it with head_norm_on='pooled', head_norm='layernorm' for timm's exact logits"),
+        f"create it with {', '.join(f'{k}={v!r}' for k, v in TIMM_HEAD.items())} for timm's exact logits"),
 ))
 # The official sail-sg code: patch_embed, then network = [stage0, down1, stage1, down2, ...].
 register_layout(Layout(
