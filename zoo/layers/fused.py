@@ -4,8 +4,9 @@ A layer's forward saves activations for its backward; autograd's backward then a
 buffer for every gradient, though the activation of the same shape is dead by the time that
 gradient is written. On the CPU, glibc serves every buffer over 32 MB with a fresh mmap (a ViT-B
 hidden activation at batch 32 is 77 MB), zero-filled and faulted in 4 KB at a time when first
-written, and smaller ones with whatever the heap holds: on this project's 2-core machines ~12 %
-of a ViT-B train step's CPU time is the kernel doing that (see ../shared/DESIGN.md, Measuring).
+written, and smaller ones with whatever the heap holds, so a train step spends a share of its CPU
+time in the kernel faulting pages in. How large that share is, and what these Functions save of
+it, is measured in the README (Benchmarks, the paragraphs under the CPU speed table).
 The Functions here run the same forward ops as the plain modules and write their gradients over
 the dead activations instead (or, on maps, over a gradient buffer the convolution backward already
 allocated).
@@ -60,14 +61,12 @@ class GeluMlpFunction(torch.autograd.Function):
     On tokens, autograd's backward allocates two hidden-width buffers: the gradient of the
     activation (``grad @ fc2.weight``) and that of fc1's output (``gelu_backward``). Both have the
     shape of the saved activation ``a``, which is dead once fc2's weight gradient is taken, so both
-    are written over ``a``. Measured ~6 % off a ViT-B MLP's forward+backward on this project's
-    2-core CPU.
+    are written over ``a``.
 
     On maps, oneDNN's convolution backward allocates the activation's gradient itself, so only
     ``gelu_backward``'s buffer is saved: it writes over that gradient instead of a fresh one (the
-    activations stay intact, so a retained graph needs no recompute). A PoolFormer-S12 train step at
-    batch 32 on the same CPU faults in ~13 % fewer pages (232 k against 267 k) and spends 0.66 s in
-    the kernel instead of 0.94 s.
+    activations stay intact, so a retained graph needs no recompute). The page faults this saves a
+    PoolFormer-S12 train step are in the README, beside its row of the CPU speed table.
     """
 
     @staticmethod
