@@ -145,7 +145,7 @@ class Attention(nn.Module):
         # Unbinding dim 2 (not timm's permute to (3, B, heads, N, hd) then unbind) makes autograd's
         # backward stack the three gradients straight into qkv's (B, N, 3, heads, hd) layout: one
         # copy of 3*B*N*C floats per block instead of a stack and a second, reshaping copy. Same
-        # values and gradients bit for bit. (The ViT rows of the README's CPU speed table time it.)
+        # values and gradients bit for bit; the README's CPU speed table (ViT / DeiT rows) times the step.
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # 3 x (B, N, heads, hd) -> (B, heads, N, hd)
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         x = x.transpose(1, 2).reshape(B, N, C)  # (B, heads, N, hd) -> (B, N, C)

@@ -24,7 +24,8 @@ from .specs import ModelSpec, apply_overrides
 _SPECS: dict[str, ModelSpec] = {}
 # timm models that zoo treats as baselines: created by zoo.create_model, never modified.
 # resnet10t (timm's tiered-stem ResNet-10, 4.9 M parameters) is the baseline whose MNIST-5k weights
-# weights/ ships: resnet18's 11.2 M parameters alone would take 22 MB of weights/' 30 MB in fp16.
+# weights/ ships: resnet18's 11.2 M parameters alone would take 22 MB of weights/' 30 MB in fp16
+# (README, Pretrained weights).
 BASELINES = ("resnet10t", "resnet18", "resnet26", "resnet34", "resnet50", "resnet101")
 
 
