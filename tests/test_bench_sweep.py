@@ -232,6 +232,7 @@ def test_pruning_is_on_by_default_and_its_saving_printed(fake_sweep):
     studies = load(fake_sweep["tmp"])
     pruned = [t for s in studies["tune"].values() for t in finished_once(s).values() if t.state.name == "PRUNED"]
     assert pruned, "the toy sweep should prune"
+    assert all(t.user_attrs["epochs_done"] < 3 for t in pruned)  # never at the last epoch: that saves nothing
     saved = sum(3 - t.user_attrs["epochs_done"] for t in pruned)
     assert f"saved {saved} of 30 tuning epochs" in fake_sweep["out"]
     assert "A pruned trial counts as not reaching the bar" in fake_sweep["out"]
@@ -286,6 +287,7 @@ def test_a_storage_with_another_design_is_refused(fake_sweep, capsys):
     md = (tmp / "results" / "sweep_mnist5k.md").read_text()
     n = len(CALLS)
     assert sweep.main(fake_sweep["argv"], train_fn=fake_run) == 0
+    assert sweep.main([*fake_sweep["argv"], "--report-only"], train_fn=fake_run) == 0
     assert len(CALLS) == n and (tmp / "results" / "sweep_mnist5k.md").read_text() == md
 
 

@@ -63,7 +63,7 @@ def cpu_model() -> str:
 
 
 def environment(threads: int | None = None) -> dict[str, Any]:
-    """What produced a table: commit, date, CPU, threads, versions."""
+    """What produced a table: commit, date, CPU, threads (the runs'; default this process's), versions."""
     import timm
     import torch
 

@@ -283,7 +283,8 @@ def objective(plan: Plan, arm: Arm, trial, train_fn: Callable) -> float:
         if final:
             return False
         trial.report(record["val_err1"], record["epoch"])
-        return plan.prune and trial.should_prune()
+        # never at the last epoch: stopping there saves nothing and would only relabel a finished trial
+        return plan.prune and record["epoch"] < plan.epochs and trial.should_prune()
 
     try:
         result = train_fn(cfg, resume="auto", on_epoch=on_epoch)
@@ -408,7 +409,8 @@ def report(plan: Plan, studies: Studies, params: dict[str, int], bar: float | No
     text = sweep_table.markdown(table, plan.baseline, bar, notes)
     x = next((d for d in plan.dims if d.name == "lr"), plan.dims[0])
     sweep_table.plot(rows, labels, bar, x.name, x.log, sens, dist, f"{plan.study}: {plan.trials} trials an arm")
-    meta = {"command": command_line(PROG, argv), **environment(), "design": plan.design(), "bar": bar,
+    threads = plan.config(plan.arms[0], plan.points()[0], seed=0, holdout=0.0, name="x").train.num_threads
+    meta = {"command": command_line(PROG, argv), **environment(threads), "design": plan.design(), "bar": bar,
             "bar_rule": why, "epochs_saved": saved, "epochs_full": full,
             "trials": [vars(r) for r in rows]}
     write_results(results, stem, text, table, sweep_table.COLUMNS, meta)
@@ -478,6 +480,7 @@ def main(argv: list[str] | None = None, train_fn: Callable | None = None) -> int
         print(f"zoo.bench sweep: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
     import optuna
+    import sqlalchemy
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -489,6 +492,10 @@ def main(argv: list[str] | None = None, train_fn: Callable | None = None) -> int
         studies = Studies(plan, open_storage(url, args.heartbeat, args.grace))
     except DesignError as e:
         print(f"zoo.bench sweep: {e}", file=sys.stderr)
+        return 2
+    except (sqlalchemy.exc.SQLAlchemyError, ValueError, ImportError) as e:  # unreachable or malformed: one line
+        print(f"zoo.bench sweep: --storage {url}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}",
+              file=sys.stderr)
         return 2
     print(f"sweep {plan.study}: {len(plan.arms)} arms x {plan.trials} trials of {plan.epochs} epochs, "
           f"space {', '.join(map(str, plan.dims))}, then {plan.seeds} seeds each; storage {url}", flush=True)

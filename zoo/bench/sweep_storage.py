@@ -50,10 +50,13 @@ def open_storage(url: str, heartbeat: int, grace: int):
                 storage = optuna.storages.RDBStorage(url, engine_kwargs=kw, heartbeat_interval=heartbeat,
                                                      grace_period=grace, **hook)
                 break
-            except sqlalchemy.exc.SQLAlchemyError:
-                # Two workers creating a new storage's tables at once: one loses the race (its
-                # version row is a duplicate) and finds the tables made on its next try.
-                if attempt == 5:
+            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError,
+                    sqlalchemy.exc.OperationalError) as e:
+                # Two workers creating a new storage's tables at once: one loses the race (a
+                # duplicate version row or table) and finds the tables made on its next try.
+                race = not isinstance(e, sqlalchemy.exc.OperationalError) or any(
+                    w in str(e) for w in ("already exists", "locked"))
+                if attempt == 5 or not race:
                     raise
                 time.sleep(0.2 + random.random())
     if url.startswith("sqlite"):  # write-ahead log: readers do not wait for a writer; no fsync per commit

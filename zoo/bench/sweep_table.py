@@ -21,6 +21,7 @@ from typing import Any
 
 from scipy import stats as _scipy_stats
 
+from zoo.atomic import atomic_write
 from zoo.bench.stats import diff_ci, fmt_ci, mean_ci
 
 COLUMNS = ["arm", "params_m", "best_config", "best_tuning_err", "final_err", "final_err_ci95", "final_seeds",
@@ -173,7 +174,7 @@ def plot(trials: list[TrialRow], arms: list[str], bar: float, x_param: str, x_lo
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(sensitivity, dpi=120)
+    atomic_write(sensitivity, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(arms) + 2), 4.5))
@@ -191,5 +192,5 @@ def plot(trials: list[TrialRow], arms: list[str], bar: float, x_param: str, x_lo
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
-    fig.savefig(distribution, dpi=120)
+    atomic_write(distribution, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
