@@ -36,11 +36,17 @@ Libraries, and why:
   AdamW`` on everything else (stem/patch embeddings, head, norms, biases, layer scales, tokens,
   position embeddings), as Keller Jordan's post and torch's own Muon docs prescribe. Muon's
   learning rate is matched to AdamW's the Moonlight way (Liu et al. 2025, "Muon is Scalable for
-  LLM Training", sec. 2.2: scale each matrix's update by 0.2 * sqrt(max(A, B)), torch's
+  LLM Training", arXiv 2502.16982: scale each matrix's update by 0.2 * sqrt(max(A, B)), torch's
   ``adjust_lr_fn="match_rms_adamw"``), which lets Muon reuse the lr and weight decay tuned for
   AdamW: its groups carry ``lr_scale`` 1.0 relative to the configured lr (the loop sets
   ``g["lr"] = lr_at(step) * g.get("lr_scale", 1.0)``). The two are one optimizer for the loop
   through ``CombinedOptimizer`` (why our own: below).
+
+What a step costs here (same CPU, one run, the optimizers interleaved, 1 thread, median of 10
+steps after 3, zoo_poolformer_mini_32 at batch 64), as a multiple of that model's forward+backward:
+sgd 0.02x, lion and adamw 0.06x, lamb 0.09x, sm3 0.10x, muon 0.21x, soap 0.9x, kron 2.6x (eager,
+timm's update-every-step phase), shampoo 10x (every param's inverse roots by SVD at every step,
+its default; ``optim.precondition_frequency`` spaces them out).
 
 Why no ``timm.scheduler`` object: a scheduler is state that has to be stepped the right number
 of times, saved and restored -- and Accelerate steps a *prepared* scheduler once per process.
@@ -66,7 +72,8 @@ from torch import nn
 from .config import OptimConfig, TrainConfig
 from .strict import ConfigError
 
-__all__ = ["OPTIMIZERS", "CombinedOptimizer", "OptimizerSpec", "create_optimizer", "lr_at", "peak_lr"]
+__all__ = ["MUON_LR_SCALE", "OPTIMIZERS", "CombinedOptimizer", "OptimizerSpec", "create_optimizer", "lr_at",
+           "muon_param_sets", "peak_lr", "per_optimizer_fields"]
 
 
 def peak_lr(cfg: TrainConfig) -> float:
@@ -204,7 +211,8 @@ class CombinedOptimizer(torch.optim.Optimizer):
     param groups of its own, so an lr set on them never reaches the parts. Here ``param_groups``
     are the parts' own group dicts (so ``g["lr"] = ...`` reaches them), and the state dict is the
     parts' state dicts by name (tensors and plain containers only, as ``torch.load(weights_only=
-    True)`` wants). ``Optimizer.__init__`` is not called: the parts own the groups and the state.
+    True)`` wants). ``Optimizer.__init__`` is not called: the parts own the groups and the state
+    (so there are no step hooks on the combination; register them on a part).
     """
 
     def __init__(self, parts: Mapping[str, torch.optim.Optimizer]):
@@ -245,6 +253,12 @@ class CombinedOptimizer(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         raise NotImplementedError("add a param group to one of CombinedOptimizer.parts")
+
+    def __getstate__(self) -> dict[str, Any]:  # Optimizer's would pickle the views, not the parts
+        return self.__dict__
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={type(v).__name__}' for k, v in self.parts.items())})"

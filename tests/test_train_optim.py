@@ -1,0 +1,160 @@
+"""Every optimizer of ``optim.name``: it trains, it resumes bit for bit on the CPU (preconditioners
+included), muon splits the params as its authors prescribe, and a wrong name is a one-line error.
+
+CI-sized: a ~11 k-parameter two-stage PoolFormer (``model.spec`` below), a few steps of batch 16.
+"""
+
+from __future__ import annotations
+
+import typing
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_train_loop import _assert_same_weights, _cfg, _steps
+
+import zoo
+from zoo.models import Block
+from zoo.train import ConfigError, load_config, run
+from zoo.train.config import OptimConfig
+from zoo.train.optim import (
+    OPTIMIZERS,
+    CombinedOptimizer,
+    create_optimizer,
+    muon_param_sets,
+)
+
+NAMES = list(typing.get_args(typing.get_type_hints(OptimConfig)["name"]))
+
+
+def _stage(dim: int) -> str:
+    return (f"{{depth: 1, dim: {dim}, embed: {{kernel: 3, stride: 2, padding: 1}}, token_mixer: pooling, "
+            f"mixer_options: {{pool_size: 3}}, channel_mixer: mlp, mlp_ratio: 2.0, norm: groupnorm1, "
+            f"layer_scale: 1.0}}")  # not 1e-5: SGD would move norm2 by less than a float32 ulp
+
+
+TINY_MODEL = f"model.spec={{stages: [{_stage(16)}, {_stage(32)}]}}"
+# Preconditioners refreshed every 2nd step, so that the refresh after the resume reads restored state.
+EXTRA = {"soap": ["optim.precondition_frequency=2"], "shampoo": ["optim.precondition_frequency=2"],
+         "kron": ["optim.precondition_frequency=2"]}
+
+
+def test_the_table_is_the_config_literal():
+    assert set(OPTIMIZERS) == set(NAMES)
+    import timm.optim
+
+    assert {"adamw", "sgd", "lamb", "lion", "kron"} <= set(timm.optim.list_optimizers())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_builds_from_config_and_trains(name):
+    cfg = load_config(None, [f"optim.name={name}", "optim.lr=1e-2", TINY_MODEL, *EXTRA.get(name, [])])
+    torch.manual_seed(0)
+    model = zoo.create_model(cfg.model.name, num_classes=10, in_chans=1, **cfg.model.spec)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = create_optimizer(model, cfg)
+    # DeiT's rule: no decay on 1-d params, decay on the others, whatever the optimizer.
+    decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    assert {id(p) for p in model.parameters()} == set(decay)
+    assert all(decay[id(p)] == (0.0 if p.ndim <= 1 else cfg.optim.weight_decay) for p in model.parameters())
+    x, y = torch.randn(16, 1, 32, 32, generator=torch.Generator().manual_seed(0)), torch.arange(16) % 10
+    losses = []
+    for _ in range(4):
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
+    still = [n for n, p in model.named_parameters() if torch.equal(p, before[n])]
+    assert not still, f"{name}: parameters that never moved: {still}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_resume_is_bit_identical(tmp_path, name):
+    """4 steps in one go == 2 steps, checkpoint, a new run() resuming for the other 2 (96 images:
+    6 steps an epoch, so both stops fall mid-epoch)."""
+    common = [f"optim.name={name}", "optim.lr=1e-2", TINY_MODEL, *EXTRA.get(name, []), "train.precision=fp32",
+              "train.num_threads=1", "train.limit_train=96", "train.limit_val=16", "train.batch_size=16",
+              "train.epochs=1"]
+    ref = run(_cfg(tmp_path, *common, "train.max_steps=4", name="ref"))
+    first = run(_cfg(tmp_path, *common, "train.max_steps=2", "checkpoint.every_steps=2", name="split"))
+    assert first.steps == 2
+    resumed = run(_cfg(tmp_path, *common, "train.max_steps=4", "checkpoint.every_steps=2", name="split"),
+                  resume="auto")
+    assert ref.steps == resumed.steps == 4
+    losses = [s["loss"] for s in _steps(ref.run_dir)]
+    assert len(set(losses)) > 1 and all(not s["skipped"] for s in _steps(ref.run_dir))
+    assert losses == [s["loss"] for s in _steps(resumed.run_dir)]
+    for f in ("model_last.safetensors", "model_ema.safetensors"):
+        _assert_same_weights(ref.run_dir / f, resumed.run_dir / f)
+
+
+@pytest.mark.parametrize("model_name", ["zoo_vit_mini_32", "zoo_poolformer_mini_32"])
+def test_muon_takes_the_blocks_2d_weights_and_adamw_the_rest(model_name):
+    cfg = load_config(None, ["optim.name=muon", "optim.lr=1e-3"])
+    model = zoo.create_model(model_name, num_classes=10)
+    opt = create_optimizer(model, cfg)
+    assert isinstance(opt, CombinedOptimizer) and set(opt.parts) == {"muon", "adamw"}
+    assert isinstance(opt.parts["muon"], torch.optim.Muon) and isinstance(opt.parts["adamw"], torch.optim.AdamW)
+    names = {id(p): n for n, p in model.named_parameters()}
+    in_muon = {names[id(p)] for g in opt.parts["muon"].param_groups for p in g["params"]}
+    in_adamw = {names[id(p)] for g in opt.parts["adamw"].param_groups for p in g["params"]}
+    blocks_2d = {n for n, p in model.named_parameters() if ".blocks." in n and p.ndim == 2}
+    assert in_muon == blocks_2d and in_adamw == set(names.values()) - blocks_2d
+    assert {names[id(p)] for p in muon_param_sets(model)[0]} == blocks_2d
+    assert any(".fc1." in n for n in in_muon)
+    assert any(n.startswith("head.") for n in in_adamw) and any(".embed." in n for n in in_adamw)
+    if model_name == "zoo_vit_mini_32":
+        assert any("qkv.weight" in n for n in in_muon)
+        assert {"stages.0.cls_token", "stages.0.pos_embed"} <= in_adamw
+    # One optimizer for the loop: its groups are the parts' own dicts, Muon's at lr_scale 1 (Moonlight).
+    for g in opt.param_groups:
+        g["lr"] = 0.5 * g.get("lr_scale", 1.0)
+    assert all(g["lr"] == 0.5 for o in opt.parts.values() for g in o.param_groups)
+    assert all(g["lr_scale"] == 1.0 and g["adjust_lr_fn"] == "match_rms_adamw" for g in opt.parts["muon"].param_groups)
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(names)
+
+
+def test_muon_without_block_matrices_is_a_config_error():
+    model = zoo.create_model("resnet10t", num_classes=10)
+    assert not any(isinstance(m, Block) for m in model.modules())
+    with pytest.raises(ConfigError, match="muon needs 2-D weight matrices"):
+        create_optimizer(model, load_config(None, ["optim.name=muon"]))
+
+
+def test_combined_state_dict_round_trips_through_weights_only_load(tmp_path):
+    cfg = load_config(None, ["optim.name=muon", TINY_MODEL])
+    torch.manual_seed(0)
+    model = zoo.create_model(cfg.model.name, num_classes=10, in_chans=1, **cfg.model.spec)
+    opt = create_optimizer(model, cfg)
+    F.cross_entropy(model(torch.randn(4, 1, 32, 32)), torch.arange(4)).backward()
+    opt.step()
+    torch.save(opt.state_dict(), tmp_path / "opt.bin")
+    fresh = create_optimizer(model, cfg)
+    fresh.load_state_dict(torch.load(tmp_path / "opt.bin", weights_only=True))
+    for name, part in opt.parts.items():
+        for p in (p for g in part.param_groups for p in g["params"]):
+            a, b = part.state[p], fresh.parts[name].state[p]
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert len(fresh.state) == len(opt.state) == len(list(model.parameters()))
+
+
+def test_unknown_name_is_one_line_naming_the_nearest():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["optim.name=sopa"])
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("optim.name: 'sopa' is not one of") and "(did you mean 'soap'?)" in msg
+
+
+@pytest.mark.parametrize("override, name, users", [
+    ("optim.betas=[0.9, 0.95]", "lion", "adamw, lamb, muon"),
+    ("optim.momentum=0.8", "adamw", "sgd, kron"),
+    ("optim.precondition_frequency=5", "adamw", "kron, soap, shampoo"),
+    ("optim.nesterov=false", "muon", "sgd"),
+])
+def test_a_field_the_optimizer_does_not_read_is_an_error(override, name, users):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [f"optim.name={name}", override])
+    key = override.split("=")[0]
+    assert str(e.value).startswith(f"{key}: optim.name {name!r} does not use it (read by {users})")
