@@ -45,7 +45,7 @@ def _error(*overrides: str, path: Path | None = None) -> str:
         ("train.batch_size=0", "train.batch_size: 0 is out of range (must be >= 1); nearest valid value: 1"),
         ("ema.decay=1.5", "ema.decay: 1.5 is out of range (must be >= 0 and < 1)"),
         ("schedule.name=cosin", "schedule.name: 'cosin' is not one of 'cosine', 'constant' (did you mean 'cosine'?)"),
-        ("train.precision=fp8", "train.precision: 'fp8' is not one of 'fp32', 'bf16', 'fp16'"),
+        ("train.precision=fp8", "train.precision: 'fp8' is not one of 'auto', 'fp32', 'bf16', 'fp16'"),
         ("aug.hflip=2", "aug.hflip: must be in [0, 1]"),  # the data side's validate(), prefixed
         ("data.num_workers=-1", "data.num_workers: must be >= 0"),
         ("optim.lr.x=1", "'optim.lr' is a value, not a section"),

@@ -21,17 +21,16 @@ def close_names(name: str, choices: Iterable[str], n: int = 1) -> list[str]:
     return difflib.get_close_matches(name, list(choices), n=n, cutoff=CUTOFF)
 
 
-def suggest(name: str, choices: Iterable[str] | Mapping[str, str]) -> str:
+def suggest(name: str, choices: Iterable[str], shown_as: Mapping[str, str] | None = None) -> str:
     """``" (did you mean 'x'?)"`` naming the choice nearest to ``name``, or ``""`` when none is near.
 
-    ``choices`` may be a mapping from the name compared with ``name`` to the name to suggest
-    (a config key's leaf ``lr`` to its full key ``optim.lr``).
+    ``choices`` are the names compared with ``name`` (a registry dict gives its keys);
+    ``shown_as`` maps a choice to the name to suggest (a config key's leaf ``lr`` to ``optim.lr``).
     """
-    near = close_names(name, choices)
+    near = close_names(name, list(choices))
     if not near:
         return ""
-    hit = choices[near[0]] if isinstance(choices, Mapping) else near[0]
-    return f" (did you mean {hit!r}?)"
+    return f" (did you mean {(shown_as or {}).get(near[0], near[0])!r}?)"
 
 
 class UnknownComponentError(KeyError, ValueError):

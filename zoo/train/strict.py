@@ -69,7 +69,8 @@ def _suggest_key(word: str, prefix: str, fields: list[str], root: type) -> str:
     leaves: dict[str, str] = {}
     for k in flat_keys(root):
         leaves.setdefault(k.rsplit(".", 1)[-1], k)  # the shallowest key with that leaf name
-    return suggest(word, {f: prefix + f for f in fields}) or suggest(word.rsplit(".", 1)[-1], leaves)
+    return (suggest(word, fields, shown_as={f: prefix + f for f in fields})
+            or suggest(word.rsplit(".", 1)[-1], leaves, shown_as=leaves))
 
 
 def flat_keys(cls: type, prefix: str = "") -> list[str]:
