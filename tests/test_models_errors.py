@@ -76,7 +76,7 @@ EMBED = EmbedSpec(4, 4)
     (lambda: StageSpec(depth=2, dim="8", embed=EMBED), ["dim", "'8'", "int"]),
     (lambda: StageSpec(depth=2, dim=8, embed=EMBED, share_group=0), ["share_group", ">= 1"]),
     (lambda: StageSpec(depth=2, dim=8, embed=EMBED, mlp_ratio=0), ["mlp_ratio", "> 0"]),
-    (lambda: ModelSpec(stages=(StageSpec(2, 8, EMBED),), global_pool="max"), ["global_pool", "'max'", "avg"]),
+    (lambda: ModelSpec(stages=(StageSpec(2, 8, EMBED),), global_pool="map"), ["global_pool", "'map'", "avg"]),
     (lambda: ModelSpec(stages=(StageSpec(2, 8, EMBED),), head_norm_on="tokens"), ["head_norm_on", "pooled"]),
     (lambda: ModelSpec(stages=(StageSpec(2, 8, EMBED),), num_classes=2.5), ["num_classes", "2.5", "int"]),
     (lambda: ModelSpec(stages=(StageSpec(2, 8, EMBED),), in_chans=True), ["in_chans", "int"]),
@@ -113,16 +113,19 @@ def test_stage_build_errors_name_model_and_stage():
         zoo.models.backbone.ZooModel(dataclasses.replace(spec, stages=tuple(stages)), name="mini")
 
 
-# ---- 4. reset_classifier(0, "") --------------------------------------------------------------
+# ---- 4. reset_classifier(0) keeps the pool, (0, "") turns it off, as timm ---------------------
 
-@pytest.mark.parametrize("name", ["zoo_poolformer_mini_32", "zoo_vit_mini_32"])
-def test_reset_classifier_accepts_empty_pool(name):
+@pytest.mark.parametrize("name, unpooled", [("zoo_poolformer_mini_32", (2, 192, 2, 2)),
+                                            ("zoo_vit_mini_32", (2, 65, 128))])
+def test_reset_classifier_empty_pool_is_no_pooling(name, unpooled):
     model = zoo.create_model(name).eval()
     pool = model.global_pool
-    model.reset_classifier(0, "")
+    model.reset_classifier(0)
     assert model.global_pool == pool and isinstance(model.head, nn.Identity)
     with torch.no_grad():
         assert model(X32).shape == (2, model.num_features)
+        model.reset_classifier(0, "")
+        assert model.global_pool == "" and model(X32).shape == unpooled
 
 
 # ---- 5. forward_intermediates / prune -----------------------------------------------------------

@@ -121,14 +121,75 @@ def test_save_pretrained_round_trip(tmp_path):
     save_pretrained(ref, tmp_path / "saved", metadata={"top1": 99.0})
     config = json.loads((tmp_path / "saved" / "config.json").read_text())
     assert config["architecture"] == NAME and config["metadata"] == {"top1": 99.0}
-    assert config["overrides"]["num_classes"] == 10 and config["overrides"]["drop_path_rate"] == 0.1
-    assert {s["token_mixer"] for s in config["overrides"]["stages"]} == {"identity"}
+    # timm's Hugging Face layout (timm.models.save_for_hf): our overrides are its model_args
+    assert config["num_classes"] == 10 and config["num_features"] == ref.num_features
+    assert config["pretrained_cfg"]["mean"] == list(ref.pretrained_cfg["mean"])
+    assert config["model_args"]["num_classes"] == 10 and config["model_args"]["drop_path_rate"] == 0.1
+    assert {s["token_mixer"] for s in config["model_args"]["stages"]} == {"identity"}
     assert (tmp_path / "saved" / "model.safetensors").is_file()
     again = from_pretrained(tmp_path / "saved")
     assert same_outputs(again, ref)
     # the folder also loads into a model built by name, as any pretrained path
     by_name = zoo.create_model(NAME, num_classes=10, token_mixer="identity", pretrained=str(tmp_path / "saved"))
     assert same_outputs(by_name, ref)
+
+
+def _timm_local_dir(path, **kw):
+    import timm
+
+    return timm.create_model(f"local-dir:{path}", pretrained=True, **kw)
+
+
+def test_timm_local_dir_builds_the_saved_model(tmp_path):
+    """timm.create_model("local-dir:PATH") on a zoo folder: the same classes, mixer and outputs."""
+    ref = make(token_mixer="identity")
+    save_pretrained(ref, tmp_path / "saved")
+    again = _timm_local_dir(tmp_path / "saved")
+    assert again.num_classes == 10 and again.spec.stages[0].token_mixer == "identity"
+    assert same_outputs(again, ref)
+    assert again.pretrained_cfg["source"] == "local-dir"
+    baseline = make("resnet10t")
+    save_pretrained(baseline, tmp_path / "r10")
+    assert same_outputs(_timm_local_dir(tmp_path / "r10"), baseline)
+
+
+def test_folder_saved_before_timm_layout_still_loads(tmp_path):
+    """The first zoo layout ({architecture, overrides, format, metadata}) loads through both doors."""
+    ref = make(token_mixer="identity")
+    save_pretrained(ref, tmp_path / "old")
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    old = {"architecture": NAME, "overrides": config["model_args"], "format": "zoo", "metadata": {}}
+    (tmp_path / "old" / "config.json").write_text(json.dumps(old))
+    assert same_outputs(from_pretrained(tmp_path / "old"), ref)
+    assert same_outputs(_timm_local_dir(tmp_path / "old"), ref)
+
+
+@pytest.mark.parametrize("write, match", [
+    (None, r"config\.json: no such file"),
+    ("{not json", r"config\.json: not valid JSON"),
+    ('{"architecture": "zoo_nope"}', r"config\.json: unknown architecture 'zoo_nope'"),
+    ('{"architecture": "zoo_poolformer_mini_32", "model_args": [1]}', r"config\.json: 'model_args' must be"),
+])
+def test_bad_folder_is_one_line_naming_the_file(tmp_path, write, match):
+    save_pretrained(make(), tmp_path / "f")
+    if write is None:
+        (tmp_path / "f" / "config.json").unlink()
+    else:
+        (tmp_path / "f" / "config.json").write_text(write)
+    with pytest.raises(CheckpointError, match=match) as info:
+        from_pretrained(tmp_path / "f")
+    assert "\n" not in str(info.value)
+
+
+def test_weights_that_do_not_fit_the_config_are_refused(tmp_path):
+    """A config naming another model than the weights: an error naming the file, never another model."""
+    save_pretrained(make(), tmp_path / "f")
+    config = json.loads((tmp_path / "f" / "config.json").read_text())
+    config["model_args"] = {"num_classes": 10, "mlp_ratio": 2.0}
+    (tmp_path / "f" / "config.json").write_text(json.dumps(config))
+    for load in (from_pretrained, _timm_local_dir):
+        with pytest.raises(CheckpointError, match=r"model\.safetensors: weights do not fit zoo_poolformer_mini_32"):
+            load(tmp_path / "f")
 
 
 def test_save_pretrained_baseline(tmp_path):

@@ -13,22 +13,85 @@ distillation tokens and a learned position embedding. The model speaks timm's in
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Container, Sequence
 
 import torch
 from timm.layers import DropPath, resample_abs_pos_embed
-from timm.models._features import feature_take_indices
+from timm.models import register_notrace_function, register_notrace_module
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..layers.embed import ConvEmbed
 from ..layers.init import trunc_normal_init_
-from ..layers.mixers import create_token_mixer, token_mixer_layout
+from ..layers.mixers import TOKEN_MIXERS, SpatialGating, create_token_mixer, token_mixer_layout
 from ..layers.mlp import create_channel_mixer
-from ..layers.moe import moe_modules, reset_aux_loss
+from ..layers.moe import MoE, moe_modules, reset_aux_loss
 from ..layers.norm import create_norm
 from .specs import NO_CHANNEL_MIXER, ModelSpec, StageSpec
+
+# FX (torchvision's feature extraction, timm's fx tests) traces with timm's leaf modules: these two
+# branch on the token count / route tokens by value, which a symbolic trace cannot follow.
+register_notrace_module(SpatialGating)
+register_notrace_module(MoE)
+
+
+def feature_take_indices(num_features: int, indices: int | Sequence[int] | None = None) -> tuple[list[int], int]:
+    """timm's convention (its private ``feature_take_indices``, kept here so that a timm release
+    cannot move it from under us): an int n takes the last n taps, a sequence those indices
+    (negative from the end), None all. Returns the indices and the largest."""
+    if indices is None:
+        indices = num_features
+    if isinstance(indices, int):
+        if not 0 < indices <= num_features:
+            raise ValueError(f"indices={indices}: expected 1 to {num_features} taps")
+        take = [num_features - indices + i for i in range(indices)]
+    else:
+        take = []
+        for i in indices:
+            j = num_features + i if i < 0 else i
+            if not 0 <= j < num_features:
+                raise ValueError(f"indices: {i} is out of range for {num_features} taps")
+            take.append(j)
+    return take, max(take)
+
+
+@register_notrace_function
+def _channels_last_on_cpu(x: torch.Tensor) -> torch.Tensor:
+    # channels_last on the CPU: oneDNN's pooling and 1x1 convolutions run natively on it,
+    # with no reorder between layers; on a GPU cuDNN's kernels are the faster ones in NCHW,
+    # so maps stay as they come there. Both are timed in the README's speed tables
+    # (zoo_poolformer_s12 on the CPU; the H100 table and the note under it).
+    # (A function timm's FX tracer wraps: the branch reads the tensor's device.)
+    return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else x
+
+
+@register_notrace_function
+def _pos_embed_at(pos_embed: torch.Tensor, grid: tuple[int, int], new_grid: tuple[int, int],
+                  num_prefix_tokens: int, dynamic: bool) -> torch.Tensor:
+    """The position embedding for a ``new_grid`` of patch tokens: as built, or interpolated when the
+    model was created with ``dynamic_img_size=True``. (FX-wrapped: it compares sizes of the input.)"""
+    new_grid = (int(new_grid[0]), int(new_grid[1]))
+    if new_grid == tuple(grid):
+        return pos_embed
+    if not dynamic:
+        raise ValueError(f"this model's position embedding is built for a {grid[0]}x{grid[1]} token grid, the input "
+                         f"gives {new_grid[0]}x{new_grid[1]}: create the model with the img_size you feed it, or "
+                         "with dynamic_img_size=True (the embedding is then interpolated per input)")
+    return resample_abs_pos_embed(pos_embed, list(new_grid), num_prefix_tokens=num_prefix_tokens)
+
+
+@register_notrace_function
+def _check_input(x: torch.Tensor, name: str, in_chans: int, min_size: int) -> None:
+    """A one-line error for a batch of the wrong rank, channels or size. (FX-wrapped: it reads shapes.)"""
+    if x.ndim != 4:
+        raise ValueError(f"{name} expects a 4-d batch (B, {in_chans}, H, W), got shape {tuple(x.shape)}")
+    if x.shape[1] != in_chans:
+        raise ValueError(f"{name} expects {in_chans} input channels, got {x.shape[1]} "
+                         f"(input shape {tuple(x.shape)}); create it with in_chans={x.shape[1]}")
+    if min(x.shape[-2:]) < min_size:
+        raise ValueError(f"{name} needs images of at least {min_size}x{min_size}, got {x.shape[-2]}x{x.shape[-1]}")
 
 
 class LayerScale(nn.Module):
@@ -85,7 +148,8 @@ class Block(nn.Module):
 class Stage(nn.Module):
     """An embedding convolution, optional prefix tokens and position embedding, then blocks."""
 
-    def __init__(self, spec: StageSpec, in_dim: int, *, in_size: int, drop_path: Sequence[float]):
+    def __init__(self, spec: StageSpec, in_dim: int, *, in_size: tuple[int, int], drop_path: Sequence[float],
+                 dynamic_img_size: bool = False):
         super().__init__()
         self.spec = spec
         dim = spec.dim
@@ -100,7 +164,8 @@ class Stage(nn.Module):
                              "with class tokens or a position embedding")
         self.layout = layout
         self.num_prefix_tokens = spec.num_prefix_tokens
-        self.grid = (self.embed.out_size(in_size),) * 2  # the grid the position embedding is built for
+        self.grid = (self.embed.out_size(in_size[0]), self.embed.out_size(in_size[1]))  # the position embedding's
+        self.dynamic_img_size = dynamic_img_size  # interpolate the position embedding to each input's grid
         num_tokens = self.grid[0] * self.grid[1] + self.num_prefix_tokens
 
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if spec.class_token else None
@@ -131,23 +196,13 @@ class Stage(nn.Module):
         x = self.embed(x)
         B, _, H, W = x.shape
         if self.layout == "nchw":
-            # channels_last on the CPU: oneDNN's pooling and 1x1 convolutions run natively on it,
-            # with no reorder between layers; on a GPU cuDNN's kernels are the faster ones in NCHW,
-            # so maps stay as they come there. Both are timed in the README's speed tables
-            # (zoo_poolformer_s12 on the CPU; the H100 table and the note under it).
-            if x.device.type == "cpu":
-                x = x.contiguous(memory_format=torch.channels_last)
-            return x, (H, W)
+            return _channels_last_on_cpu(x), (H, W)
         x = x.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, H*W, C)
         prefix = [t.expand(B, -1, -1) for t in (self.cls_token, self.dist_token) if t is not None]
         if prefix:
             x = torch.cat([*prefix, x], dim=1)  # (B, prefix + H*W, C)
         if self.pos_embed is not None:
-            if (H, W) != self.grid:
-                raise ValueError(f"this model's position embedding is built for a {self.grid[0]}x{self.grid[1]} "
-                                 f"token grid, the input gives {H}x{W}: create the model with the img_size "
-                                 "you feed it (its position embedding is then interpolated)")
-            x = x + self.pos_embed
+            x = x + _pos_embed_at(self.pos_embed, self.grid, (H, W), self.num_prefix_tokens, self.dynamic_img_size)
         return x, (H, W)
 
     def to_map(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -184,8 +239,9 @@ class ZooModel(nn.Module):
     """Every zoo model: stages from a ``ModelSpec``, a norm and a classifier head.
 
     Speaks timm's interface (``forward_features``, ``forward_head``, ``forward_intermediates``,
-    ``reset_classifier``, ``feature_info``, ``pretrained_cfg``, ...). Feature taps are the stages of a
-    hierarchical model and the blocks of an isotropic (single-stage) one, as in timm.
+    ``reset_classifier``, ``feature_info``, ``pretrained_cfg``, ``group_matcher``,
+    ``set_input_size``, ...). Feature taps are the stages of a hierarchical model and the blocks of
+    an isotropic (single-stage) one, as in timm.
     """
 
     def __init__(self, spec: ModelSpec, *, name: str = "zoo_model"):
@@ -196,17 +252,20 @@ class ZooModel(nn.Module):
         self.global_pool = spec.global_pool
         self.distilled_training = False
         last = spec.stages[-1]
-        if spec.global_pool == "token" and not last.class_token:
-            raise ValueError(f"{name}: global_pool='token' needs a class token in the last stage")
+        _check_pool(name, spec.global_pool, last.class_token)
         if spec.distilled and not last.dist_token:
             raise ValueError(f"{name}: distilled=True needs a distillation token in the last stage")
+        if spec.dynamic_img_size and any(_per_token_weights(s) for s in spec.stages):
+            raise ValueError(f"{name}: dynamic_img_size=True, but its token mixer has weights per token "
+                             "position (built for one token count): create it with the img_size you feed it")
 
         rates = drop_path_rates(spec)
         stages, feature_info = [], []
-        in_dim, size, reduction, start = spec.in_chans, spec.img_size, 1, 0
+        in_dim, size, reduction, start = spec.in_chans, (spec.img_size, spec.img_size), 1, 0
         for i, s in enumerate(spec.stages):
             try:
-                stage = Stage(s, in_dim, in_size=size, drop_path=rates[start:start + s.depth])
+                stage = Stage(s, in_dim, in_size=size, drop_path=rates[start:start + s.depth],
+                              dynamic_img_size=spec.dynamic_img_size)
             except (ValueError, TypeError, KeyError) as e:
                 prefixed = _prefixed(e, f"{name}: stages[{i}]: ")
                 if prefixed is e:
@@ -214,7 +273,7 @@ class ZooModel(nn.Module):
                 raise prefixed from None
             stages.append(stage)
             reduction *= s.embed.stride
-            size, in_dim, start = stage.grid[0], s.dim, start + s.depth
+            size, in_dim, start = stage.grid, s.dim, start + s.depth
             if len(spec.stages) > 1:
                 feature_info.append({"num_chs": s.dim, "reduction": reduction, "module": f"stages.{i}"})
         if len(spec.stages) == 1:
@@ -223,6 +282,7 @@ class ZooModel(nn.Module):
         self.stages = nn.ModuleList(stages)
         self.feature_info = feature_info
         self.num_features = self.head_hidden_size = last.dim
+        self.num_prefix_tokens = self.stages[-1].num_prefix_tokens
         self.min_input_size = self._min_input_size()
 
         final_layout = self.stages[-1].layout if spec.head_norm_on == "map" else "nlc"
@@ -233,16 +293,7 @@ class ZooModel(nn.Module):
         self.head_dist = None
         if spec.distilled:
             self.head_dist = nn.Linear(last.dim, spec.num_classes) if spec.num_classes > 0 else nn.Identity()
-        self.pretrained_cfg = {
-            "architecture": name, "input_size": (spec.in_chans, spec.img_size, spec.img_size),
-            "num_classes": spec.num_classes, "mean": spec.mean, "std": spec.std, "crop_pct": spec.crop_pct,
-            "interpolation": spec.interpolation, "first_conv": "stages.0.embed.proj",
-            "classifier": ("head", "head_dist") if spec.distilled else "head", "paper": spec.paper}
-        if any(st.pos_embed is not None or "num_tokens" in getattr(st.blocks[0].token_mixer, "stage_context", ())
-               for st in self.stages):
-            # built for one input size (a position embedding, or per-token weights): timm's flag for it
-            self.pretrained_cfg["fixed_input_size"] = True
-        self.default_cfg = self.pretrained_cfg
+        self.pretrained_cfg = self.default_cfg = spec_pretrained_cfg(spec, name)
         seen: set[int] = set()  # apply() revisits modules that blocks share: initialise each once
 
         def init_once(m: nn.Module) -> None:
@@ -260,6 +311,17 @@ class ZooModel(nn.Module):
                     trunc_normal_init_(t)
         self._has_moe = bool(moe_modules(self))
 
+    @property
+    def pretrained_cfg(self) -> dict:
+        return self._pretrained_cfg
+
+    @pretrained_cfg.setter
+    def pretrained_cfg(self, cfg: dict) -> None:
+        # one dict under both names, as timm's models: a loader that sets either sets both
+        self._pretrained_cfg = cfg
+
+    default_cfg = pretrained_cfg
+
     # ---- input checks -------------------------------------------------------------------
     def _min_input_size(self) -> int:
         size = 1  # smallest input side for which every stage still has at least one position
@@ -272,14 +334,7 @@ class ZooModel(nn.Module):
             size += 1
 
     def _check_input(self, x: torch.Tensor) -> None:
-        if x.ndim != 4:
-            raise ValueError(f"{self.name} expects a 4-d batch (B, {self.in_chans}, H, W), got shape {tuple(x.shape)}")
-        if x.shape[1] != self.in_chans:
-            raise ValueError(f"{self.name} expects {self.in_chans} input channels, got {x.shape[1]} "
-                             f"(input shape {tuple(x.shape)}); create it with in_chans={x.shape[1]}")
-        if min(x.shape[-2:]) < self.min_input_size:
-            raise ValueError(f"{self.name} needs images of at least {self.min_input_size}x{self.min_input_size}, "
-                             f"got {x.shape[-2]}x{x.shape[-1]}")
+        _check_input(x, self.name, self.in_chans, self.min_input_size)
 
     def _reset_aux_loss(self) -> None:
         """A forward starts with no pending MoE losses (see ``zoo.layers.moe.collect_aux_loss``), so
@@ -305,28 +360,70 @@ class ZooModel(nn.Module):
         self.distilled_training = enable
 
     @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm's parameter groups (layer-wise lr decay, ``timm.optim.param_groups_layer_decay``):
+        the stem (first embedding and the first stage's tokens), then each block of each stage
+        (coarse: each stage), a later stage's embedding with its first block, the final norm last;
+        the head matches nothing and timm puts it after everything."""
+        tokens = r"(?:embed|cls_token|dist_token|pos_embed)"
+        return {
+            "stem": rf"^stages\.0\.{tokens}",
+            "blocks": [(r"^stages\.(\d+)", None)] if coarse else [
+                (rf"^stages\.(\d+)\.{tokens}", (0,)),
+                (r"^stages\.(\d+)\.blocks\.(\d+)", None),
+                (r"^norm\.", (99999,)),
+            ],
+        }
+
+    @torch.jit.ignore
     def get_classifier(self) -> nn.Module | tuple[nn.Module, nn.Module]:
         return self.head if self.head_dist is None else (self.head, self.head_dist)
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """A new head of ``num_classes`` outputs (0: none, the model returns pooled features).
 
-        ``global_pool``: ``"avg"`` or ``"token"`` changes the pooling; ``None`` or ``""`` keeps
-        the current one (timm passes ``""`` for "no pooling change" in ``reset_classifier(0, "")``).
+        ``global_pool``: None keeps the current pooling; ``"avg"``, ``"max"``, ``"avgmax"``,
+        ``"token"`` (class token) change it; ``""`` turns pooling off, as in timm: the model then
+        returns the unpooled map or tokens. The new head is made on the model's device and dtype.
         """
-        if global_pool:
-            if global_pool not in ("avg", "token"):
-                raise ValueError(f"global_pool must be 'avg' or 'token', got {global_pool!r}")
-            if global_pool == "token" and self.stages[-1].num_prefix_tokens == 0:
-                raise ValueError(f"{self.name} has no class token to pool")
+        if global_pool is not None:
+            _check_pool(self.name, global_pool, self.stages[-1].cls_token is not None)
             self.global_pool = global_pool
+        ref = next(self.parameters())
+        dd = {"device": ref.device, "dtype": ref.dtype}
         self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
         if self.head_dist is not None:
-            self.head_dist = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+            self.head_dist = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
         for head in (self.head, self.head_dist):
             if isinstance(head, nn.Linear):
                 _init_weights(head)
+                head.train(self.training)
+
+    @torch.jit.ignore
+    def set_input_size(self, img_size: int | tuple[int, int] | None = None, patch_size: None = None) -> None:
+        """Rebuild for another input size (timm's ``set_input_size``): position embeddings are
+        resampled to the new grid, keeping their ``requires_grad``. A model with per-token weights
+        (gMLP) cannot change size; ``patch_size`` is not supported (patches are convolutions here)."""
+        if patch_size is not None:
+            raise ValueError(f"{self.name}: set_input_size(patch_size=...) is not supported; create another model")
+        if img_size is None:
+            return
+        size = (img_size, img_size) if isinstance(img_size, int) else (int(img_size[0]), int(img_size[1]))
+        if any(_per_token_weights(st.spec) for st in self.stages):
+            raise ValueError(f"{self.name}: its token mixer has weights per token position; "
+                             "it cannot change input size")
+        for stage in self.stages:
+            grid = (stage.embed.out_size(size[0]), stage.embed.out_size(size[1]))
+            if stage.pos_embed is not None and grid != stage.grid:
+                with torch.no_grad():
+                    new = resize_pos_embed(stage.pos_embed.data, grid, stage.num_prefix_tokens)
+                stage.pos_embed = nn.Parameter(new, requires_grad=stage.pos_embed.requires_grad)
+            stage.grid, size = grid, grid
+        in_size = (self.in_chans, *((img_size, img_size) if isinstance(img_size, int) else img_size))
+        self.pretrained_cfg = {**self.pretrained_cfg, "input_size": tuple(in_size), "pool_size": self.stages[-1].grid}
+        if in_size[1] == in_size[2]:
+            self.spec = dataclasses.replace(self.spec, img_size=in_size[1])
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Last stage's output: tokens (B, N, C) or a map (B, C, H, W); normed when the norm
@@ -336,8 +433,30 @@ class ZooModel(nn.Module):
         x, _ = self._run_stages(x)
         return self.norm(x) if self.spec.head_norm_on == "map" else x
 
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        """timm's global pools: over the map's positions, or the patch tokens ("token": the class token)."""
+        pool = self.global_pool
+        if not pool:
+            return x
+        if self.stages[-1].layout == "nchw":
+            dims: tuple[int, ...] = (2, 3)  # (B, C, H, W) -> (B, C)
+        else:
+            if pool == "token":
+                return x[:, 0]
+            x, dims = x[:, self.num_prefix_tokens:], (1,)  # (B, N, C) -> (B, C), patch tokens only
+        if pool == "avg":
+            return x.mean(dims)
+        if pool == "max":
+            return x.amax(dims)
+        return 0.5 * (x.mean(dims) + x.amax(dims))  # avgmax, as timm's
+
+    def _channels(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """A layer over the channels: the last axis, or axis 1 of an unpooled map."""
+        if x.ndim == 4:
+            return layer(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (B, C, H, W) <-> (B, H, W, C)
+        return layer(x)
+
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        stage = self.stages[-1]
         if self.head_dist is not None:  # DeiT: class token -> head, distillation token -> head_dist
             x, x_dist = self.head_drop(x[:, 0]), self.head_drop(x[:, 1])
             if pre_logits:
@@ -346,16 +465,11 @@ class ZooModel(nn.Module):
             if self.distilled_training and self.training and not torch.jit.is_scripting():
                 return x, x_dist
             return (x + x_dist) / 2
-        if stage.layout == "nchw":
-            x = x.mean((2, 3))  # (B, C, H, W) -> (B, C)
-        elif self.global_pool == "token":
-            x = x[:, 0]
-        else:
-            x = x[:, stage.num_prefix_tokens:].mean(1)  # (B, N, C) -> (B, C), patch tokens only
+        x = self._pool(x)
         if self.spec.head_norm_on == "pooled":
-            x = self.norm(x)
+            x = self._channels(self.norm, x)
         x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
+        return x if pre_logits else self._channels(self.head, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
@@ -367,11 +481,12 @@ class ZooModel(nn.Module):
         return [(i, len(s.blocks) - 1) for i, s in enumerate(self.stages)]
 
     def _run_stages(self, x: torch.Tensor, taps: Container[tuple[int, int]] = (), *, norm_taps: bool = False,
-                    stop: tuple[int, int | None] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                    stop: tuple[int, int | None] | None = None) -> tuple[torch.Tensor, list[tuple[torch.Tensor, int]]]:
         """The stage walk: each stage embeds the previous one's output (as an NCHW map) and runs its
         blocks. Returns the last block's output and, at each (stage, block) of ``taps``, that block's
-        output as a map (through the final norm where ``norm_taps`` and the norm's stage). ``stop``:
-        the (stage, block) to end at, ``block`` None for the whole stage; None runs everything."""
+        output as it is (tokens or map; through the final norm where ``norm_taps`` and the norm's
+        stage) with its stage index. ``stop``: the (stage, block) to end at, ``block`` None for the
+        whole stage; None runs everything."""
         last_stage, last_block = (len(self.stages) - 1, None) if stop is None else stop
         intermediates = []
         grid = self.stages[0].grid  # each stage's output grid, set by the loop before it is read
@@ -384,15 +499,30 @@ class ZooModel(nn.Module):
                 x = stage.run_blocks(x, grid, [block])
                 if (i, j) in taps:
                     y = self.norm(x) if norm_taps and i == self._norm_stage else x
-                    intermediates.append(stage.to_map(y, grid))
+                    intermediates.append((y, i, grid))
         return x, intermediates
 
+    def _tap(self, y: torch.Tensor, i: int, grid: tuple[int, int], output_fmt: str, return_prefix_tokens: bool):
+        """A tap in timm's ``output_fmt``: NCHW maps or NLC tokens (patch tokens only), with the
+        stage's prefix tokens (B, prefix, C) beside it when ``return_prefix_tokens``."""
+        stage = self.stages[i]
+        prefix = y[:, :stage.num_prefix_tokens] if stage.layout == "nlc" else y.new_zeros(y.shape[0], 0, y.shape[1])
+        if output_fmt == "NCHW":
+            out = stage.to_map(y, grid)
+        elif stage.layout == "nlc":
+            out = y[:, stage.num_prefix_tokens:]
+        else:
+            out = y.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, H*W, C)
+        return (out, prefix) if return_prefix_tokens else out
+
     def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None,
-                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
-                              intermediates_only: bool = False):
-        """timm's feature API: maps (B, C, H, W) at the taps selected by ``indices``."""
-        if output_fmt != "NCHW":
-            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+                              return_prefix_tokens: bool = False, norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """timm's feature API: the taps selected by ``indices`` as maps (B, C, H, W) or, with
+        ``output_fmt="NLC"``, tokens (B, H*W, C); ``return_prefix_tokens`` pairs each with the class /
+        distillation tokens of its stage (an empty (B, 0, C) where the stage has none)."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         self._check_input(x)
         self._reset_aux_loss()
         taps = self._taps()
@@ -403,7 +533,8 @@ class ZooModel(nn.Module):
         last_stage, last_block = taps[max_index] if stop_early else (len(self.stages) - 1, None)
         # The final norm is built for the last stage of the spec; it never applies to another stage.
         map_norm = self.spec.head_norm_on == "map" and self._norm_stage is not None
-        x, intermediates = self._run_stages(x, wanted, norm_taps=norm and map_norm, stop=(last_stage, last_block))
+        x, found = self._run_stages(x, wanted, norm_taps=norm and map_norm, stop=(last_stage, last_block))
+        intermediates = [self._tap(y, i, grid, output_fmt, return_prefix_tokens) for y, i, grid in found]
         if intermediates_only:
             return intermediates
         if map_norm and last_stage == self._norm_stage:
@@ -450,6 +581,44 @@ def _init_weights(m: nn.Module) -> None:
 def resize_pos_embed(pos_embed: torch.Tensor, new_grid: tuple[int, int], num_prefix_tokens: int) -> torch.Tensor:
     """Interpolate a (1, prefix + H*W, C) position embedding to another grid (bicubic, as timm)."""
     return resample_abs_pos_embed(pos_embed, list(new_grid), num_prefix_tokens=num_prefix_tokens)
+
+
+def _per_token_weights(stage: StageSpec) -> bool:
+    """A token mixer with weights per token position (gMLP's spatial gating): one input size only."""
+    return "num_tokens" in getattr(TOKEN_MIXERS.get(stage.token_mixer), "stage_context", ())
+
+
+def _check_pool(name: str, pool: str, has_class_token: bool) -> None:
+    from .specs import GLOBAL_POOLS
+
+    if pool not in GLOBAL_POOLS:
+        hint = "; 'map' (attention pooling) needs a pooling head zoo models do not have" if pool == "map" else ""
+        raise ValueError(f"{name}: global_pool={pool!r}: expected one of {list(GLOBAL_POOLS)}{hint}")
+    if pool == "token" and not has_class_token:
+        raise ValueError(f"{name}: global_pool='token' needs a class token in the last stage")
+
+
+def spec_pretrained_cfg(spec: ModelSpec, name: str) -> dict:
+    """timm's ``pretrained_cfg`` fields for a model built from ``spec`` without weights (a shipped
+    checkpoint's tag overlays file, tag, preprocessing and class count; see registry.py)."""
+    size = (spec.img_size, spec.img_size)
+    for s in spec.stages:
+        e = s.embed
+        size = tuple((n + 2 * e.padding - e.kernel) // e.stride + 1 for n in size)
+    fixed = ((any(s.pos_embed for s in spec.stages) and not spec.dynamic_img_size)
+             or any(_per_token_weights(s) for s in spec.stages))
+    return {
+        "url": None, "file": None, "hf_hub_id": None, "source": None, "architecture": name, "tag": None,
+        "custom_load": False, "input_size": (spec.in_chans, spec.img_size, spec.img_size), "test_input_size": None,
+        "min_input_size": None, "fixed_input_size": bool(fixed), "interpolation": spec.interpolation,
+        "crop_pct": spec.crop_pct, "test_crop_pct": None, "crop_mode": "center", "mean": tuple(spec.mean),
+        "std": tuple(spec.std), "num_classes": spec.num_classes, "label_offset": None, "label_names": None,
+        "pool_size": size, "first_conv": "stages.0.embed.proj",
+        "classifier": ("head", "head_dist") if spec.distilled else "head", "license": "apache-2.0",
+        "description": None, "origin_url": next((w for w in spec.paper.split() if w.startswith("https://")), None),
+        "paper_name": None, "paper_ids": spec.paper or None,
+        "notes": None, "paper": spec.paper,
+    }
 
 
 __all__ = ["Block", "LayerScale", "Stage", "ZooModel", "resize_pos_embed"]

@@ -43,8 +43,8 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message names the file and what is wrong."""
 
 
-def read_state_dict(path: str | Path) -> StateDict:
-    """Tensors of a safetensors file, a torch file (weights only: no code runs), or a saved folder."""
+def weights_file(path: str | Path) -> Path:
+    """``path``, or for a saved folder the weights file in it (model.safetensors first, as timm)."""
     path = Path(path)
     if path.is_dir():
         files = [path / "model.safetensors", path / "pytorch_model.bin"]
@@ -52,6 +52,12 @@ def read_state_dict(path: str | Path) -> StateDict:
         if not found:
             raise CheckpointError(f"{path}: folder holds no model.safetensors or pytorch_model.bin")
         path = found[0]
+    return path
+
+
+def read_state_dict(path: str | Path) -> StateDict:
+    """Tensors of a safetensors file, a torch file (weights only: no code runs), or a saved folder."""
+    path = weights_file(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     if path.suffix == ".safetensors":
@@ -204,7 +210,7 @@ def load_pretrained(model: nn.Module, name: str, pretrained: bool | str | Path) 
     if pretrained is True:
         path = shipped_weights(name)
     else:
-        path = Path(pretrained)
+        path = weights_file(pretrained)  # errors name the file in a folder, not the folder
     load_state_into(model, read_state_dict(path), str(path))
 
 

@@ -14,7 +14,8 @@ from typing import Any, Literal
 from ..names import suggest
 
 # Values the string-choice fields of ModelSpec accept.
-GLOBAL_POOLS = ("avg", "token")
+# timm's ViT pools, less "map" (an attention-pooling head zoo models do not have); "" = no pooling
+GLOBAL_POOLS = ("avg", "token", "max", "avgmax", "")
 HEAD_NORM_PLACES = ("map", "pooled")
 
 
@@ -93,12 +94,14 @@ class ModelSpec:
     img_size: int = 224
     in_chans: int = 3
     num_classes: int = 1000
-    global_pool: Literal["avg", "token"] = "avg"
+    global_pool: Literal["avg", "token", "max", "avgmax", ""] = "avg"
     head_norm: str = "layernorm"
     # Where the final norm sits: on the feature map / all tokens before pooling (official PoolFormer,
     # ViT, DeiT), or on the pooled vector (timm's MetaFormer port of PoolFormer).
     head_norm_on: Literal["map", "pooled"] = "map"
     distilled: bool = False  # DeiT: a second head on the distillation token
+    # timm's ViT flag: interpolate the position embedding to each input's token grid (any img_size)
+    dynamic_img_size: bool = False
     drop_rate: float = 0.0  # dropout before the classifier
     drop_path_rate: float = 0.0  # stochastic depth, linear from 0 over all blocks (timm, DeiT, PoolFormer)
     # Or one ramp per stage, from 0 to drop_path_rate x this stage's factor over its own blocks: the
