@@ -61,6 +61,7 @@ import zoo
 from zoo import collect_aux_loss  # MoE load-balancing losses, added after every forward
 from zoo.data import EpochSampler, Subset, create_dataset, create_mixup, create_transform
 from zoo.data.loader import worker_init
+from zoo.models import BASELINES
 
 from ..atomic import atomic_write_text
 from ..machine import Machine, ThreadPlan, describe, plan_threads, resolve_precision
@@ -627,7 +628,7 @@ def _create_model(cfg: TrainConfig, num_classes: int, in_chans: int) -> nn.Modul
     m = cfg.model
     kwargs: dict[str, Any] = dict(pretrained=m.pretrained, num_classes=num_classes, in_chans=in_chans,
                                   drop_rate=m.drop_rate, drop_path_rate=m.drop_path_rate, **m.spec)
-    if m.img_size is not None:
+    if m.img_size is not None and m.name not in BASELINES:  # timm's ResNets take any size and no img_size
         kwargs["img_size"] = m.img_size
     try:
         model = zoo.create_model(m.name, **kwargs)
