@@ -8,7 +8,7 @@ import statistics
 import pytest
 from scipy import stats
 
-from zoo.bench import ablate, speed, top1
+from zoo.bench import ablate, top1
 from zoo.bench.runs import RunRow
 from zoo.bench.stats import diff_ci, mean_ci
 
@@ -88,60 +88,3 @@ def test_ablate_command_end_to_end(tmp_path):
     lines = (out / "ablate.md").read_text().splitlines()
     assert lines[0].startswith("| change |") and len(lines) == 4
     assert lines[2].startswith("| base |") and lines[3].startswith("| token_mixer=identity |")
-
-
-def test_speed_ratio_is_measured_against_the_twin():
-    rows = speed.measure(["zoo_poolformer_s12"], batch=1, img_size=64, repeats=1, warmup=0, dtype="fp32",
-                         device=speed.torch.device("cpu"), channels_last=False)
-    r = rows[0]
-    assert r["twin"] == "poolformer_s12" and r["max_diff"] <= 1e-4
-    assert r["train_ratio"] == pytest.approx(r["train_ips"] / r["twin_train_ips"])
-    assert r["eval_ratio"] == pytest.approx(r["eval_ips"] / r["twin_eval_ips"])
-    assert r["params_m"] == pytest.approx(11.9, abs=0.05)
-    assert math.isnan(r["train_ratio_ci"])  # one repeat: no spread known, and the row says so
-    assert "±" not in speed.format_row(r)
-
-
-def test_speed_ratio_interval_comes_from_the_paired_repeats(monkeypatch):
-    # Fake clocks: zoo's steps take 1, 2, 3 s and timm's 2 s each, so the per-repeat ratios are
-    # 2, 1, 2/3: their mean's 95 % t interval is what the row must carry.
-    durations = iter([1.0, 0.1, 2.0, 0.1, 2.0, 0.1, 2.0, 0.1, 3.0, 0.1, 2.0, 0.1])  # train, eval per call
-
-    def fake_timed(fn, device):
-        return next(durations)
-
-    monkeypatch.setattr(speed, "_timed", fake_timed)
-    r = speed.measure(["zoo_vit_tiny_patch16_224"], batch=1, img_size=32, repeats=3, warmup=0, dtype="fp32",
-                      device=speed.torch.device("cpu"), channels_last=False)[0]
-    # repeat 0: zoo then timm; repeat 1: timm then zoo; repeat 2: zoo then timm
-    zoo_train, timm_train = [1.0, 2.0, 3.0], [2.0, 2.0, 2.0]
-    paired = [t / z for z, t in zip(zoo_train, timm_train)]
-    half = stats.t.ppf(0.975, 2) * statistics.stdev(paired) / math.sqrt(3)
-    assert r["train_ratio"] == pytest.approx(1.0)  # medians: 2 s against 2 s
-    assert r["train_ratio_ci"] == pytest.approx(half)
-    assert r["eval_ratio_ci"] == 0.0
-    assert f"**1.00x ± {half:.2f}**" in speed.format_row(r)
-
-
-def test_cpu_peak_memory_counts_live_tensor_bytes():
-    with speed.PeakMemory(speed.torch.device("cpu")) as mem:
-        a = speed.torch.empty(2**20, dtype=speed.torch.uint8)
-        b = speed.torch.empty(2 * 2**20, dtype=speed.torch.uint8)
-        del a  # 3 MiB live at the peak, then 2 MiB, then 2.5 MiB
-        c = speed.torch.empty(2**19, dtype=speed.torch.uint8)
-        del b, c
-    assert mem.peak == 3 * 2**20
-    assert speed.peak_live_bytes([(2, -5), (0, 10), (1, 4), (3, 8)]) == 17  # summed in time order
-
-
-def test_speed_peak_memory_does_not_depend_on_what_ran_before():
-    # RSS growth read 0 MB for a model measured after a bigger one: the tensor peak must not.
-    def peak(name, batch):
-        return speed.measure([name], batch=batch, img_size=32, repeats=1, warmup=0, dtype="fp32",
-                             device=speed.torch.device("cpu"), channels_last=False)[0]["peak_mem_mb"]
-
-    small_first = peak("zoo_vit_tiny_patch16_224", 2)
-    large = peak("zoo_vit_tiny_patch16_224", 8)
-    assert peak("zoo_vit_tiny_patch16_224", 2) == pytest.approx(small_first, rel=0.02)
-    grads_mb = 5.7e6 * 4 / 2**20  # every train step allocates its gradients anew (zero_grad sets them to None)
-    assert grads_mb < small_first < large  # and the activations grow with the batch
