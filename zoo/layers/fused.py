@@ -31,6 +31,11 @@ FUSED_BACKWARD = True
 def fused_backward_allowed(x: torch.Tensor, *parts: nn.Module) -> bool:
     """Whether a forward over ``x`` may replace the plain ops of ``parts`` with a fused Function."""
     return (FUSED_BACKWARD and torch.is_grad_enabled()
+            # a symbolic trace (FX) records the plain ops; torch.func transforms (grad, vmap,
+            # functional_call's wrapped tensors) need Functions with a vmap rule, which these
+            # Functions, writing over their saved tensors, cannot give: both fall back to plain ops
+            and not torch.fx._symbolic_trace.is_fx_symbolic_tracing()
+            and torch._C._functorch.maybe_current_level() is None
             and x.dtype in (torch.float32, torch.float64)  # half types: per-image partial sums would round
             and (x.requires_grad or any(p.requires_grad for m in parts for p in m.parameters()))
             and not torch.is_autocast_enabled(x.device.type)

@@ -26,6 +26,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from timm.layers import use_fused_attn
 from torch import nn
 
 from ..names import suggest
@@ -125,15 +126,20 @@ class Attention(nn.Module):
 
     ``num_heads`` defaults to ``max(1, dim // head_dim)`` (heads of 32 channels), so the mixer can
     be swapped into any stage without options; the registered families pass it explicitly.
+
+    ``fused_attn``: None follows timm's switch (``TIMM_FUSED_ATTN=0`` or ``timm.layers.set_fused_attn``);
+    False computes softmax(q k^T / sqrt(hd)) v with explicit ops, the path on which hooks see the
+    attention map (as timm's ``Attention.fused_attn``; the attribute can be flipped on a built model).
     """
 
     layout = "nlc"
 
     def __init__(self, dim: int, *, num_heads: int | None = None, head_dim: int = 32, qkv_bias: bool = True,
-                 attn_drop: float = 0.0, proj_drop: float = 0.0):
+                 attn_drop: float = 0.0, proj_drop: float = 0.0, fused_attn: bool | None = None):
         super().__init__()
         num_heads = resolve_num_heads("attention", dim, num_heads, head_dim)
         self.num_heads = num_heads
+        self.fused_attn = use_fused_attn() if fused_attn is None else bool(fused_attn)
         self.attn_drop = attn_drop
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
@@ -146,8 +152,14 @@ class Attention(nn.Module):
         # backward stack the three gradients straight into qkv's (B, N, 3, heads, hd) layout: one
         # copy of 3*B*N*C floats per block instead of a stack and a second, reshaping copy. Same
         # values and gradients bit for bit; the README's CPU speed table (ViT / DeiT rows) times the step.
-        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # 3 x (B, N, heads, hd) -> (B, heads, N, hd)
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        q, k, v = qkv.unbind(2)  # 3 x (B, N, heads, hd); unpacked, not iterated, so that FX can trace it
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # -> (B, heads, N, hd)
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        else:
+            attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (B, heads, N, N)
+            attn = F.dropout(attn.softmax(dim=-1), self.attn_drop, self.training)
+            x = attn @ v  # (B, heads, N, hd)
         x = x.transpose(1, 2).reshape(B, N, C)  # (B, heads, N, hd) -> (B, N, C)
         return self.proj_drop(self.proj(x))
 

@@ -58,7 +58,7 @@ def feature_take_indices(num_features: int, indices: int | Sequence[int] | None 
 
 
 @register_notrace_function
-def _channels_last_on_cpu(x: torch.Tensor) -> torch.Tensor:
+def channels_last_on_cpu(x: torch.Tensor) -> torch.Tensor:
     # channels_last on the CPU: oneDNN's pooling and 1x1 convolutions run natively on it,
     # with no reorder between layers; on a GPU cuDNN's kernels are the faster ones in NCHW,
     # so maps stay as they come there. Both are timed in the README's speed tables
@@ -68,7 +68,7 @@ def _channels_last_on_cpu(x: torch.Tensor) -> torch.Tensor:
 
 
 @register_notrace_function
-def _pos_embed_at(pos_embed: torch.Tensor, grid: tuple[int, int], new_grid: tuple[int, int],
+def pos_embed_at(pos_embed: torch.Tensor, grid: tuple[int, int], new_grid: tuple[int, int],
                   num_prefix_tokens: int, dynamic: bool) -> torch.Tensor:
     """The position embedding for a ``new_grid`` of patch tokens: as built, or interpolated when the
     model was created with ``dynamic_img_size=True``. (FX-wrapped: it compares sizes of the input.)"""
@@ -83,7 +83,7 @@ def _pos_embed_at(pos_embed: torch.Tensor, grid: tuple[int, int], new_grid: tupl
 
 
 @register_notrace_function
-def _check_input(x: torch.Tensor, name: str, in_chans: int, min_size: int) -> None:
+def check_input(x: torch.Tensor, name: str, in_chans: int, min_size: int) -> None:
     """A one-line error for a batch of the wrong rank, channels or size. (FX-wrapped: it reads shapes.)"""
     if x.ndim != 4:
         raise ValueError(f"{name} expects a 4-d batch (B, {in_chans}, H, W), got shape {tuple(x.shape)}")
@@ -196,13 +196,13 @@ class Stage(nn.Module):
         x = self.embed(x)
         B, _, H, W = x.shape
         if self.layout == "nchw":
-            return _channels_last_on_cpu(x), (H, W)
+            return channels_last_on_cpu(x), (H, W)
         x = x.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, H*W, C)
         prefix = [t.expand(B, -1, -1) for t in (self.cls_token, self.dist_token) if t is not None]
         if prefix:
             x = torch.cat([*prefix, x], dim=1)  # (B, prefix + H*W, C)
         if self.pos_embed is not None:
-            x = x + _pos_embed_at(self.pos_embed, self.grid, (H, W), self.num_prefix_tokens, self.dynamic_img_size)
+            x = x + pos_embed_at(self.pos_embed, self.grid, (H, W), self.num_prefix_tokens, self.dynamic_img_size)
         return x, (H, W)
 
     def to_map(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -334,7 +334,7 @@ class ZooModel(nn.Module):
             size += 1
 
     def _check_input(self, x: torch.Tensor) -> None:
-        _check_input(x, self.name, self.in_chans, self.min_input_size)
+        check_input(x, self.name, self.in_chans, self.min_input_size)
 
     def _reset_aux_loss(self) -> None:
         """A forward starts with no pending MoE losses (see ``zoo.layers.moe.collect_aux_loss``), so
@@ -451,8 +451,9 @@ class ZooModel(nn.Module):
         return 0.5 * (x.mean(dims) + x.amax(dims))  # avgmax, as timm's
 
     def _channels(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """A layer over the channels: the last axis, or axis 1 of an unpooled map."""
-        if x.ndim == 4:
+        """A layer over the channels: the last axis, or axis 1 of an unpooled map (decided by the
+        model's state, not the tensor's rank, so that FX can trace it)."""
+        if not self.global_pool and self.stages[-1].layout == "nchw":
             return layer(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (B, C, H, W) <-> (B, H, W, C)
         return layer(x)
 
