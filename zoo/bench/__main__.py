@@ -25,12 +25,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        import difflib
+        from zoo.names import suggest
 
-        near = difflib.get_close_matches(command, COMMANDS, n=1)
-        print(f"zoo.bench: unknown command {command!r}" + (f" (did you mean {near[0]!r}?)" if near else "")
-              + f"; expected one of {sorted(COMMANDS)}", file=sys.stderr)
+        print(f"zoo.bench: unknown command {command!r}{suggest(command, COMMANDS)}; expected one of "
+              f"{sorted(COMMANDS)}", file=sys.stderr)
         return 2
+    if command != "readme":  # every figure is printed beside the machine that measured it
+        import timm
+        import torch
+
+        from zoo.machine import describe
+
+        print(f"machine: {describe().summary()}; torch {torch.__version__}, timm {timm.__version__}",
+              file=sys.stderr, flush=True)
     return importlib.import_module(COMMANDS[command]).main(rest)
 
 

@@ -19,8 +19,6 @@ import csv
 import datetime
 import io
 import json
-import os
-import platform
 import re
 import shlex
 import subprocess
@@ -44,30 +42,15 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def cpu_model() -> str:
-    """``lscpu``'s Model name, else /proc/cpuinfo's, else platform's guess."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10, check=False).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def environment(threads: int | None = None) -> dict[str, Any]:
-    """What produced a table: commit, date, CPU, threads (the runs'; default this process's), versions."""
-    import timm
+    """What produced a table: commit, date, the machine (``zoo.machine``: CPU model, capability, bf16
+    flags, usable cores, GPU), threads (the runs'; default this process's), versions."""
     import torch
 
-    versions = {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__}
+    from zoo.machine import describe
+
+    machine = describe().record()
+    versions = {k: machine.pop(k) for k in ("python", "torch", "timm")}
     try:
         import optuna
 
@@ -75,8 +58,7 @@ def environment(threads: int | None = None) -> dict[str, Any]:
     except ImportError:
         pass
     return {"commit": _git_commit(), "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "cpu_model": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "threads": threads if threads is not None else torch.get_num_threads(), "cores": os.cpu_count(),
+            **machine, "threads": threads if threads is not None else torch.get_num_threads(),
             "versions": versions}
 
 
