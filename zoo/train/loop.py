@@ -192,8 +192,9 @@ class Session:
         return self.cfg.run_dir / "checkpoints"
 
 
-def run(cfg: TrainConfig, resume: str | None = None,
-        on_epoch: Callable[[dict[str, Any]], bool] | None = None) -> RunResult:
+def run(
+    cfg: TrainConfig, resume: str | None = None, on_epoch: Callable[[dict[str, Any]], bool] | None = None
+) -> RunResult:
     """Train ``cfg``; ``resume`` is None (fresh), ``"auto"`` (newest checkpoint, fresh if none) or a path.
 
     ``on_epoch(record)`` is called on every process after each evaluation with the record written
@@ -241,38 +242,21 @@ def build(cfg: TrainConfig, resume: str | None) -> Setup:
     state = PartialState(cpu=cpu)
     machine = describe()
     if cfg.train.precision == "fp16" and state.device.type != "cuda":
-        raise ConfigError("train.precision: 'fp16' needs a CUDA GPU (it uses a loss scaler); use 'auto', 'bf16' "
-                          "or 'fp32'")
+        raise ConfigError(
+            "train.precision: 'fp16' needs a CUDA GPU (it uses a loss scaler); use 'auto', 'bf16' or 'fp32'"
+        )
     precision, why = resolve_precision(cfg.train.precision, machine, state.device.type)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes))
     threads = plan_threads(machine, local, cfg.train.num_threads, cfg.data.num_workers)
     if state.device.type == "cpu":
         torch.set_num_threads(threads.threads)
-    _check_model_name(cfg.model.name)
-    if cfg.distill.type != "none":
-        _check_model_name(cfg.distill.teacher, "distill.teacher")
-        if not Path(cfg.distill.teacher_checkpoint).is_file():
-            raise ConfigError(f"distill.teacher_checkpoint: no such file {cfg.distill.teacher_checkpoint!r}")
+    resume_from = _check_names_and_paths(cfg, resume)
     world, rank = state.num_processes, state.process_index
     micro, accum = _batch_plan(cfg, world)
-    resume_from = _resolve_resume(resume, cfg.run_dir / "checkpoints")
-    if resume_from is None and list_checkpoints(cfg.run_dir / "checkpoints"):
-        raise ConfigError(f"{cfg.run_dir} already holds checkpoints of an earlier run: add --resume auto to continue "
-                          "it, or pick another name=... (or delete the directory)")
-
     train_ds, val_ds = _build_datasets(cfg)
-    train_sampler = EpochSampler(train_ds, shuffle=True, seed=cfg.seed, repeats=cfg.data.repeated_aug,
-                                 num_replicas=world, rank=rank, drop_last=True)
-    pin = state.device.type == "cuda"
-    train_loader = _loader(train_ds, train_sampler, micro, cfg.seed, threads.workers, drop_last=True, pin=pin)
-    val_loader = _loader(val_ds, list(range(rank, len(val_ds), world)), 2 * micro, cfg.seed, threads.workers,
-                         drop_last=False, pin=pin)
-    # Global batches per epoch, the same for any number of processes (the sampler's drop_last
-    # cuts the epoch to whole rounds over the ranks). A last incomplete global batch is dropped.
-    steps_per_epoch = len(train_sampler) // (micro * accum)
-    if steps_per_epoch < 1:
-        raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is larger than the training set "
-                          f"({len(train_ds)} images)")
+    train_sampler, train_loader, val_loader, steps_per_epoch = _build_loaders(
+        cfg, train_ds, val_ds, world, rank, micro, accum, threads.workers, pin=state.device.type == "cuda"
+    )
 
     # Same seed on every process: identical initial weights.
     num_classes, in_chans = len(train_ds.classes), int(val_ds[0][0].shape[0])
@@ -283,13 +267,79 @@ def build(cfg: TrainConfig, resume: str | None) -> Setup:
         if not hasattr(model, "set_distilled_training"):
             raise ConfigError(f"distill.type: {cfg.model.name} has no distillation token; use a *_distilled_* model")
         teacher = _create_teacher(cfg, num_classes, in_chans)
-    accelerator = Accelerator(cpu=cpu, mixed_precision={"fp32": "no"}.get(precision, precision),
-                              gradient_accumulation_steps=accum)
-    return Setup(accelerator=accelerator, machine=machine, precision=precision, precision_why=why, threads=threads,
-                 resume_from=resume_from, train_ds=train_ds, val_ds=val_ds, train_sampler=train_sampler,
-                 train_loader=train_loader, val_loader=val_loader, micro=micro, accum=accum,
-                 steps_per_epoch=steps_per_epoch, num_classes=num_classes, in_chans=in_chans, model=model,
-                 teacher=teacher)
+    accelerator = Accelerator(
+        cpu=cpu, mixed_precision={"fp32": "no"}.get(precision, precision), gradient_accumulation_steps=accum
+    )
+    return Setup(
+        accelerator=accelerator,
+        machine=machine,
+        precision=precision,
+        precision_why=why,
+        threads=threads,
+        resume_from=resume_from,
+        train_ds=train_ds,
+        val_ds=val_ds,
+        train_sampler=train_sampler,
+        train_loader=train_loader,
+        val_loader=val_loader,
+        micro=micro,
+        accum=accum,
+        steps_per_epoch=steps_per_epoch,
+        num_classes=num_classes,
+        in_chans=in_chans,
+        model=model,
+        teacher=teacher,
+    )
+
+
+def _check_names_and_paths(cfg: TrainConfig, resume: str | None) -> Path | None:
+    """Model and teacher names, the teacher's checkpoint, the checkpoint to resume; the latter."""
+    _check_model_name(cfg.model.name)
+    if cfg.distill.type != "none":
+        _check_model_name(cfg.distill.teacher, "distill.teacher")
+        if not Path(cfg.distill.teacher_checkpoint).is_file():
+            raise ConfigError(f"distill.teacher_checkpoint: no such file {cfg.distill.teacher_checkpoint!r}")
+    resume_from = _resolve_resume(resume, cfg.run_dir / "checkpoints")
+    if resume_from is None and list_checkpoints(cfg.run_dir / "checkpoints"):
+        raise ConfigError(
+            f"{cfg.run_dir} already holds checkpoints of an earlier run: add --resume auto to continue "
+            "it, or pick another name=... (or delete the directory)"
+        )
+    return resume_from
+
+
+def _build_loaders(
+    cfg: TrainConfig,
+    train_ds: Dataset,
+    val_ds: Dataset,
+    world: int,
+    rank: int,
+    micro: int,
+    accum: int,
+    workers: int,
+    pin: bool,
+) -> tuple[EpochSampler, DataLoader, DataLoader, int]:
+    """This process's train sampler and loaders, and the optimizer steps of an epoch."""
+    sampler = EpochSampler(
+        train_ds,
+        shuffle=True,
+        seed=cfg.seed,
+        repeats=cfg.data.repeated_aug,
+        num_replicas=world,
+        rank=rank,
+        drop_last=True,
+    )
+    train_loader = _loader(train_ds, sampler, micro, cfg.seed, workers, drop_last=True, pin=pin)
+    val_shard = list(range(rank, len(val_ds), world))
+    val_loader = _loader(val_ds, val_shard, 2 * micro, cfg.seed, workers, drop_last=False, pin=pin)
+    # Global batches per epoch, the same for any number of processes (the sampler's drop_last
+    # cuts the epoch to whole rounds over the ranks). A last incomplete global batch is dropped.
+    steps_per_epoch = len(sampler) // (micro * accum)
+    if steps_per_epoch < 1:
+        raise ConfigError(
+            f"train.batch_size: {cfg.train.batch_size} is larger than the training set ({len(train_ds)} images)"
+        )
+    return sampler, train_loader, val_loader, steps_per_epoch
 
 
 def open_run_dir(cfg: TrainConfig, setup: Setup) -> None:
@@ -302,11 +352,16 @@ def open_run_dir(cfg: TrainConfig, setup: Setup) -> None:
             for f in ("metrics.jsonl", "steps.jsonl"):
                 (run_dir / f).unlink(missing_ok=True)
             # The header record: the machine and what was chosen for it (records without "epoch").
-            JsonLog(run_dir / "metrics.jsonl", True).write({"machine": setup.machine.record(), "precision": setup.precision,
-                                                            "precision_why": setup.precision_why,
-                                                            "threads": setup.threads.threads,
-                                                            "loader_workers": setup.threads.workers,
-                                                            "processes": acc.num_processes})
+            JsonLog(run_dir / "metrics.jsonl", True).write(
+                {
+                    "machine": setup.machine.record(),
+                    "precision": setup.precision,
+                    "precision_why": setup.precision_why,
+                    "threads": setup.threads.threads,
+                    "loader_workers": setup.threads.workers,
+                    "processes": acc.num_processes,
+                }
+            )
         elif (run_dir / "config.yaml").is_file():
             changed = changed_keys(yaml.safe_load((run_dir / "config.yaml").read_text()), to_dict(cfg))
             if changed:  # allowed (e.g. more epochs, lower lr after a stop), but said out loud
@@ -337,14 +392,34 @@ def prepare(cfg: TrainConfig, setup: Setup) -> Session:
     # From here on each process draws its own randomness (Mixup, drop path) from seed + rank.
     set_seed(cfg.seed, device_specific=True)
     main, run_dir = acc.is_main_process, cfg.run_dir
-    meta = {"model": cfg.model.name, "num_classes": setup.num_classes, "in_chans": setup.in_chans,
-            "img_size": cfg.model.img_size or cfg.aug.img_size, "config": config_to_yaml(cfg)}
-    return Session(cfg=cfg, accelerator=acc, model=prepared, unwrapped=acc.unwrap_model(prepared),
-                   optimizer=optimizer, ema=ema, teacher=setup.teacher, criterion=criterion, mixup=mixup,
-                   train_sampler=setup.train_sampler, train_loader=setup.train_loader, val_loader=setup.val_loader,
-                   micro=setup.micro, accum=setup.accum, steps_per_epoch=setup.steps_per_epoch, meta=meta,
-                   metrics_log=JsonLog(run_dir / "metrics.jsonl", main), steps_log=JsonLog(run_dir / "steps.jsonl", main),
-                   tb=TensorBoard(run_dir / "tb", cfg.log.tensorboard and main))
+    meta = {
+        "model": cfg.model.name,
+        "num_classes": setup.num_classes,
+        "in_chans": setup.in_chans,
+        "img_size": cfg.model.img_size or cfg.aug.img_size,
+        "config": config_to_yaml(cfg),
+    }
+    return Session(
+        cfg=cfg,
+        accelerator=acc,
+        model=prepared,
+        unwrapped=acc.unwrap_model(prepared),
+        optimizer=optimizer,
+        ema=ema,
+        teacher=setup.teacher,
+        criterion=criterion,
+        mixup=mixup,
+        train_sampler=setup.train_sampler,
+        train_loader=setup.train_loader,
+        val_loader=setup.val_loader,
+        micro=setup.micro,
+        accum=setup.accum,
+        steps_per_epoch=setup.steps_per_epoch,
+        meta=meta,
+        metrics_log=JsonLog(run_dir / "metrics.jsonl", main),
+        steps_log=JsonLog(run_dir / "steps.jsonl", main),
+        tb=TensorBoard(run_dir / "tb", cfg.log.tensorboard and main),
+    )
 
 
 def restore(s: Session, resume_from: Path | None) -> LoopState:
@@ -354,8 +429,12 @@ def restore(s: Session, resume_from: Path | None) -> LoopState:
         return LoopState(num_processes=acc.num_processes, threads=torch.get_num_threads())
     st = LoopState.from_json(load_checkpoint(acc, resume_from, s.ema.module if s.ema else None))
     _print(acc, f"resumed from {resume_from} (epoch {st.epoch + 1}, step {st.step})")
-    if (acc.device.type == "cpu" and s.cfg.train.num_threads is None and st.threads
-            and st.threads != torch.get_num_threads()):
+    if (
+        acc.device.type == "cpu"
+        and s.cfg.train.num_threads is None
+        and st.threads
+        and st.threads != torch.get_num_threads()
+    ):
         torch.set_num_threads(st.threads)
         _print(acc, f"threads: {st.threads} compute threads, as the run it resumes (the sums depend on them)")
     if acc.is_main_process:  # a killed run may have logged past its checkpoint; the resumed run redoes that
@@ -373,8 +452,14 @@ def train_one_epoch(s: Session, st: LoopState) -> bool:
     micro_per_epoch = s.steps_per_epoch * s.accum
     s.train_sampler.set_epoch(st.epoch)
     s.train_sampler.set_start(st.micro * s.micro)  # mid-epoch resume: skip what was done
-    bar = tqdm(total=s.steps_per_epoch, initial=st.micro // s.accum, desc=f"epoch {st.epoch + 1}/{cfg.train.epochs}",
-               disable=not (acc.is_main_process and cfg.log.progress), leave=False, dynamic_ncols=True)
+    bar = tqdm(
+        total=s.steps_per_epoch,
+        initial=st.micro // s.accum,
+        desc=f"epoch {st.epoch + 1}/{cfg.train.epochs}",
+        disable=not (acc.is_main_process and cfg.log.progress),
+        leave=False,
+        dynamic_ncols=True,
+    )
     t_epoch = time.time()
     micro_losses: list[torch.Tensor] = []
     # islice: the last, incomplete global batch of the epoch is never fetched.
@@ -395,8 +480,9 @@ def train_one_epoch(s: Session, st: LoopState) -> bool:
             _stop(s, st)
         if _reached_max_steps(cfg, st):
             break
-        if (cfg.checkpoint.every_steps and st.step % cfg.checkpoint.every_steps == 0
-                and st.micro < micro_per_epoch):  # the epoch's end has its own checkpoint
+        if (
+            cfg.checkpoint.every_steps and st.step % cfg.checkpoint.every_steps == 0 and st.micro < micro_per_epoch
+        ):  # the epoch's end has its own checkpoint
             st.sums.time += time.time() - t_epoch
             _checkpoint(s, st)
             t_epoch = time.time()
@@ -433,8 +519,9 @@ def _optimizer_step(s: Session, st: LoopState, micro_losses: list[torch.Tensor])
     grad_norm = acc.clip_grad_norm_(s.model.parameters(), cfg.optim.clip_grad or math.inf)
     # Gradients are all-reduced already, the losses are not: reduce both, so that a NaN on any
     # one process skips the step on all of them.
-    flags = torch.stack([torch.stack(micro_losses).mean(),
-                         torch.as_tensor(grad_norm, dtype=torch.float32, device=acc.device)])
+    flags = torch.stack(
+        [torch.stack(micro_losses).mean(), torch.as_tensor(grad_norm, dtype=torch.float32, device=acc.device)]
+    )
     flags = acc.reduce(flags, reduction="mean")
     loss, finite = flags[0].item(), bool(torch.isfinite(flags).all())
     if finite:
@@ -457,8 +544,16 @@ def _optimizer_step(s: Session, st: LoopState, micro_losses: list[torch.Tensor])
     s.optimizer.zero_grad(set_to_none=True)
     st.step += 1
     st.sums.images += cfg.train.batch_size
-    s.steps_log.write({"step": st.step, "epoch": st.epoch + 1, "loss": loss, "lr": lr,
-                       "grad_norm": flags[1].item(), "skipped": not finite})
+    s.steps_log.write(
+        {
+            "step": st.step,
+            "epoch": st.epoch + 1,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": flags[1].item(),
+            "skipped": not finite,
+        }
+    )
     return loss, lr
 
 
@@ -470,9 +565,12 @@ def end_epoch(s: Session, st: LoopState, end_of_epoch: bool) -> dict[str, Any]:
     epoch_done = st.epoch + 1
     record = _evaluate_and_log(s, st, epoch_done, partial=not end_of_epoch)
     ema_bit = f", EMA {record['ema_top1']:.2f}%" if s.ema is not None else ""
-    _print(s.accelerator, f"epoch {epoch_done}/{s.cfg.train.epochs}{'' if end_of_epoch else ' (partial)'}: "
-                          f"train loss {record['train_loss']:.4f}, val top-1 {record['val_top1']:.2f}%"
-                          f"{ema_bit}, {record['img_per_s']:.0f} img/s")
+    _print(
+        s.accelerator,
+        f"epoch {epoch_done}/{s.cfg.train.epochs}{'' if end_of_epoch else ' (partial)'}: "
+        f"train loss {record['train_loss']:.4f}, val top-1 {record['val_top1']:.2f}%"
+        f"{ema_bit}, {record['img_per_s']:.0f} img/s",
+    )
     if end_of_epoch:
         st.epoch, st.micro, st.sums = epoch_done, 0, EpochSums()
     _checkpoint(s, st)
@@ -485,10 +583,15 @@ def _evaluate_and_log(s: Session, st: LoopState, epoch_done: int, partial: bool)
     res = evaluate(s.unwrapped, s.val_loader, s.accelerator)
     sums = st.sums
     record = {
-        "epoch": epoch_done, "step": st.step,
-        "train_loss": sums.loss / max(sums.steps, 1), "val_loss": res["loss"],
-        "val_top1": res["top1"], "val_top5": res["top5"], "val_err1": 100 - res["top1"],
-        "lr": s.optimizer.param_groups[0]["lr"], "img_per_s": sums.images / max(sums.time, 1e-9),
+        "epoch": epoch_done,
+        "step": st.step,
+        "train_loss": sums.loss / max(sums.steps, 1),
+        "val_loss": res["loss"],
+        "val_top1": res["top1"],
+        "val_top5": res["top5"],
+        "val_err1": 100 - res["top1"],
+        "lr": s.optimizer.param_groups[0]["lr"],
+        "img_per_s": sums.images / max(sums.time, 1e-9),
         "skipped_steps": sums.skipped,
     }
     if s.ema is not None:
@@ -501,8 +604,11 @@ def _evaluate_and_log(s: Session, st: LoopState, epoch_done: int, partial: bool)
     if res["top1"] > st.best_top1:
         st.best_top1, st.best_epoch = res["top1"], epoch_done
         if s.accelerator.is_main_process:
-            export_weights(s.unwrapped, s.run_dir / "model_best.safetensors",
-                           {**s.meta, "epoch": epoch_done, "top1": f"{res['top1']:.4f}"})
+            export_weights(
+                s.unwrapped,
+                s.run_dir / "model_best.safetensors",
+                {**s.meta, "epoch": epoch_done, "top1": f"{res['top1']:.4f}"},
+            )
     return record
 
 
@@ -519,8 +625,11 @@ def evaluate(model: nn.Module, loader: DataLoader, accelerator: Accelerator) -> 
         collect_aux_loss(model)  # drop the MoE losses of eval forwards
         logits = logits.float()
         c1, c5 = topk_correct(logits, y, (1, 5))
-        sums += torch.tensor([F.cross_entropy(logits, y, reduction="sum").item(), c1, c5, len(y)],
-                             dtype=torch.float64, device=sums.device)
+        sums += torch.tensor(
+            [F.cross_entropy(logits, y, reduction="sum").item(), c1, c5, len(y)],
+            dtype=torch.float64,
+            device=sums.device,
+        )
     sums = accelerator.reduce(sums, reduction="sum")
     model.train(was_training)
     n = max(sums[3].item(), 1.0)
@@ -528,21 +637,26 @@ def evaluate(model: nn.Module, loader: DataLoader, accelerator: Accelerator) -> 
 
 
 def _checkpoint(s: Session, st: LoopState) -> None:
-    save_checkpoint(s.accelerator, s.ckpt_dir, asdict(st), s.cfg.checkpoint.keep_last,
-                    s.ema.module if s.ema is not None else None)
+    save_checkpoint(
+        s.accelerator, s.ckpt_dir, asdict(st), s.cfg.checkpoint.keep_last, s.ema.module if s.ema is not None else None
+    )
 
 
 def _stop(s: Session, st: LoopState) -> None:
     """Too many non-finite steps in a row: save, export the last good weights, say why."""
     first = st.step - st.consecutive_skips + 1
-    st.stop_reason = (f"{st.consecutive_skips} consecutive steps with a non-finite loss or gradient (steps "
-                      f"{first}-{st.step}; train.max_consecutive_skips={s.cfg.train.max_consecutive_skips})")
+    st.stop_reason = (
+        f"{st.consecutive_skips} consecutive steps with a non-finite loss or gradient (steps "
+        f"{first}-{st.step}; train.max_consecutive_skips={s.cfg.train.max_consecutive_skips})"
+    )
     _checkpoint(s, st)
     if s.accelerator.is_main_process:
         export_weights(s.unwrapped, s.run_dir / "model_last.safetensors", {**s.meta, "stopped": st.stop_reason})
     s.tb.close()
-    raise TrainingStopped(f"stopped: {st.stop_reason}; the last good weights are in {s.ckpt_dir} and "
-                          f"{s.run_dir / 'model_last.safetensors'}")
+    raise TrainingStopped(
+        f"stopped: {st.stop_reason}; the last good weights are in {s.ckpt_dir} and "
+        f"{s.run_dir / 'model_last.safetensors'}"
+    )
 
 
 # ---- the end of the run
@@ -564,18 +678,30 @@ def finish(s: Session, st: LoopState, last: dict[str, Any] | None, wall: float, 
     acc.wait_for_everyone()
     top1 = last["val_top1"] if last else float("nan")
     ema_top1 = last.get("ema_top1") if last else None
-    summary = (f"done: {_model_label(cfg)} {_dataset_name(cfg)} {st.epoch} epochs top1 {top1:.1f}% "
-               f"(best {st.best_top1:.1f}% @ epoch {st.best_epoch}"
-               + (f", ema {ema_top1:.1f}%" if ema_top1 is not None else "") + f") {wall:.0f} s")
+    summary = (
+        f"done: {_model_label(cfg)} {_dataset_name(cfg)} {st.epoch} epochs top1 {top1:.1f}% "
+        f"(best {st.best_top1:.1f}% @ epoch {st.best_epoch}"
+        + (f", ema {ema_top1:.1f}%" if ema_top1 is not None else "")
+        + f") {wall:.0f} s"
+    )
     if st.epoch < cfg.train.epochs and stopped_by is None:
         summary += f" [stopped at train.max_steps={cfg.train.max_steps}]"
     elif stopped_by is not None:
         summary += f" [stopped by {stopped_by}]"
     if acc.is_main_process:
         print(summary, flush=True)
-    return RunResult(summary=summary, run_dir=s.run_dir, top1=top1, best_top1=st.best_top1,
-                     best_epoch=st.best_epoch, ema_top1=ema_top1, epochs_done=st.epoch, steps=st.step,
-                     wall_s=wall, stopped_by=stopped_by)
+    return RunResult(
+        summary=summary,
+        run_dir=s.run_dir,
+        top1=top1,
+        best_top1=st.best_top1,
+        best_epoch=st.best_epoch,
+        ema_top1=ema_top1,
+        epochs_done=st.epoch,
+        steps=st.step,
+        wall_s=wall,
+        stopped_by=stopped_by,
+    )
 
 
 # ---- helpers
@@ -593,8 +719,10 @@ def _batch_plan(cfg: TrainConfig, world: int) -> tuple[int, int]:
     per_proc = b // world
     micro = cfg.train.micro_batch_size or per_proc
     if micro > per_proc or per_proc % micro:
-        raise ConfigError(f"train.micro_batch_size: {micro} must divide the per-process batch {per_proc} "
-                          f"(train.batch_size {b} / {world} processes)")
+        raise ConfigError(
+            f"train.micro_batch_size: {micro} must divide the per-process batch {per_proc} "
+            f"(train.batch_size {b} / {world} processes)"
+        )
     return micro, per_proc // micro
 
 
@@ -626,8 +754,14 @@ def _build_datasets(cfg: TrainConfig) -> tuple[Dataset, Dataset]:
 
 def _create_model(cfg: TrainConfig, num_classes: int, in_chans: int) -> nn.Module:
     m = cfg.model
-    kwargs: dict[str, Any] = dict(pretrained=m.pretrained, num_classes=num_classes, in_chans=in_chans,
-                                  drop_rate=m.drop_rate, drop_path_rate=m.drop_path_rate, **m.spec)
+    kwargs: dict[str, Any] = dict(
+        pretrained=m.pretrained,
+        num_classes=num_classes,
+        in_chans=in_chans,
+        drop_rate=m.drop_rate,
+        drop_path_rate=m.drop_path_rate,
+        **m.spec,
+    )
     if m.img_size is not None and m.name not in BASELINES:  # timm's ResNets take any size and no img_size
         kwargs["img_size"] = m.img_size
     try:
@@ -641,8 +775,9 @@ def _create_model(cfg: TrainConfig, num_classes: int, in_chans: int) -> nn.Modul
 
 def _create_teacher(cfg: TrainConfig, num_classes: int, in_chans: int) -> nn.Module:
     try:
-        return zoo.create_model(cfg.distill.teacher, pretrained=cfg.distill.teacher_checkpoint,
-                                num_classes=num_classes, in_chans=in_chans)
+        return zoo.create_model(
+            cfg.distill.teacher, pretrained=cfg.distill.teacher_checkpoint, num_classes=num_classes, in_chans=in_chans
+        )
     except (TypeError, ValueError) as e:
         raise ConfigError(f"distill.teacher_checkpoint: {str(e).splitlines()[0]}") from None
 
@@ -650,8 +785,9 @@ def _create_teacher(cfg: TrainConfig, num_classes: int, in_chans: int) -> nn.Mod
 def _train_criterion(cfg: TrainConfig, mixup_active: bool) -> nn.Module:
     smoothing = cfg.aug.label_smoothing
     if cfg.loss.name == "bce":  # RSB: with Mixup the smoothing is already in the soft targets
-        return BinaryCrossEntropy(smoothing=0.0 if mixup_active else smoothing,
-                                  target_threshold=cfg.loss.bce_target_thresh)
+        return BinaryCrossEntropy(
+            smoothing=0.0 if mixup_active else smoothing, target_threshold=cfg.loss.bce_target_thresh
+        )
     if mixup_active:
         return SoftTargetCrossEntropy()
     if smoothing > 0:
@@ -672,14 +808,23 @@ class _NanAtSteps(nn.Module):
         return loss * float("nan") if self.state.step + 1 in self.steps else loss
 
 
-def _distill_loss(cfg: TrainConfig, base: torch.Tensor, dist_logits: torch.Tensor,
-                  teacher_logits: torch.Tensor) -> torch.Tensor:
+def _distill_loss(
+    cfg: TrainConfig, base: torch.Tensor, dist_logits: torch.Tensor, teacher_logits: torch.Tensor
+) -> torch.Tensor:
     """DeiT's DistillationLoss: (1 - alpha) * base + alpha * distillation term."""
     d = cfg.distill
     if d.type == "soft":
         t = d.tau
-        kd = F.kl_div(F.log_softmax(dist_logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
-                      reduction="sum", log_target=True) * (t * t) / dist_logits.numel()
+        kd = (
+            F.kl_div(
+                F.log_softmax(dist_logits / t, dim=1),
+                F.log_softmax(teacher_logits / t, dim=1),
+                reduction="sum",
+                log_target=True,
+            )
+            * (t * t)
+            / dist_logits.numel()
+        )
     else:  # hard: the teacher's argmax is the label of the distillation token
         kd = F.cross_entropy(dist_logits, teacher_logits.argmax(dim=1))
     return base * (1 - d.alpha) + kd * d.alpha
@@ -689,9 +834,17 @@ def _loader(ds: Dataset, sampler, batch_size: int, seed: int, workers: int, drop
     # Its own generator: the base seed drawn when an iterator is made comes from here, not from
     # the global torch RNG (which a resumed run must find exactly as the checkpoint left it).
     g = torch.Generator().manual_seed(seed)
-    return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
-                      pin_memory=pin, worker_init_fn=worker_init if workers > 0 else None,
-                      persistent_workers=workers > 0, generator=g)
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        drop_last=drop_last,
+        pin_memory=pin,
+        worker_init_fn=worker_init if workers > 0 else None,
+        persistent_workers=workers > 0,
+        generator=g,
+    )
 
 
 def _resolve_resume(resume: str | None, ckpt_dir: Path) -> Path | None:
