@@ -6,6 +6,7 @@ CI-sized: a ~11 k-parameter two-stage PoolFormer (``model.spec`` below), a few s
 
 from __future__ import annotations
 
+import itertools
 import typing
 
 import pytest
@@ -158,3 +159,45 @@ def test_a_field_the_optimizer_does_not_read_is_an_error(override, name, users):
         load_config(None, [f"optim.name={name}", override])
     key = override.split("=")[0]
     assert str(e.value).startswith(f"{key}: optim.name {name!r} does not use it (read by {users})")
+
+
+@pytest.mark.parametrize("model_name", ["zoo_vit_mini_32", "zoo_poolformer_mini_32"])
+def test_layer_decay_groups_follow_the_group_matcher(model_name):
+    """optim.layer_decay: one lr scale per layer of the model's group_matcher (stem 0, blocks, head
+    last), decreasing from head to stem by the factor, every parameter in exactly one group, DeiT's
+    weight-decay rule kept; timm's factory (adamw) and timm's param groups (sm3, muon) agree.
+    ``pytest -s`` prints the groups."""
+    from timm.models import group_parameters
+
+    model = zoo.create_model(model_name, num_classes=10)
+    names = {id(p): n for n, p in model.named_parameters()}
+    layer_of = group_parameters(model, model.group_matcher(coarse=False), reverse=True)
+    num_layers = max(layer_of.values()) + 1
+    # stem, one layer per block (a later stage's embedding joins its first block, the final norm the
+    # last block, as timm's ViT does), the head
+    assert num_layers == 2 + sum(len(s.blocks) for s in model.stages)
+    scales: dict[str, dict[str, tuple[float, float]]] = {}
+    for name in ("adamw", "sm3", "muon"):
+        cfg = load_config(None, [f"optim.name={name}", "optim.lr=1e-3", "optim.layer_decay=0.65"])
+        opt = create_optimizer(model, cfg)
+        seen = [names[id(p)] for g in opt.param_groups for p in g["params"]]
+        assert sorted(seen) == sorted(names.values()), f"{name}: each parameter in exactly one group"
+        scales[name] = {names[id(p)]: (g["lr_scale"], g["weight_decay"]) for g in opt.param_groups
+                        for p in g["params"]}
+    assert scales["adamw"] == scales["sm3"] == scales["muon"]
+    for n, p in model.named_parameters():
+        lr_scale, wd = scales["adamw"][n]
+        assert lr_scale == pytest.approx(0.65 ** (num_layers - 1 - layer_of[n])), n
+        no_decay = p.ndim <= 1 or n.endswith(("cls_token", "pos_embed"))
+        assert wd == (0.0 if no_decay else 0.05), n
+    by_layer: dict[int, list[str]] = {}
+    for n, layer in layer_of.items():
+        by_layer.setdefault(layer, []).append(n)
+    layer_scale = [scales["adamw"][by_layer[i][0]][0] for i in range(num_layers)]
+    assert layer_scale[-1] == 1.0 and all(a < b for a, b in itertools.pairwise(layer_scale))
+    assert all(layer_of[n] == num_layers - 1 for n in names.values() if n.startswith("head."))
+    assert layer_of["stages.0.embed.proj.weight"] == 0
+    print(f"\n{model_name}: layer_decay=0.65, {num_layers} layers (group_matcher)")
+    for i in reversed(range(num_layers)):
+        members = sorted({".".join(n.split(".")[:4 if ".blocks." in n else 3]) for n in by_layer[i]})
+        print(f"  layer {i}: lr_scale {layer_scale[i]:.4f}  {len(by_layer[i]):2d} params  {', '.join(members)}")

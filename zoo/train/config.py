@@ -11,7 +11,7 @@ relative to it, merged section by section); it is the only key that is not a fie
     train:      epochs, batch_size (global), micro_batch_size (per process), precision, max_steps,
                 max_consecutive_skips, num_threads, limit_train, limit_val
     optim:      name, lr | base_lr * batch_size / lr_base_batch, weight_decay, betas, eps, momentum,
-                nesterov, clip_grad, no_decay_on_1d
+                nesterov, clip_grad, no_decay_on_1d, layer_decay
     schedule:   name, update, warmup_epochs, warmup_lr, min_lr
     loss:       name, bce_target_thresh       (label smoothing is aug.label_smoothing, shared with Mixup)
     ema:        enabled, decay, warmup
@@ -112,6 +112,10 @@ class OptimConfig:
     # No weight decay on 1-d params (norms, biases) nor on model.no_weight_decay() names (tokens,
     # position embeddings): DeiT's rule.
     no_decay_on_1d: bool = True
+    # Layer-wise lr decay (BEiT): the lr of layer i of n (stem 0, blocks by the model's
+    # group_matcher, head n-1) is scaled by layer_decay ** (n - 1 - i). None: off; 0.65-0.75 is the
+    # BEiT / DeiT III / ConvNeXt fine-tuning value. Every optimizer reads it (timm's param groups).
+    layer_decay: float | None = field(default=None, metadata=bounds(gt=0, le=1))
 
     def validate(self) -> None:
         if not all(0 <= b < 1 for b in self.betas):

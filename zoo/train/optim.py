@@ -10,6 +10,13 @@ tokens, position embeddings) when ``optim.no_decay_on_1d`` -- through timm's own
 factory for its optimizers (``filter_bias_and_bn``), ``timm.optim.param_groups_weight_decay``
 for the others, with the same arguments timm's factory passes.
 
+Layer-wise lr decay (``optim.layer_decay``, BEiT's fine-tuning rule, also DeiT III's and
+ConvNeXt's): timm's factory with ``layer_decay=`` for its optimizers,
+``timm.optim.param_groups_layer_decay`` (the call that factory makes) for the others. The layers
+are the model's ``group_matcher`` (stem, blocks, head); each group carries ``lr_scale`` =
+``layer_decay ** (num_layers - 1 - layer)``, which the loop applies with every lr it sets
+(``g["lr"] = lr_at(step) * g.get("lr_scale", 1.0)``), on top of DeiT's weight-decay rule.
+
 Libraries, and why:
 
 * adamw, sgd, lamb, lion, kron (PSGD-Kron): timm's factory (``timm.optim.create_optimizer_v2``),
@@ -66,7 +73,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from timm.optim import create_optimizer_v2, param_groups_weight_decay
+from timm.optim import create_optimizer_v2, param_groups_layer_decay, param_groups_weight_decay
 from torch import nn
 
 from .config import OptimConfig, TrainConfig
@@ -93,7 +100,7 @@ def _timm(opt: str) -> Factory:
     """timm's factory, which applies DeiT's rule itself (``filter_bias_and_bn``)."""
     def build(model: nn.Module, lr: float, o: OptimConfig, kwargs: dict[str, Any]) -> torch.optim.Optimizer:
         return create_optimizer_v2(model, opt=opt, lr=lr, weight_decay=o.weight_decay,
-                                   filter_bias_and_bn=o.no_decay_on_1d, **kwargs)
+                                   filter_bias_and_bn=o.no_decay_on_1d, layer_decay=o.layer_decay, **kwargs)
     return build
 
 
@@ -112,8 +119,13 @@ def _kron(model: nn.Module, lr: float, o: OptimConfig, kwargs: dict[str, Any]) -
 
 
 def _decay_groups(model: nn.Module, o: OptimConfig) -> list[dict[str, Any]]:
-    """DeiT's rule, as timm's ``create_optimizer_v2`` builds it from a model (same call, same arguments)."""
+    """DeiT's rule, and with ``optim.layer_decay`` the layer-wise lr scales, as timm's
+    ``create_optimizer_v2`` builds them from a model (same calls, same arguments)."""
     no_weight_decay = getattr(model, "no_weight_decay", lambda: set())()
+    if o.layer_decay is not None:
+        return param_groups_layer_decay(model, weight_decay=o.weight_decay, layer_decay=o.layer_decay,
+                                        no_weight_decay_list=no_weight_decay,
+                                        weight_decay_exclude_1d=o.no_decay_on_1d)
     return param_groups_weight_decay(model, weight_decay=o.weight_decay, weight_decay_exclude_1d=o.no_decay_on_1d,
                                      no_weight_decay_list=no_weight_decay)
 
@@ -188,11 +200,11 @@ def _muon(model: nn.Module, lr: float, o: OptimConfig, kwargs: dict[str, Any]) -
         raise ConfigError(f"optim.name: muon needs 2-D weight matrices in the zoo backbone's blocks; "
                           f"{type(model).__name__} has none (use another optimizer for it)")
     muon_groups, adamw_groups = [], []
-    for g in _decay_groups(model, o):  # DeiT's rule first, then the split: both halves keep it
+    for g in _decay_groups(model, o):  # DeiT's rule (and layer decay) first, then the split: both halves keep it
         mats = [p for p in g["params"] if id(p) in muon_ids]
         rest = [p for p in g["params"] if id(p) not in muon_ids]
         if mats:
-            muon_groups.append({**g, "params": mats, "lr_scale": MUON_LR_SCALE})
+            muon_groups.append({**g, "params": mats, "lr_scale": g.get("lr_scale", 1.0) * MUON_LR_SCALE})
         if rest:
             adamw_groups.append({**g, "params": rest})
     adamw_kwargs = {k: kwargs.pop(f"adamw_{k}") for k in ("betas", "eps")}
