@@ -33,13 +33,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Train a zoo model or ResNet baseline with the DeiT recipe through Accelerate.",
         epilog="Overrides are key.sub=value with the value parsed as YAML (train.epochs=3, "
-               "optim.betas=[0.9,0.95], model.pretrained=false).")
+        "optim.betas=[0.9,0.95], model.pretrained=false).",
+    )
     parser.add_argument("--config", metavar="FILE", help="YAML config (default: configs/mnist5k_poolformer.yaml)")
-    parser.add_argument("--resume", metavar="auto|PATH",
-                        help="'auto': the newest checkpoint of the run directory (fresh start if none); "
-                             "or a checkpoint directory. Weights and EMA load as safetensors, the "
-                             "optimizer/RNG state through torch.load(weights_only=True); still, resume "
-                             "only checkpoints you wrote")
+    parser.add_argument(
+        "--resume",
+        metavar="auto|PATH",
+        help="'auto': the newest checkpoint of the run directory (fresh start if none); "
+        "or a checkpoint directory. Weights and EMA load as safetensors, the "
+        "optimizer/RNG state through torch.load(weights_only=True); still, resume "
+        "only checkpoints you wrote",
+    )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
     args = parser.parse_intermixed_args(argv)

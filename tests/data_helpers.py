@@ -20,20 +20,11 @@ def photo(height: int = 96, width: int = 128, seed: int = 0) -> np.ndarray:
         (seed * 53) % (img.shape[1] - 2 * width),
     )
     crop = img[top : top + 2 * height, left : left + 2 * width]
-    return np.ascontiguousarray(
-        np.asarray(
-            Image.fromarray(crop).resize((width, height), Image.Resampling.BILINEAR)
-        )
-    )
+    return np.ascontiguousarray(np.asarray(Image.fromarray(crop).resize((width, height), Image.Resampling.BILINEAR)))
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return (
-        struct.pack(">I", len(data))
-        + kind
-        + data
-        + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-    )
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
 
 def bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
@@ -66,9 +57,7 @@ def write_odd_images(folder: Path) -> dict[str, Path]:
     pal = im.convert("P")
     pal.info["transparency"] = 0
     save("palette_transparent.png", pal)
-    sixteen = (np.asarray(im.convert("L"), dtype=np.uint16) * 257).astype(
-        np.uint16
-    )  # full 16-bit range
+    sixteen = (np.asarray(im.convert("L"), dtype=np.uint16) * 257).astype(np.uint16)  # full 16-bit range
     save("sixteen_I16.png", Image.fromarray(sixteen))
     save("bilevel_1.png", im.convert("1"))
     save("plain.bmp", im)

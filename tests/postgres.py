@@ -7,6 +7,7 @@
 (``runuser``) in a directory it owns; no TCP port is opened (``listen_addresses=''``), the port
 only names the socket file. Stopped (``pg_ctl stop -m fast``) and removed at the end.
 """
+
 from __future__ import annotations
 
 import glob
@@ -51,7 +52,9 @@ def postgres_server(db: str = "zoo") -> Iterator[str]:
     port = random.randint(20000, 60000)
 
     def pg(tool: str, *args: str) -> None:
-        out = subprocess.run([*as_pg, str(bindir / tool), *args], capture_output=True, text=True, timeout=120, check=False)
+        out = subprocess.run(
+            [*as_pg, str(bindir / tool), *args], capture_output=True, text=True, timeout=120, check=False
+        )
         if out.returncode:
             log = (d / "log").read_text()[-2000:] if (d / "log").is_file() else ""
             raise RuntimeError(f"{tool} {' '.join(args)} failed ({out.returncode}): {out.stderr.strip()} {log}")
@@ -59,17 +62,37 @@ def postgres_server(db: str = "zoo") -> Iterator[str]:
     started = False
     try:
         pg("initdb", "-D", str(d / "data"), "-A", "trust", "-U", "zoo", "--no-sync", "-E", "UTF8")
-        pg("pg_ctl", "-D", str(d / "data"), "-o", f"-k {d} -p {port} -c listen_addresses='' -c fsync=off",
-           "-l", str(d / "log"), "-w", "start")
+        pg(
+            "pg_ctl",
+            "-D",
+            str(d / "data"),
+            "-o",
+            f"-k {d} -p {port} -c listen_addresses='' -c fsync=off",
+            "-l",
+            str(d / "log"),
+            "-w",
+            "start",
+        )
         started = True
-        createdb = bindir / "createdb" if (bindir / "createdb").is_file() else Path(shutil.which("createdb") or "createdb")
-        out = subprocess.run([str(createdb), "-h", str(d), "-p", str(port), "-U", "zoo", db],
-                             capture_output=True, text=True, timeout=60, check=False)
+        createdb = (
+            bindir / "createdb" if (bindir / "createdb").is_file() else Path(shutil.which("createdb") or "createdb")
+        )
+        out = subprocess.run(
+            [str(createdb), "-h", str(d), "-p", str(port), "-U", "zoo", db],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         if out.returncode:
             raise RuntimeError(f"createdb failed: {out.stderr.strip()}")
         yield f"postgresql+psycopg2://zoo@/{db}?host={d}&port={port}"
     finally:
         if started:
-            subprocess.run([*as_pg, str(bindir / "pg_ctl"), "-D", str(d / "data"), "-m", "fast", "-w", "stop"],
-                           capture_output=True, timeout=120, check=False)
+            subprocess.run(
+                [*as_pg, str(bindir / "pg_ctl"), "-D", str(d / "data"), "-m", "fast", "-w", "stop"],
+                capture_output=True,
+                timeout=120,
+                check=False,
+            )
         shutil.rmtree(d, ignore_errors=True)

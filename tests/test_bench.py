@@ -1,4 +1,5 @@
 """The benchmark commands at toy size: their tables are computed from the runs, not copied."""
+
 from __future__ import annotations
 
 import csv
@@ -12,8 +13,18 @@ from zoo.bench import ablate, top1
 from zoo.bench.runs import RunRow
 from zoo.bench.stats import diff_ci, mean_ci
 
-TOY = ["--set", "train.limit_train=64", "--set", "train.limit_val=64", "--set", "train.batch_size=32",
-       "--set", "data.num_workers=0", "--epochs", "1"]
+TOY = [
+    "--set",
+    "train.limit_train=64",
+    "--set",
+    "train.limit_val=64",
+    "--set",
+    "train.batch_size=32",
+    "--set",
+    "data.num_workers=0",
+    "--epochs",
+    "1",
+]
 
 
 def test_mean_ci_is_student_t():
@@ -36,8 +47,10 @@ def test_diff_ci_is_welch():
 
 def test_top1_summary_rows_are_computed():
     rows = [RunRow("m", "m", s, 100 - e, e, 1_000_000, 2_000_000, 10.0 + s, 50.0) for s, e in enumerate([2.0, 3.0])]
-    rows += [RunRow("resnet18", "resnet18", s, 100 - e, e, 11_000_000, 37_000_000, 20.0, 40.0)
-             for s, e in enumerate([1.0, 1.5])]
+    rows += [
+        RunRow("resnet18", "resnet18", s, 100 - e, e, 11_000_000, 37_000_000, 20.0, 40.0)
+        for s, e in enumerate([1.0, 1.5])
+    ]
     table = {r["model"]: r for r in top1.summarise(rows, "resnet18")}
     assert table["m"]["top1_err"] == pytest.approx(2.5)
     assert table["m"]["diff_vs_baseline"] == pytest.approx(2.5 - 1.25)
@@ -63,8 +76,20 @@ def test_top1_command_end_to_end(tmp_path, capsys):
     assert top1.main(["--models", "zoo_poolformer_mini_32", "--seeds", "2", "--out", str(out), "--reuse", *TOY]) == 0
     assert (out / "top1.csv").read_text() == first
     with pytest.raises(ValueError, match="used another config"):
-        top1.main(["--models", "zoo_poolformer_mini_32", "--seeds", "2", "--out", str(out), "--reuse", *TOY,
-                   "--set", "optim.lr=0.01"])
+        top1.main(
+            [
+                "--models",
+                "zoo_poolformer_mini_32",
+                "--seeds",
+                "2",
+                "--out",
+                str(out),
+                "--reuse",
+                *TOY,
+                "--set",
+                "optim.lr=0.01",
+            ]
+        )
 
 
 def test_ablate_plan_marks_non_iso_param_and_width_matches():

@@ -4,6 +4,7 @@ Which layout is the reference, how the interval is computed and what the results
 checked with injected step times (every step the bench times carries ``.key = (side, layout,
 step)``), on two small stand-in models; one test runs the real twins end to end.
 """
+
 from __future__ import annotations
 
 import csv
@@ -42,6 +43,7 @@ class Net(nn.Module):
 
 def _stand_ins(monkeypatch, *, twin_nchw_only: bool = False, memory: bool = True):
     """Every model's pair becomes two small Nets with the same weights; peak memory a fixed 1 / 2 MiB."""
+
     def pair(name, img_size):
         ours = Net()
         ref = Net(nchw_only=twin_nchw_only)
@@ -67,10 +69,16 @@ def _fake_clock(monkeypatch, seconds: dict[tuple[str, str, str], float]):
 
 # Twin: channels_last is faster in train (1.0 s against 2.0 s), NCHW in eval (0.1 against 0.2).
 # Ours: channels_last is faster in train (0.8 s), NCHW in eval (0.08 s).
-SECONDS = {("twin", "nchw", "train"): 2.0, ("twin", "channels_last", "train"): 1.0,
-           ("twin", "nchw", "eval"): 0.1, ("twin", "channels_last", "eval"): 0.2,
-           ("zoo", "nchw", "train"): 1.5, ("zoo", "channels_last", "train"): 0.8,
-           ("zoo", "nchw", "eval"): 0.08, ("zoo", "channels_last", "eval"): 0.5}
+SECONDS = {
+    ("twin", "nchw", "train"): 2.0,
+    ("twin", "channels_last", "train"): 1.0,
+    ("twin", "nchw", "eval"): 0.1,
+    ("twin", "channels_last", "eval"): 0.2,
+    ("zoo", "nchw", "train"): 1.5,
+    ("zoo", "channels_last", "train"): 0.8,
+    ("zoo", "nchw", "eval"): 0.08,
+    ("zoo", "channels_last", "eval"): 0.5,
+}
 
 
 def _measure(**kw):
@@ -195,8 +203,25 @@ def test_main_prints_the_machine_and_writes_the_results_files(monkeypatch, tmp_p
     _stand_ins(monkeypatch)
     _fake_clock(monkeypatch, SECONDS)
     monkeypatch.setattr(speed.torch, "compile", lambda model, mode=None: model)
-    argv = ["--models", "zoo_poolformer_s12", "--batch", "2", "--img-size", "8", "--repeats", "2", "--warmup", "0",
-            "--threads", "1", "--compile", "--out", str(tmp_path), "--name", "toy"]
+    argv = [
+        "--models",
+        "zoo_poolformer_s12",
+        "--batch",
+        "2",
+        "--img-size",
+        "8",
+        "--repeats",
+        "2",
+        "--warmup",
+        "0",
+        "--threads",
+        "1",
+        "--compile",
+        "--out",
+        str(tmp_path),
+        "--name",
+        "toy",
+    ]
     assert speed.main(argv) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith(f"machine: {speed.describe().summary()}; torch {torch.__version__}, timm ")
@@ -227,8 +252,9 @@ def test_main_rejects_an_unknown_layout(capsys):
 
 def test_the_cvt_twin_needs_transformers_one_line(monkeypatch, capsys):
     real = twins.importlib.util.find_spec
-    monkeypatch.setattr(twins.importlib.util, "find_spec", lambda name, *a: None if name == "transformers"
-                        else real(name, *a))
+    monkeypatch.setattr(
+        twins.importlib.util, "find_spec", lambda name, *a: None if name == "transformers" else real(name, *a)
+    )
     assert twins.missing("zoo_vit_tiny_patch16_224") is None
     assert speed.main(["--models", "zoo_cvt_13"]) == 2
     assert capsys.readouterr().err == "zoo.bench speed: the CvT twin needs transformers: pip install transformers\n"
@@ -274,16 +300,18 @@ def test_cvt_config_refuses_what_the_twin_cannot_compute():
     import dataclasses
 
     spec = zoo.create_model("zoo_cvt_mini_32").spec
-    gelu = dataclasses.replace(spec, stages=(*spec.stages[:2], dataclasses.replace(
-        spec.stages[2], channel_options={"act": "gelu"})))
+    gelu = dataclasses.replace(
+        spec, stages=(*spec.stages[:2], dataclasses.replace(spec.stages[2], channel_options={"act": "gelu"}))
+    )
     with pytest.raises(ValueError, match="stage 2: act='gelu'; transformers' CvT twin computes 'quick_gelu'"):
         twins.cvt_config(gelu)
 
 
 def test_speed_against_the_timm_twin_end_to_end():
     # The real twins, both layouts, one repeat: the ratios are the measured images/s divided.
-    r = speed.measure(["zoo_vit_tiny_patch16_224"], batch=1, img_size=32, repeats=1, warmup=0, dtype="fp32",
-                      device=CPU)[0]
+    r = speed.measure(
+        ["zoo_vit_tiny_patch16_224"], batch=1, img_size=32, repeats=1, warmup=0, dtype="fp32", device=CPU
+    )[0]
     assert r["twin"] == "vit_tiny_patch16_224" and r["max_diff"] <= 1e-4
     assert r["params_m"] == pytest.approx(5.7, abs=0.05) and r["unsupported"] == ""
     assert r["train_ratio"] == pytest.approx(r["train_ips"] / r["twin_train_ips"])
@@ -310,8 +338,18 @@ def test_speed_peak_memory_does_not_depend_on_what_ran_before():
     # RSS growth read 0 MB for a model measured after a bigger one: the tensor peak must not. In this
     # process, one after the other (the bench runs each in a fresh child: the end-to-end test above).
     def peak(name, batch):
-        return speed.peak_memory_here(name, batch=batch, img_size=32, dtype="fp32", device="cpu",
-                                      layouts={"zoo": "nchw", "twin": "nchw"}, threads=1)["zoo"] / 2**20
+        return (
+            speed.peak_memory_here(
+                name,
+                batch=batch,
+                img_size=32,
+                dtype="fp32",
+                device="cpu",
+                layouts={"zoo": "nchw", "twin": "nchw"},
+                threads=1,
+            )["zoo"]
+            / 2**20
+        )
 
     small_first = peak("zoo_vit_tiny_patch16_224", 2)
     large = peak("zoo_vit_tiny_patch16_224", 8)

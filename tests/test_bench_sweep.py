@@ -5,6 +5,7 @@ seam; ``--trainer test_bench_sweep:fake_run`` in a worker process): its error is
 function of lr and weight decay that falls with the epochs, it resumes from its own state file,
 and it logs every start and finish so that a test can count what ran. One test trains real runs.
 """
+
 from __future__ import annotations
 
 import csv
@@ -62,14 +63,42 @@ def fake_run(cfg, resume=None, on_epoch=None):
             stopped = "on_epoch"
             break
     note(f"done {run_dir}")
-    return RunResult(summary="fake", run_dir=run_dir, top1=100 - err, best_top1=100 - err, best_epoch=epoch,
-                     ema_top1=None, epochs_done=epoch, steps=0, wall_s=0.01, stopped_by=stopped)
+    return RunResult(
+        summary="fake",
+        run_dir=run_dir,
+        top1=100 - err,
+        best_top1=100 - err,
+        best_epoch=epoch,
+        ema_top1=None,
+        epochs_done=epoch,
+        steps=0,
+        wall_s=0.01,
+        stopped_by=stopped,
+    )
 
 
 def toy_args(tmp: Path, *extra: str, trials: int = 5, seeds: int = 2, epochs: int = 3) -> list[str]:
-    return ["--arms", ARMS, "--trials", str(trials), "--seeds", str(seeds), "--epochs", str(epochs),
-            "--prune-startup", "2", "--runs", str(tmp / "runs"), "--results", str(tmp / "results"),
-            "--poll", "0.2", "--set", "data.num_workers=0", *extra]
+    return [
+        "--arms",
+        ARMS,
+        "--trials",
+        str(trials),
+        "--seeds",
+        str(seeds),
+        "--epochs",
+        str(epochs),
+        "--prune-startup",
+        "2",
+        "--runs",
+        str(tmp / "runs"),
+        "--results",
+        str(tmp / "results"),
+        "--poll",
+        "0.2",
+        "--set",
+        "data.num_workers=0",
+        *extra,
+    ]
 
 
 def load(tmp: Path, url: str | None = None, study: str = "sweep_mnist5k"):
@@ -107,11 +136,13 @@ def test_wilson_interval_is_scipys():
 
 def hand_made() -> list[TrialRow]:
     errs = [1.0, 2.0, 2.5, 3.0, 9.0]
-    rows = [TrialRow("a", "tune", i, "complete", e, e, {"lr": 10.0 ** -i}, epochs_done=4) for i, e in enumerate(errs)]
+    rows = [TrialRow("a", "tune", i, "complete", e, e, {"lr": 10.0**-i}, epochs_done=4) for i, e in enumerate(errs)]
     # pruned below the bar at its last epoch: still not counted as reaching it
     rows.append(TrialRow("a", "tune", 5, "pruned", None, 1.5, {"lr": 1e-6}, epochs_done=1))
-    rows += [TrialRow("b", "tune", i, "complete", e, e, {"lr": 10.0 ** -i}, epochs_done=4)
-             for i, e in enumerate([2.0, 4.0, 5.0, 6.0, 7.0, 8.0])]
+    rows += [
+        TrialRow("b", "tune", i, "complete", e, e, {"lr": 10.0**-i}, epochs_done=4)
+        for i, e in enumerate([2.0, 4.0, 5.0, 6.0, 7.0, 8.0])
+    ]
     rows += [TrialRow("a", "final", i, "complete", e, e, seed=i + 1) for i, e in enumerate([1.1, 1.3, 1.2])]
     rows += [TrialRow("b", "final", i, "complete", e, e, seed=i + 1) for i, e in enumerate([2.1, 2.6, 2.2])]
     return rows
@@ -142,23 +173,36 @@ def test_robustness_counts_pruned_trials_as_not_reaching_the_bar():
 # ---------------------------------------------------------------- bad input: one line, exit 2, nothing run
 
 
-@pytest.mark.parametrize("args, says", [
-    (["--arms", "zoo_poolfromer_mini_32:adamw,resnet10t:adamw"], "zoo_poolfromer_mini_32"),
-    (["--arms", "zoo_poolformer_mini_32:adamx,resnet10t:adamw"], "adamx"),
-    (["--arms", "zoo_poolformer_mini_32:adamw:token_mixr=identity,resnet10t:adamw"], "token_mixr"),
-    (["--arms", "zoo_poolformer_mini_32,resnet10t:adamw"], "MODEL:OPTIMIZER"),
-    (["--arms", "zoo_poolformer_mini_32:adamw"], "no ResNet arm"),
-    (["--space", "lr=1e-2:1e-4:log"], "inverted"),
-    (["--space", "lr=1e-3:1e-3"], "empty"),
-    (["--space", "lr=0:1e-3:log"], "above 0"),
-    (["--space", "optim.lrr=1e-4:1e-3"], "lrr"),
-    (["--trials", "2", "--seeds", "3"], "below the 3 seeds"),
-    (["--set", "optim.lr=0.1"], "set by the sweep"),
-    (["--data", "/no/such/folder"], "/no/such/folder"),
-])
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--arms", "zoo_poolfromer_mini_32:adamw,resnet10t:adamw"], "zoo_poolfromer_mini_32"),
+        (["--arms", "zoo_poolformer_mini_32:adamx,resnet10t:adamw"], "adamx"),
+        (["--arms", "zoo_poolformer_mini_32:adamw:token_mixr=identity,resnet10t:adamw"], "token_mixr"),
+        (["--arms", "zoo_poolformer_mini_32,resnet10t:adamw"], "MODEL:OPTIMIZER"),
+        (["--arms", "zoo_poolformer_mini_32:adamw"], "no ResNet arm"),
+        (["--space", "lr=1e-2:1e-4:log"], "inverted"),
+        (["--space", "lr=1e-3:1e-3"], "empty"),
+        (["--space", "lr=0:1e-3:log"], "above 0"),
+        (["--space", "optim.lrr=1e-4:1e-3"], "lrr"),
+        (["--trials", "2", "--seeds", "3"], "below the 3 seeds"),
+        (["--set", "optim.lr=0.1"], "set by the sweep"),
+        (["--data", "/no/such/folder"], "/no/such/folder"),
+    ],
+)
 def test_bad_input_exits_2_with_one_line_before_any_run(tmp_path, capsys, args, says):
-    base = ["--arms", ARMS, "--trials", "3", "--seeds", "2", "--runs", str(tmp_path / "runs"),
-            "--results", str(tmp_path / "results")]
+    base = [
+        "--arms",
+        ARMS,
+        "--trials",
+        "3",
+        "--seeds",
+        "2",
+        "--runs",
+        str(tmp_path / "runs"),
+        "--results",
+        str(tmp_path / "results"),
+    ]
     CALLS.clear()
     assert sweep.main(base + args, train_fn=fake_run) == 2
     err = capsys.readouterr().err
@@ -275,9 +319,12 @@ def test_a_storage_with_another_design_is_refused(fake_sweep, capsys):
     tmp = fake_sweep["tmp"]
     before = sorted(p for p in (tmp / "runs").rglob("*") if p.is_dir())
     trials = {a: len(s.get_trials()) for a, s in load(tmp)["tune"].items()}
-    for argv, says in ((toy_args(tmp, "--space", "lr=1e-3:1e-1:log"), "space"), (toy_args(tmp, epochs=4), "epochs"),
-                       (toy_args(tmp, "--set", "train.batch_size=32"), "sets"),
-                       ([*toy_args(tmp), "--arms", "zoo_vit_mini_32:adamw,resnet10t:adamw"], "arms")):
+    for argv, says in (
+        (toy_args(tmp, "--space", "lr=1e-3:1e-1:log"), "space"),
+        (toy_args(tmp, epochs=4), "epochs"),
+        (toy_args(tmp, "--set", "train.batch_size=32"), "sets"),
+        ([*toy_args(tmp), "--arms", "zoo_vit_mini_32:adamw,resnet10t:adamw"], "arms"),
+    ):
         assert sweep.main(argv, train_fn=fake_run) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "another design" in err and says in err, err
@@ -337,17 +384,42 @@ def test_duplicate_and_surplus_claims_give_themselves_up(tmp_path):
 
 
 def worker(tmp: Path, *extra: str, epoch_s: float = 0.0, **kw) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]),
-           "FAKE_LOG": str(tmp / "fake.log"), "FAKE_EPOCH_S": str(epoch_s)}
-    return subprocess.Popen([sys.executable, "-m", "zoo.bench", "sweep", *toy_args(tmp, **kw),
-                             "--trainer", "test_bench_sweep:fake_run", "--heartbeat", "1", "--grace", "2", *extra],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]),
+        "FAKE_LOG": str(tmp / "fake.log"),
+        "FAKE_EPOCH_S": str(epoch_s),
+    }
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "zoo.bench",
+            "sweep",
+            *toy_args(tmp, **kw),
+            "--trainer",
+            "test_bench_sweep:fake_run",
+            "--heartbeat",
+            "1",
+            "--grace",
+            "2",
+            *extra,
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def log_lines(tmp: Path, kind: str) -> list[str]:
     path = tmp / "fake.log"
-    return [line.split(" ", 2)[1] for line in path.read_text().splitlines() if line.startswith(kind)] if path.is_file() \
+    return (
+        [line.split(" ", 2)[1] for line in path.read_text().splitlines() if line.startswith(kind)]
+        if path.is_file()
         else []
+    )
 
 
 def assert_ran_once(tmp: Path, studies: dict, trials: int, seeds: int) -> None:
@@ -382,8 +454,9 @@ def test_a_worker_killed_mid_trial_is_recovered_on_restart(tmp_path):
 
 
 def run_two_workers(tmp: Path, *extra: str) -> None:
-    procs = [worker(tmp, *extra, "--no-prune", "--no-report", epoch_s=0.1, trials=4, seeds=2, epochs=2)
-             for _ in range(2)]
+    procs = [
+        worker(tmp, *extra, "--no-prune", "--no-report", epoch_s=0.1, trials=4, seeds=2, epochs=2) for _ in range(2)
+    ]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     if [p.returncode for p in procs] != [0, 0]:
         pytest.fail("a worker failed:\n" + "\n----\n".join(o[-4000:] for o in outs), pytrace=False)
@@ -403,8 +476,10 @@ def postgres_url():
     if postgres.pg_bindir() is None:
         if os.environ.get("CI") == "true":
             pytest.fail("PostgreSQL's initdb not found under CI (.ci/run installs Debian's postgresql)")
-        pytest.skip("PostgreSQL's initdb not found (pg_config --bindir, PATH, /usr/lib/postgresql/*/bin); "
-                    "apt-get install postgresql to run this test")
+        pytest.skip(
+            "PostgreSQL's initdb not found (pg_config --bindir, PATH, /usr/lib/postgresql/*/bin); "
+            "apt-get install postgresql to run this test"
+        )
     with postgres.postgres_server() as url:
         yield url
 
@@ -419,10 +494,35 @@ def test_two_workers_share_a_postgresql_storage(tmp_path, postgres_url):
 
 
 def test_real_training_runs_end_to_end(tmp_path, capsys):
-    argv = ["--arms", ARMS, "--trials", "2", "--seeds", "2", "--epochs", "1", "--no-prune",
-            "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results"), "--study", "toy",
-            "--set", "train.limit_train=64", "--set", "train.limit_val=32", "--set", "train.batch_size=16",
-            "--set", "data.num_workers=0", "--set", "train.precision=fp32", "--set", "log.tensorboard=false"]
+    argv = [
+        "--arms",
+        ARMS,
+        "--trials",
+        "2",
+        "--seeds",
+        "2",
+        "--epochs",
+        "1",
+        "--no-prune",
+        "--runs",
+        str(tmp_path / "runs"),
+        "--results",
+        str(tmp_path / "results"),
+        "--study",
+        "toy",
+        "--set",
+        "train.limit_train=64",
+        "--set",
+        "train.limit_val=32",
+        "--set",
+        "train.batch_size=16",
+        "--set",
+        "data.num_workers=0",
+        "--set",
+        "train.precision=fp32",
+        "--set",
+        "log.tensorboard=false",
+    ]
     assert sweep.main(argv) == 0
     out = capsys.readouterr().out
     with open(tmp_path / "results" / "toy.csv") as f:

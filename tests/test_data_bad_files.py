@@ -40,14 +40,10 @@ def test_odd_formats_load_as_rgb(tmp_path: Path) -> None:
     files = write_odd_images(tmp_path)
     for name, path in files.items():
         arr = load_image(path)
-        assert arr.dtype == np.uint8 and arr.ndim == 3 and arr.shape == (40, 50, 3), (
-            name
-        )
+        assert arr.dtype == np.uint8 and arr.ndim == 3 and arr.shape == (40, 50, 3), name
         assert arr.flags.c_contiguous
     gray = load_image(files["gray_L.png"])
-    assert np.array_equal(gray[..., 0], gray[..., 1]) and np.array_equal(
-        gray[..., 1], gray[..., 2]
-    )
+    assert np.array_equal(gray[..., 0], gray[..., 1]) and np.array_equal(gray[..., 1], gray[..., 2])
     # the conversions PIL defines (CMYK, palette, alpha dropped) give PIL's pixels
     for name in (
         "cmyk.jpg",
@@ -60,9 +56,7 @@ def test_odd_formats_load_as_rgb(tmp_path: Path) -> None:
         assert np.abs(load_image(files[name]).astype(int) - ref).max() <= 1, name
     # 16-bit: the high byte (PIL's convert("RGB") would clip everything above 255 to white)
     sixteen = np.asarray(Image.open(files["sixteen_I16.png"]), dtype=np.uint16)
-    np.testing.assert_array_equal(
-        load_image(files["sixteen_I16.png"])[..., 0], (sixteen >> 8).astype(np.uint8)
-    )
+    np.testing.assert_array_equal(load_image(files["sixteen_I16.png"])[..., 0], (sixteen >> 8).astype(np.uint8))
 
 
 def test_jpeg_fast_path_matches_pil(tmp_path: Path) -> None:
@@ -116,23 +110,17 @@ def test_unreadable_and_missing(tmp_path: Path) -> None:
         load_image(tmp_path / "dir.jpg")
 
 
-def make_dirty_folder(
-    root: Path, per_class: int = 10
-) -> tuple[list[Path], dict[str, Path]]:
+def make_dirty_folder(root: Path, per_class: int = 10) -> tuple[list[Path], dict[str, Path]]:
     good = write_image_folder(root, per_class=per_class)
     bad = write_bad_files(root / "cat")
     return good, bad
 
 
-def test_dataset_skips_logs_and_summarises(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_dataset_skips_logs_and_summarises(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     good, bad = make_dirty_folder(tmp_path)
     odd = write_odd_images(tmp_path / "dog")
     cfg = DataConfig(dataset=str(tmp_path), val_fraction=0.0, max_bad_fraction=0.5)
-    ds = create_dataset(
-        cfg, "train", create_transform(AugmentConfig.mnist(), is_training=False)
-    )
+    ds = create_dataset(cfg, "train", create_transform(AugmentConfig.mnist(), is_training=False))
     assert len(ds) == len(good) + len(bad) + len(odd)
     with caplog.at_level(logging.WARNING, logger="zoo.data"):
         items = [ds[i] for i in range(len(ds))]
@@ -142,14 +130,10 @@ def test_dataset_skips_logs_and_summarises(
     for path in bad.values():
         assert str(path) in caplog.text  # logged by name
     summary = ds.bad_summary()
-    assert f"{len(bad)} bad image files" in summary and all(
-        str(p) in summary for p in bad.values()
-    )
+    assert f"{len(bad)} bad image files" in summary and all(str(p) in summary for p in bad.values())
     # a bad index is replaced by the next readable one, deterministically
     bad_index = ds.paths.index(str(bad["zero.jpg"]))
-    following = next(
-        i for i in range(bad_index + 1, len(ds)) if ds.paths[i] not in found
-    )
+    following = next(i for i in range(bad_index + 1, len(ds)) if ds.paths[i] not in found)
     assert ds[bad_index][1] == ds[following][1]
     torch.testing.assert_close(ds[bad_index][0], ds[following][0])
 
@@ -171,9 +155,7 @@ def test_too_many_bad_files_stop_at_once(tmp_path: Path) -> None:
 def test_bad_files_seen_by_workers_reach_the_main_process(tmp_path: Path) -> None:
     _, bad = make_dirty_folder(tmp_path, per_class=8)
     cfg = DataConfig(dataset=str(tmp_path), val_fraction=0.0, max_bad_fraction=0.5)
-    ds = create_dataset(
-        cfg, "train", create_transform(AugmentConfig.mnist(), is_training=True)
-    )
+    ds = create_dataset(cfg, "train", create_transform(AugmentConfig.mnist(), is_training=True))
     loader = create_loader(ds, batch_size=4, shuffle=True, seed=0, num_workers=2)
     seen = sum(len(y) for _, y in loader)
     assert seen == len(ds)  # the epoch went on: bad samples replaced
@@ -190,9 +172,7 @@ def test_bad_files_seen_by_workers_reach_the_main_process(tmp_path: Path) -> Non
             pass
 
 
-def test_scan_folder_and_cli(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_scan_folder_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     good, bad = make_dirty_folder(tmp_path / "data", per_class=3)
     write_odd_images(tmp_path / "data" / "dog")
     (tmp_path / "data" / "notes.txt").write_text("not an image and not named like one")
@@ -215,7 +195,4 @@ def test_scan_folder_and_cli(
         timeout=120,
     )
     assert proc.returncode == 1, proc.stderr
-    assert (
-        "bomb.png: too many pixels" in proc.stdout
-        and "RuntimeWarning" not in proc.stderr
-    )
+    assert "bomb.png: too many pixels" in proc.stdout and "RuntimeWarning" not in proc.stderr

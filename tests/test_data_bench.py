@@ -11,13 +11,9 @@ from PIL import Image
 from zoo.bench.data import main, make_photo_jpegs, timm_train_transform
 
 
-def test_bench_runs_and_prints_the_table(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_bench_runs_and_prints_the_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     for i in range(2):
-        Image.fromarray(np.full((75, 100, 3), 60 * i + 40, dtype=np.uint8)).save(
-            tmp_path / f"{i}.jpg"
-        )
+        Image.fromarray(np.full((75, 100, 3), 60 * i + 40, dtype=np.uint8)).save(tmp_path / f"{i}.jpg")
     assert (
         main(
             [

@@ -28,25 +28,19 @@ def test_mnist5k_fixed_split() -> None:
     val = create_dataset(cfg, "val", None)
     assert (len(train), len(val)) == (4000, 1000)
     assert train.classes == [str(i) for i in range(10)]
-    assert set(train.class_counts().values()) == {400} and set(
-        val.class_counts().values()
-    ) == {100}
+    assert set(train.class_counts().values()) == {400} and set(val.class_counts().values()) == {100}
     assert train.images.shape == (4000, 32, 32, 3) and train.images.dtype == np.uint8
     assert np.array_equal(train.images[..., 0], train.images[..., 2])
     assert not train.images[:, :2].any()  # zero padding 28 -> 32
     # disjoint and seeded: the same split every time
-    both = np.concatenate(
-        [train.images.reshape(4000, -1), val.images.reshape(1000, -1)]
-    )
+    both = np.concatenate([train.images.reshape(4000, -1), val.images.reshape(1000, -1)])
     # (a few duplicate digits exist in MNIST itself)
     assert len(np.unique(both, axis=0)) >= 4990
     again = create_dataset(cfg, "val", None)
     assert np.array_equal(again.images, val.images)
     x, y = train[0]
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and isinstance(y, int)
-    t = create_dataset(
-        cfg, "train", create_transform(AugmentConfig.mnist(), is_training=True)
-    )
+    t = create_dataset(cfg, "train", create_transform(AugmentConfig.mnist(), is_training=True))
     assert t[5][0].shape == (3, 32, 32)
 
 
@@ -55,28 +49,20 @@ def test_digits() -> None:
     train, val = create_dataset(cfg, "train", None), create_dataset(cfg, "val", None)
     assert len(train) + len(val) == 1797 and abs(len(val) - 360) < 10
     assert train.images.shape[1:] == (8, 8, 3) and train.images.max() == 255
-    out = create_dataset(
-        cfg, "val", create_transform(AugmentConfig.mnist(), is_training=False)
-    )[0][0]
+    out = create_dataset(cfg, "val", create_transform(AugmentConfig.mnist(), is_training=False))[0][0]
     assert out.shape == (3, 32, 32)
 
 
-def test_image_folder_with_train_val(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_image_folder_with_train_val(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     write_image_folder(tmp_path / "train", classes=("ant", "bee", "cat"), per_class=4)
     write_image_folder(tmp_path / "val", classes=("ant", "cat"), per_class=2)
     (tmp_path / "train" / "bee" / "README.txt").write_text("ignored: not an image name")
     cfg = DataConfig(dataset=str(tmp_path))
     with caplog.at_level(logging.INFO, logger="zoo.data"):
-        train = create_dataset(
-            cfg, "train", create_transform(AugmentConfig(img_size=32), is_training=True)
-        )
+        train = create_dataset(cfg, "train", create_transform(AugmentConfig(img_size=32), is_training=True))
     # class names and counts reported at start
     assert "ant: 4, bee: 4, cat: 4" in caplog.text
-    val = create_dataset(
-        cfg, "val", create_transform(AugmentConfig(img_size=32), is_training=False)
-    )
+    val = create_dataset(cfg, "val", create_transform(AugmentConfig(img_size=32), is_training=False))
     assert train.classes == val.classes == ["ant", "bee", "cat"]
     assert len(train) == 12 and len(val) == 4
     assert val.class_counts() == {"ant": 2, "bee": 0, "cat": 2}
@@ -92,9 +78,7 @@ def test_image_folder_seeded_split(tmp_path: Path) -> None:
     assert set(train.paths).isdisjoint(val.paths)
     assert val.class_counts() == {"a": 3, "b": 3}
     assert create_dataset(cfg, "val", None).paths == val.paths  # seeded
-    other = create_dataset(
-        DataConfig(dataset=str(tmp_path), val_fraction=0.3, split_seed=8), "val", None
-    )
+    other = create_dataset(DataConfig(dataset=str(tmp_path), val_fraction=0.3, split_seed=8), "val", None)
     assert other.paths != val.paths
 
 
@@ -122,17 +106,13 @@ def test_cifar_style_files(tmp_path: Path) -> None:
         (tmp_path / f"data_batch_{i}").write_bytes(pickle.dumps(batch(5)))
     test = batch(4)
     (tmp_path / "test_batch").write_bytes(pickle.dumps(test))
-    (tmp_path / "batches.meta").write_bytes(
-        pickle.dumps({b"label_names": [b"x", b"y", b"z"]})
-    )
+    (tmp_path / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"x", b"y", b"z"]}))
     cfg = DataConfig(dataset=str(tmp_path))
     train, val = create_dataset(cfg, "train", None), create_dataset(cfg, "val", None)
     assert (len(train), len(val)) == (10, 4) and train.classes == ["x", "y", "z"]
     # CIFAR rows are channel planes (R 1024, G 1024, B 1024): pixel (0, 1) of image 0
     row = test[b"data"][0]
-    np.testing.assert_array_equal(
-        val.images[0, 0, 1], [row[1], row[1024 + 1], row[2048 + 1]]
-    )
+    np.testing.assert_array_equal(val.images[0, 0, 1], [row[1], row[1024 + 1], row[2048 + 1]])
 
 
 class _Pwn:

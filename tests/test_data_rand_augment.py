@@ -39,9 +39,7 @@ ALL_OPS = sorted(EXACT | BLENDS | TRANSLATES | WARPS | {"GaussianBlur"})
 MAGNITUDES = (0.0, 2.0, 5.0, 7.3, 9.0, 9.6, 10.0)
 
 
-def timm_args(
-    name: str, magnitude: float, negate: bool, monkeypatch: pytest.MonkeyPatch
-) -> tuple:
+def timm_args(name: str, magnitude: float, negate: bool, monkeypatch: pytest.MonkeyPatch) -> tuple:
     """timm's level -> args for `name`, its sign draw forced (`random.random() > 0.5` negates)."""
     monkeypatch.setattr(taa.random, "random", lambda: 0.9 if negate else 0.1)
     fn = taa.LEVEL_TO_ARG[name]
@@ -51,9 +49,7 @@ def timm_args(
 
 
 def timm_op(name: str, args: tuple, resample: int) -> np.ndarray:
-    return np.asarray(
-        taa.NAME_TO_OP[name](PIL_IMG, *args, fillcolor=FILL, resample=resample)
-    )
+    return np.asarray(taa.NAME_TO_OP[name](PIL_IMG, *args, fillcolor=FILL, resample=resample))
 
 
 @pytest.mark.parametrize("name", ALL_OPS)
@@ -71,13 +67,9 @@ def test_level_to_args_matches_timm(name: str, monkeypatch: pytest.MonkeyPatch) 
 
 @pytest.mark.parametrize("name", ALL_OPS)
 @pytest.mark.parametrize("interp", ["bicubic", "bilinear"])
-def test_op_output_matches_timm(
-    name: str, interp: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_op_output_matches_timm(name: str, interp: str, monkeypatch: pytest.MonkeyPatch) -> None:
     cv_interp = ra.INTERP_CV2[interp]
-    pil_interp = (
-        Image.Resampling.BICUBIC if interp == "bicubic" else Image.Resampling.BILINEAR
-    )
+    pil_interp = Image.Resampling.BICUBIC if interp == "bicubic" else Image.Resampling.BILINEAR
     for magnitude in (0.0, 5.0, 9.0, 10.0):
         for negate in (False, True):
             args = ra.level_to_args(name, magnitude, negate)
@@ -115,13 +107,9 @@ def test_posterize_matches_pil_definition() -> None:
     # against PIL itself where it works.
     for bits in range(9):
         ours = ra.posterize(IMG, bits)
-        np.testing.assert_array_equal(
-            ours, numpy_pil_posterize(IMG, bits), err_msg=f"bits={bits}"
-        )
+        np.testing.assert_array_equal(ours, numpy_pil_posterize(IMG, bits), err_msg=f"bits={bits}")
         if bits >= 1:
-            np.testing.assert_array_equal(
-                ours, np.asarray(taa.posterize(PIL_IMG, bits))
-            )
+            np.testing.assert_array_equal(ours, np.asarray(taa.posterize(PIL_IMG, bits)))
     assert not ra.posterize(IMG, 0).any()
     if tuple(int(v) for v in PIL.__version__.split(".")[:2]) >= (10, 0):
         with pytest.raises(ValueError):
@@ -136,9 +124,7 @@ def test_parse_matches_timm() -> None:
         "rand-m9-mmax15-inc1",
     ):
         ours = ra.parse_rand_augment(config)
-        theirs = taa.rand_augment_transform(
-            config, {"translate_const": 100, "img_mean": FILL}
-        )
+        theirs = taa.rand_augment_transform(config, {"translate_const": 100, "img_mean": FILL})
         assert list(ours.ops) == [op.name for op in theirs.ops], config
         assert ours.num_layers == theirs.num_layers
         op = theirs.ops[0]
@@ -146,16 +132,10 @@ def test_parse_matches_timm() -> None:
         assert ours.magnitude_std == op.magnitude_std
         assert ours.magnitude_max == (op.magnitude_max or ra.LEVEL_DENOM)
     spec = ra.parse_rand_augment("rand-m9-mstd0.5-inc1")
-    assert (
-        spec.ops == ra.RAND_INCREASING_TRANSFORMS
-        and spec.num_layers == 2
-        and spec.prob == 0.5
-    )
+    assert spec.ops == ra.RAND_INCREASING_TRANSFORMS and spec.num_layers == 2 and spec.prob == 0.5
 
 
-@pytest.mark.parametrize(
-    "bad", ["rnd-m9", "rand-m9-x3", "rand-mfoo", "rand-m9-tnope", "rand-n-1"]
-)
+@pytest.mark.parametrize("bad", ["rnd-m9", "rand-m9-x3", "rand-mfoo", "rand-m9-tnope", "rand-n-1"])
 def test_parse_rejects(bad: str) -> None:
     with pytest.raises(ValueError):
         ra.parse_rand_augment(bad)
@@ -196,9 +176,7 @@ def test_op_choice_and_probability() -> None:
     assert counts.min() > 0.6 * counts.mean()
 
 
-@pytest.mark.parametrize(
-    "config", ["rand-m9-mstd0.5-inc1", "rand-m10-mstd0.5-inc1", "rand-m10-n3-p1.0-inc1"]
-)
+@pytest.mark.parametrize("config", ["rand-m9-mstd0.5-inc1", "rand-m10-mstd0.5-inc1", "rand-m10-n3-p1.0-inc1"])
 def test_ten_thousand_draws_raise_nothing(config: str) -> None:
     aug = ra.RandAugment(config, img_size=40, fill=FILL, interpolation="random")
     rng = np.random.default_rng(0)
@@ -219,9 +197,7 @@ def test_every_op_at_extremes_and_tiny_images() -> None:
                         cv2.INTER_LINEAR,
                         cv2.INTER_CUBIC,
                     ):
-                        args = ra.level_to_args(
-                            name, magnitude, negate, ra.OpParams(translate_const=3)
-                        )
+                        args = ra.level_to_args(name, magnitude, negate, ra.OpParams(translate_const=3))
                         out = ra.apply_op(name, img, args, fill=FILL, interp=interp)
                         assert out.shape == shape and out.dtype == np.uint8, name
 

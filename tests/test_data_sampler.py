@@ -40,22 +40,11 @@ def test_order_is_a_function_of_seed_and_epoch() -> None:
 @pytest.mark.parametrize("n", [12, 13, 50])
 @pytest.mark.parametrize("world", [2, 3, 4])
 @pytest.mark.parametrize("repeats", [0, 3])
-def test_ranks_interleave_to_the_one_process_order(
-    n: int, world: int, repeats: int
-) -> None:
+def test_ranks_interleave_to_the_one_process_order(n: int, world: int, repeats: int) -> None:
     single = keys(EpochSampler(n, seed=1, epoch=5, repeats=repeats))
-    shards = [
-        keys(
-            EpochSampler(
-                n, seed=1, epoch=5, repeats=repeats, num_replicas=world, rank=r
-            )
-        )
-        for r in range(world)
-    ]
+    shards = [keys(EpochSampler(n, seed=1, epoch=5, repeats=repeats, num_replicas=world, rank=r)) for r in range(world)]
     assert len({len(s) for s in shards}) == 1  # every rank the same number of samples
-    merged = [
-        shards[pos % world][pos // world] for pos in range(world * len(shards[0]))
-    ]
+    merged = [shards[pos % world][pos // world] for pos in range(world * len(shards[0]))]
     # union over ranks, interleaved, is the 1-process order (keys and seeds)
     assert merged[:n] == single
     padded = merged[n:]
@@ -88,10 +77,7 @@ def test_repeated_augmentation_on_small_datasets() -> None:
         assert np.all(runs == runs[:, :1])  # each index 3 times in a row
         assert len(np.unique(order)) == -(-n // 3)
     # with 3 ranks, the 3 copies of an image go to 3 different ranks, at the same local step
-    shards = [
-        keys(EpochSampler(30, seed=0, repeats=3, num_replicas=3, rank=r))
-        for r in range(3)
-    ]
+    shards = [keys(EpochSampler(30, seed=0, repeats=3, num_replicas=3, rank=r)) for r in range(3)]
     for step in range(10):
         assert len({shards[r][step].index for r in range(3)}) == 1
         # but distinct augmentations
@@ -160,9 +146,7 @@ def test_loader_with_workers_is_deterministic(folder_dataset: object) -> None:
     other = run(epoch=4, workers=2)
     assert not all(torch.equal(a[0], b[0]) for a, b in zip(first, other))
     # set_epoch on a persistent-worker loader gives the same as a fresh loader for that epoch
-    loader = create_loader(
-        folder_dataset, batch_size=6, shuffle=True, seed=11, epoch=0, num_workers=2
-    )
+    loader = create_loader(folder_dataset, batch_size=6, shuffle=True, seed=11, epoch=0, num_workers=2)
     batches(loader)
     loader.sampler.set_epoch(3)
     assert_same(first, batches(loader))
@@ -170,11 +154,7 @@ def test_loader_with_workers_is_deterministic(folder_dataset: object) -> None:
 
 def test_two_processes_see_the_one_process_batches(folder_dataset: object) -> None:
     """World size 2 with batch 4 each = world size 1 with batch 8, sample for sample."""
-    one = batches(
-        create_loader(
-            folder_dataset, batch_size=8, shuffle=True, seed=5, epoch=1, repeats=3
-        )
-    )
+    one = batches(create_loader(folder_dataset, batch_size=8, shuffle=True, seed=5, epoch=1, repeats=3))
     ranks = [
         batches(
             create_loader(
@@ -214,33 +194,20 @@ def _rank_main(dataset: object, rank: int, out: str) -> None:
     torch.save(batches(loader), out)
 
 
-def test_real_processes_with_workers_match_one_process(
-    folder_dataset: object, tmp_path: Path
-) -> None:
+def test_real_processes_with_workers_match_one_process(folder_dataset: object, tmp_path: Path) -> None:
     """Two OS processes (ranks 0 and 1), each with 2 DataLoader workers, against one process."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("fork")
     outs = [str(tmp_path / f"rank{r}.pt") for r in range(2)]
-    procs = [
-        ctx.Process(target=_rank_main, args=(folder_dataset, r, outs[r]))
-        for r in range(2)
-    ]
+    procs = [ctx.Process(target=_rank_main, args=(folder_dataset, r, outs[r])) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(timeout=120)
         assert p.exitcode == 0
     ranks = [torch.load(o) for o in outs]
-    one = batches(
-        create_loader(
-            folder_dataset, batch_size=6, shuffle=True, seed=9, epoch=2, num_workers=2
-        )
-    )
+    one = batches(create_loader(folder_dataset, batch_size=6, shuffle=True, seed=9, epoch=2, num_workers=2))
     for k, (x, y) in enumerate(one):
-        assert torch.equal(x[0::2], ranks[0][k][0]) and torch.equal(
-            x[1::2], ranks[1][k][0]
-        )
-        assert torch.equal(y[0::2], ranks[0][k][1]) and torch.equal(
-            y[1::2], ranks[1][k][1]
-        )
+        assert torch.equal(x[0::2], ranks[0][k][0]) and torch.equal(x[1::2], ranks[1][k][0])
+        assert torch.equal(y[0::2], ranks[0][k][1]) and torch.equal(y[1::2], ranks[1][k][1])

@@ -36,9 +36,7 @@ def test_augment_config_defaults_are_deit() -> None:
     assert (a.mixup, a.cutmix, a.label_smoothing, a.mixup_prob, a.mixup_switch_prob, a.mixup_mode) == (
         0.8, 1.0, 0.1, 1.0, 0.5, "batch",
     )  # fmt: skip
-    assert a.mean == pytest.approx((0.485, 0.456, 0.406)) and a.std == pytest.approx(
-        (0.229, 0.224, 0.225)
-    )
+    assert a.mean == pytest.approx((0.485, 0.456, 0.406)) and a.std == pytest.approx((0.229, 0.224, 0.225))
     assert a.fill == (124, 116, 104)
     for cls in (AugmentConfig, DataConfig):
         for f in dataclasses.fields(cls):
@@ -52,15 +50,8 @@ def test_augment_config_defaults_are_deit() -> None:
 def test_mnist_recipe() -> None:
     m = AugmentConfig.mnist()
     m.validate()
-    assert (
-        m.img_size == 32
-        and m.hflip == 0.0
-        and m.rand_augment == ""
-        and m.re_prob == 0.0
-    )
-    assert (
-        m.mixup == 0.0 and m.cutmix == 0.0 and m.crop_pct == 1.0 and m.scale[0] >= 0.35
-    )
+    assert m.img_size == 32 and m.hflip == 0.0 and m.rand_augment == "" and m.re_prob == 0.0
+    assert m.mixup == 0.0 and m.cutmix == 0.0 and m.crop_pct == 1.0 and m.scale[0] >= 0.35
 
 
 @pytest.mark.parametrize(
@@ -89,11 +80,7 @@ def test_validate_names_the_field(cls: type, field: str, value: object) -> None:
 def test_train_output() -> None:
     tf = create_transform(AugmentConfig(), is_training=True)
     out = tf(IMG, np.random.default_rng(0))
-    assert (
-        isinstance(out, torch.Tensor)
-        and out.dtype == torch.float32
-        and out.shape == (3, 224, 224)
-    )
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.float32 and out.shape == (3, 224, 224)
     assert out.is_contiguous()
     again = tf(IMG, np.random.default_rng(0))
     torch.testing.assert_close(out, again, rtol=0, atol=0)
@@ -106,9 +93,7 @@ def test_eval_matches_timm_eval_pipeline() -> None:
 
     aug = AugmentConfig(img_size=64)
     ours = create_transform(aug, is_training=False)(IMG)
-    theirs = timm_create_transform(
-        64, is_training=False, interpolation="bicubic", crop_pct=0.875
-    )(Image.fromarray(IMG))
+    theirs = timm_create_transform(64, is_training=False, interpolation="bicubic", crop_pct=0.875)(Image.fromarray(IMG))
     assert ours.shape == theirs.shape == (3, 64, 64)
     # same geometry (resize short side to 73, centre crop 64); kernels differ slightly
     assert (ours - theirs).abs().mean() < 0.05
@@ -123,26 +108,15 @@ def test_normalisation_and_layout() -> None:
     mean, std = np.array(aug.mean), np.array(aug.std)
     expected = (np.array([255, 128, 0]) / 255.0 - mean) / std
     np.testing.assert_allclose(out[:, 4, 4].numpy(), expected, rtol=1e-6)
-    np.testing.assert_allclose(
-        out[:, 0, 1].numpy(), (np.array([10, 20, 30]) / 255.0 - mean) / std, rtol=1e-5
-    )
+    np.testing.assert_allclose(out[:, 0, 1].numpy(), (np.array([10, 20, 30]) / 255.0 - mean) / std, rtol=1e-5)
 
 
 def test_random_resized_crop_box_semantics() -> None:
     rng = np.random.default_rng(0)
     areas, ratios = [], []
     for _ in range(2000):
-        top, left, h, w = random_resized_crop_box(
-            375, 500, (0.08, 1.0), (3 / 4, 4 / 3), rng
-        )
-        assert (
-            0 <= top
-            and top + h <= 375
-            and 0 <= left
-            and left + w <= 500
-            and h > 0
-            and w > 0
-        )
+        top, left, h, w = random_resized_crop_box(375, 500, (0.08, 1.0), (3 / 4, 4 / 3), rng)
+        assert 0 <= top and top + h <= 375 and 0 <= left and left + w <= 500 and h > 0 and w > 0
         areas.append(h * w / (375 * 500))
         ratios.append(w / h)
     assert min(areas) > 0.07 and max(areas) <= 1.0
@@ -167,9 +141,7 @@ def test_hflip_and_no_flip() -> None:
         color_jitter=0.0,
         re_prob=0.0,
     )
-    flip_always = create_transform(
-        dataclasses.replace(base, hflip=1.0), is_training=True
-    )
+    flip_always = create_transform(dataclasses.replace(base, hflip=1.0), is_training=True)
     never = create_transform(dataclasses.replace(base, hflip=0.0), is_training=True)
     rng = np.random.default_rng(0)
     assert flip_always(img, rng)[0, 16, 2] < 0 < flip_always(img, rng)[0, 16, 29]
@@ -226,7 +198,5 @@ def test_resize_paths() -> None:
     assert small.shape == (3, 64, 64)
     assert (small - ref).abs().mean() < 0.1
     tiny = np.full((3, 2, 3), 200, dtype=np.uint8)
-    out = create_transform(AugmentConfig(img_size=16), is_training=True)(
-        tiny, np.random.default_rng(0)
-    )
+    out = create_transform(AugmentConfig(img_size=16), is_training=True)(tiny, np.random.default_rng(0))
     assert out.shape == (3, 16, 16) and math.isfinite(float(out.sum()))

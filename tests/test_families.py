@@ -16,6 +16,7 @@ References:
 Each reference gets random weights (1-d parameters and BatchNorm statistics perturbed too), is
 saved to a file, loaded with ``zoo.create_model(name, pretrained=file)`` and compared in eval mode.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,6 +39,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 # ---- the CvT reference ----------------------------------------------------------------------
+
 
 class _QuickGELU(nn.Module):
     def forward(self, x):
@@ -66,7 +68,7 @@ class _ConvProj(nn.Module):  # official: Sequential(conv, bn, Rearrange('b c h w
 class _Attention(nn.Module):
     def __init__(self, dim, heads, with_cls):
         super().__init__()
-        self.heads, self.with_cls, self.scale = heads, with_cls, dim ** -0.5  # official: dim_out ** -0.5
+        self.heads, self.with_cls, self.scale = heads, with_cls, dim**-0.5  # official: dim_out ** -0.5
         self.conv_proj_q, self.conv_proj_k, self.conv_proj_v = _ConvProj(dim, 1), _ConvProj(dim, 2), _ConvProj(dim, 2)
         self.proj_q, self.proj_k, self.proj_v = (nn.Linear(dim, dim, bias=True) for _ in range(3))
         self.proj = nn.Linear(dim, dim)
@@ -150,9 +152,11 @@ class OfficialCvT(nn.Module):
         return self.head(self.norm(cls).squeeze(1))
 
 
-CVT_SIZES = {"zoo_cvt_13": ((1, 2, 10), (64, 192, 384), (1, 3, 6)),
-             "zoo_cvt_21": ((1, 4, 16), (64, 192, 384), (1, 3, 6)),
-             "zoo_cvt_w24": ((2, 2, 20), (192, 768, 1024), (3, 12, 16))}
+CVT_SIZES = {
+    "zoo_cvt_13": ((1, 2, 10), (64, 192, 384), (1, 3, 6)),
+    "zoo_cvt_21": ((1, 4, 16), (64, 192, 384), (1, 3, 6)),
+    "zoo_cvt_w24": ((2, 2, 20), (192, 768, 1024), (3, 12, 16)),
+}
 
 
 def randomized(model: nn.Module) -> nn.Module:
@@ -235,7 +239,9 @@ def test_drop_path_stages_from_a_config_and_its_errors():
     depths = [len(s.blocks) for s in model.stages]
     rates, start = block_drop_path_rates(model), 0
     for depth, factor in zip(depths, (1.0, 0.0, 0.0, 0.5)):
-        assert rates[start:start + depth] == pytest.approx([0.2 * factor * j / max(depth - 1, 1) for j in range(depth)])
+        assert rates[start : start + depth] == pytest.approx(
+            [0.2 * factor * j / max(depth - 1, 1) for j in range(depth)]
+        )
         start += depth
     with pytest.raises(ValueError, match=r"drop_path_stages=\(1\.0,\): expected a tuple of 4 factors"):
         zoo.create_model("zoo_poolformer_mini_32", drop_path_stages=(1.0,))
@@ -246,6 +252,7 @@ def test_drop_path_stages_from_a_config_and_its_errors():
 
 
 # ---- gMLP -------------------------------------------------------------------------------------
+
 
 def check_gmlp(zoo_name: str, timm_name: str, tmp_path: Path) -> None:
     ref = randomized(timm.create_model(timm_name))
@@ -290,9 +297,15 @@ def test_gmlp_block_is_one_branch_and_keeps_its_gate_init():
 # WideNet-H with ViT-H's width (1280) and experts of ratio 4 counts 61.7M, 2.1% under the paper's
 # 63M (no standard ViT-H variant gives 63M exactly: see zoo/models/widenet.py).
 PUBLISHED = {
-    "zoo_cvt_13": (20.0, 0.005), "zoo_cvt_21": (31.6, 0.005), "zoo_cvt_w24": (277.3, 0.005),
-    "zoo_gmlp_ti16_224": (6.0, 0.03), "zoo_gmlp_s16_224": (20.0, 0.03), "zoo_gmlp_b16_224": (73.0, 0.03),
-    "zoo_widenet_b": (29.0, 0.02), "zoo_widenet_l": (40.0, 0.02), "zoo_widenet_h": (63.0, 0.025),
+    "zoo_cvt_13": (20.0, 0.005),
+    "zoo_cvt_21": (31.6, 0.005),
+    "zoo_cvt_w24": (277.3, 0.005),
+    "zoo_gmlp_ti16_224": (6.0, 0.03),
+    "zoo_gmlp_s16_224": (20.0, 0.03),
+    "zoo_gmlp_b16_224": (73.0, 0.03),
+    "zoo_widenet_b": (29.0, 0.02),
+    "zoo_widenet_l": (40.0, 0.02),
+    "zoo_widenet_h": (63.0, 0.025),
 }
 
 
@@ -318,6 +331,7 @@ def test_mini_models_are_cpu_sized(name):
 
 
 # ---- WideNet: sharing and mixture of experts ----------------------------------------------------
+
 
 @pytest.mark.parametrize("name", ["zoo_widenet_b", "zoo_widenet_mini_32"])
 def test_widenet_shares_attention_and_moe_but_not_norms(name):
@@ -358,22 +372,29 @@ def test_widenet_aux_loss_and_checkpoint_round_trip(tmp_path):
 
 # ---- parts swappable by name, weight sharing for any isotropic family ---------------------------
 
-@pytest.mark.parametrize("name,kw", [
-    ("zoo_poolformer_mini_32", {"token_mixer": "token_shift"}),
-    ("zoo_poolformer_mini_32", {"token_mixer": "conv_attention", "mixer_options": {"num_heads": 2, "groups": "heads"}}),
-    ("zoo_vit_mini_32", {"token_mixer": "conv_attention", "mixer_options": {"num_heads": 4}}),
-    ("zoo_vit_mini_32", {"token_mixer": "spatial_gating", "mixer_options": {"ffn_ratio": 2}}),
-    ("zoo_cvt_mini_32", {"token_mixer": "attention", "mixer_options": {"num_heads": 1}}),
-    ("zoo_cvt_mini_32", {"token_mixer": "pooling", "class_token": False, "global_pool": "avg"}),
-    ("zoo_gmlp_mini_32", {"token_mixer": "identity", "channel_mixer": "mlp"}),
-    ("zoo_vit_mini_32", {"channel_mixer": "mlp_squared_relu"}),
-    ("zoo_vit_mini_32", {"channel_mixer": "geglu"}),
-    ("zoo_vit_mini_32", {"channel_mixer": "reglu"}),
-    ("zoo_cvt_mini_32", {"channel_mixer": "squared_relu_glu"}),
-    ("zoo_poolformer_mini_32", {"channel_mixer": "moe", "channel_options": {"num_experts": 2, "top_k": 1}}),
-    ("zoo_gmlp_mini_32", {"share_group": 3}),
-    ("zoo_vit_mini_32", {"share_group": 6}),  # ALBERT-style sharing of a ViT
-])
+
+@pytest.mark.parametrize(
+    "name,kw",
+    [
+        ("zoo_poolformer_mini_32", {"token_mixer": "token_shift"}),
+        (
+            "zoo_poolformer_mini_32",
+            {"token_mixer": "conv_attention", "mixer_options": {"num_heads": 2, "groups": "heads"}},
+        ),
+        ("zoo_vit_mini_32", {"token_mixer": "conv_attention", "mixer_options": {"num_heads": 4}}),
+        ("zoo_vit_mini_32", {"token_mixer": "spatial_gating", "mixer_options": {"ffn_ratio": 2}}),
+        ("zoo_cvt_mini_32", {"token_mixer": "attention", "mixer_options": {"num_heads": 1}}),
+        ("zoo_cvt_mini_32", {"token_mixer": "pooling", "class_token": False, "global_pool": "avg"}),
+        ("zoo_gmlp_mini_32", {"token_mixer": "identity", "channel_mixer": "mlp"}),
+        ("zoo_vit_mini_32", {"channel_mixer": "mlp_squared_relu"}),
+        ("zoo_vit_mini_32", {"channel_mixer": "geglu"}),
+        ("zoo_vit_mini_32", {"channel_mixer": "reglu"}),
+        ("zoo_cvt_mini_32", {"channel_mixer": "squared_relu_glu"}),
+        ("zoo_poolformer_mini_32", {"channel_mixer": "moe", "channel_options": {"num_experts": 2, "top_k": 1}}),
+        ("zoo_gmlp_mini_32", {"share_group": 3}),
+        ("zoo_vit_mini_32", {"share_group": 6}),  # ALBERT-style sharing of a ViT
+    ],
+)
 def test_parts_swap_by_name(name, kw):
     torch.manual_seed(0)
     model = zoo.create_model(name, num_classes=5, **kw).train()
@@ -390,19 +411,20 @@ def test_sharing_reuses_mixers_and_keeps_norms():
     assert blocks[2].token_mixer is blocks[0].token_mixer and blocks[3].token_mixer is not blocks[0].token_mixer
     assert blocks[1].channel_mixer is blocks[0].channel_mixer and blocks[1].norm1 is not blocks[0].norm1
     per_block = sum(p.numel() for p in plain.stages[0].blocks[0].token_mixer.parameters()) + sum(
-        p.numel() for p in plain.stages[0].blocks[0].channel_mixer.parameters())
+        p.numel() for p in plain.stages[0].blocks[0].channel_mixer.parameters()
+    )
     assert count_params(plain) - count_params(shared) == 4 * per_block
 
 
 # ---- the mixed model defined only in YAML ---------------------------------------------------------
+
 
 def test_mixed_yaml_model_builds_trains_and_meets_the_contract():
     from zoo.train.config import load_config
 
     cfg = load_config(CONFIGS / "mnist5k_mixed.yaml")
     torch.manual_seed(0)
-    model = zoo.create_model(cfg.model.name, num_classes=10, drop_path_rate=cfg.model.drop_path_rate,
-                             **cfg.model.spec)
+    model = zoo.create_model(cfg.model.name, num_classes=10, drop_path_rate=cfg.model.drop_path_rate, **cfg.model.spec)
     mixers = [type(s.blocks[0].token_mixer).__name__ for s in model.stages]
     assert mixers == ["Pooling", "Pooling", "ConvAttention", "ConvAttention"]
     assert [s.spec.channel_mixer for s in model.stages] == ["mlp", "mlp", "squared_relu_glu", "squared_relu_glu"]

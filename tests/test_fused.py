@@ -4,6 +4,7 @@ Each module is run twice, ``FUSED_BACKWARD`` on and off, and the outputs and eve
 agree: bit for bit for the MLP, on tokens and on maps (the same ops in the same order), to float64
 rounding for gMLP's gated unit (whose token-projection gradients are taken per image instead of on a transposed copy).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -55,8 +56,14 @@ def call(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return module(x, (2, 3)) if isinstance(module, SpatialGating) else module(x)
 
 
-def run(module, x, *, fused: bool, monkeypatch, loss=lambda out: (out * torch.linspace(-1, 1, out.shape[-1],
-                                                                                      dtype=out.dtype)).sum()):
+def run(
+    module,
+    x,
+    *,
+    fused: bool,
+    monkeypatch,
+    loss=lambda out: (out * torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype)).sum(),
+):
     """Output, input gradient (if any) and parameter gradients of one forward+backward."""
     monkeypatch.setattr(fused_mod, "FUSED_BACKWARD", fused)
     module.zero_grad(set_to_none=True)
@@ -84,8 +91,11 @@ def test_fused_mlp_is_bit_identical_to_autograd(make, act, bias, input_grad, mon
     torch.manual_seed(0)
     module = make(act=act, bias=bias).train()
     x = torch.randn(2, TOKENS, DIM, requires_grad=input_grad)
-    assert_same(run(module, x, fused=False, monkeypatch=monkeypatch),
-                run(module, x, fused=True, monkeypatch=monkeypatch), exact=True)
+    assert_same(
+        run(module, x, fused=False, monkeypatch=monkeypatch),
+        run(module, x, fused=True, monkeypatch=monkeypatch),
+        exact=True,
+    )
 
 
 @pytest.mark.parametrize("act", ["gelu", "gelu_tanh"])
@@ -102,8 +112,9 @@ def test_fused_spatial_gating_matches_autograd(act, input_grad, monkeypatch):
 def test_fused_spatial_gating_float32_gradients_agree(monkeypatch):
     module = sgu().train()
     x = torch.randn(4, TOKENS, DIM, requires_grad=True)
-    plain, fused = (run(module, x, fused=on, monkeypatch=monkeypatch, loss=lambda out: out.square().sum())
-                    for on in (False, True))
+    plain, fused = (
+        run(module, x, fused=on, monkeypatch=monkeypatch, loss=lambda out: out.square().sum()) for on in (False, True)
+    )
     assert torch.equal(plain[0], fused[0])
     for p, f in zip(plain[1:], fused[1:], strict=True):
         torch.testing.assert_close(f, p, rtol=1e-5, atol=1e-6)

@@ -14,19 +14,24 @@ SAPPHIRE = Machine(cpu_model="Intel Xeon Platinum 8481C", cpu_capability="AVX512
 SKYLAKE = Machine(cpu_model="Intel Xeon Gold 6148", cpu_capability="AVX512", cpu_flags=(), cores=4)
 # A CPU with the flag whose torch was told to stay on AVX2 kernels (ATEN_CPU_CAPABILITY=avx2).
 PINNED_AVX2 = Machine(cpu_model="AMD EPYC", cpu_capability="AVX2", cpu_flags=("avx512_bf16",), cores=2)
-H100 = Machine(cpu_model="Intel Xeon", cpu_capability="AVX512", cpu_flags=(), cores=16, gpu="NVIDIA H100", gpu_bf16=True)
+H100 = Machine(
+    cpu_model="Intel Xeon", cpu_capability="AVX512", cpu_flags=(), cores=16, gpu="NVIDIA H100", gpu_bf16=True
+)
 T4 = Machine(cpu_model="Intel Xeon", cpu_capability="AVX2", cpu_flags=(), cores=4, gpu="Tesla T4", gpu_bf16=False)
 
 
-@pytest.mark.parametrize(("machine", "device", "expected"), [
-    (AVX2_EPYC, "cpu", "fp32"),
-    (SKYLAKE, "cpu", "fp32"),
-    (PINNED_AVX2, "cpu", "fp32"),
-    (ZEN4, "cpu", "bf16"),
-    (SAPPHIRE, "cpu", "bf16"),
-    (H100, "cuda", "bf16"),
-    (T4, "cuda", "fp32"),
-])
+@pytest.mark.parametrize(
+    ("machine", "device", "expected"),
+    [
+        (AVX2_EPYC, "cpu", "fp32"),
+        (SKYLAKE, "cpu", "fp32"),
+        (PINNED_AVX2, "cpu", "fp32"),
+        (ZEN4, "cpu", "bf16"),
+        (SAPPHIRE, "cpu", "bf16"),
+        (H100, "cuda", "bf16"),
+        (T4, "cuda", "fp32"),
+    ],
+)
 def test_auto_precision_is_bf16_only_where_native(machine, device, expected):
     precision, why = resolve_precision("auto", machine, device)
     assert precision == expected
@@ -52,15 +57,18 @@ def test_explicit_precisions_are_kept_where_native(requested, recwarn):
     assert not [w for w in recwarn if "emulated" in str(w.message)]
 
 
-@pytest.mark.parametrize(("cores", "busy", "threads", "workers"), [
-    (1, 0, 1, 0),
-    (2, 0, 2, 0),  # an idle 2-core machine: both cores compute, the embedded data needs no worker
-    (2, 1, 1, 0),  # another process holds a core: one thread, not two fighting over it
-    (2, 5, 1, 0),  # always at least one thread
-    (4, 0, 3, 1),
-    (8, 0, 6, 2),
-    (16, 3, 9, 4),
-])
+@pytest.mark.parametrize(
+    ("cores", "busy", "threads", "workers"),
+    [
+        (1, 0, 1, 0),
+        (2, 0, 2, 0),  # an idle 2-core machine: both cores compute, the embedded data needs no worker
+        (2, 1, 1, 0),  # another process holds a core: one thread, not two fighting over it
+        (2, 5, 1, 0),  # always at least one thread
+        (4, 0, 3, 1),
+        (8, 0, 6, 2),
+        (16, 3, 9, 4),
+    ],
+)
 def test_threads_and_workers_fit_the_free_cores(cores, busy, threads, workers):
     plan = plan_threads(Machine("cpu", "AVX2", (), cores), busy=busy)
     assert (plan.threads, plan.workers) == (threads, workers)

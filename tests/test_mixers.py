@@ -3,6 +3,7 @@
 Every mixer registered in ``zoo.layers.mixers`` is compared here with a slow, obviously-correct
 re-computation from its parameters, on small random inputs in double precision.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,15 +37,15 @@ def naive_softmax_attention(q, k, v, scale):
 
 
 def naive_conv(x, weight, *, stride, pad, groups):
-    """x (C, H, W), weight (O, C/groups, k, k), no bias: loops over outputs and kernel taps."""
+    """x (C, H, W), weight (Cout, C/groups, k, k), no bias: loops over outputs and kernel taps."""
     C, H, W = x.shape
-    O, cg, k, _ = weight.shape
+    Cout, cg, k, _ = weight.shape
     xp = torch.zeros(C, H + 2 * pad, W + 2 * pad, dtype=x.dtype)
-    xp[:, pad:pad + H, pad:pad + W] = x
+    xp[:, pad : pad + H, pad : pad + W] = x
     Ho, Wo = (H + 2 * pad - k) // stride + 1, (W + 2 * pad - k) // stride + 1
-    out = torch.zeros(O, Ho, Wo, dtype=x.dtype)
-    per_group = O // groups
-    for o in range(O):
+    out = torch.zeros(Cout, Ho, Wo, dtype=x.dtype)
+    per_group = Cout // groups
+    for o in range(Cout):
         g = o // per_group
         for i in range(Ho):
             for j in range(Wo):
@@ -60,8 +61,9 @@ def naive_conv(x, weight, *, stride, pad, groups):
 def naive_batchnorm(x, bn):
     """x (C, H, W) in eval mode."""
     shape = (-1, 1, 1)
-    return ((x - bn.running_mean.view(shape)) / torch.sqrt(bn.running_var.view(shape) + bn.eps)
-            * bn.weight.view(shape) + bn.bias.view(shape))
+    return (x - bn.running_mean.view(shape)) / torch.sqrt(bn.running_var.view(shape) + bn.eps) * bn.weight.view(
+        shape
+    ) + bn.bias.view(shape)
 
 
 def linear(x, layer):
@@ -82,8 +84,12 @@ CONV_ATTENTION_CASES = [
 @pytest.mark.parametrize("groups,heads,stride_kv,prefix,scale,grid", CONV_ATTENTION_CASES)
 def test_conv_attention_matches_naive(groups, heads, stride_kv, prefix, scale, grid):
     dim = 8
-    mixer = build("conv_attention", dim, {"num_heads": heads, "groups": groups, "stride_kv": stride_kv,
-                                          "scale": scale}, num_prefix_tokens=prefix)
+    mixer = build(
+        "conv_attention",
+        dim,
+        {"num_heads": heads, "groups": groups, "stride_kv": stride_kv, "scale": scale},
+        num_prefix_tokens=prefix,
+    )
     H, W = grid
     torch.manual_seed(1)
     x = torch.randn(2, prefix + H * W, dim, dtype=torch.float64)
@@ -101,8 +107,12 @@ def test_conv_attention_matches_naive(groups, heads, stride_kv, prefix, scale, g
             y = naive_batchnorm(naive_conv(fmap, proj.conv.weight, stride=stride, pad=1, groups=n_groups), proj.bn)
             seqs.append(torch.cat([x[b, :prefix], y.reshape(dim, -1).T]))  # prefix tokens go in unconvolved
         q, k, v = linear(seqs[0], mixer.proj_q), linear(seqs[1], mixer.proj_k), linear(seqs[2], mixer.proj_v)
-        heads_out = [naive_softmax_attention(q[:, h * hd:(h + 1) * hd], k[:, h * hd:(h + 1) * hd],
-                                             v[:, h * hd:(h + 1) * hd], sc) for h in range(heads)]
+        heads_out = [
+            naive_softmax_attention(
+                q[:, h * hd : (h + 1) * hd], k[:, h * hd : (h + 1) * hd], v[:, h * hd : (h + 1) * hd], sc
+            )
+            for h in range(heads)
+        ]
         expected[b] = linear(torch.cat(heads_out, dim=1), mixer.proj)
     torch.testing.assert_close(out, expected, atol=1e-10, rtol=1e-10)
 
@@ -122,6 +132,7 @@ def test_conv_attention_refuses_what_it_cannot_do():
 
 
 # ---- token_shift -----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dim,n_div,grid", [(24, 12, (5, 6)), (10, 4, (3, 3))])
 def test_token_shift_matches_naive(dim, n_div, grid):
@@ -154,6 +165,7 @@ def test_token_shift_matches_naive(dim, n_div, grid):
 
 # ---- spatial_gating --------------------------------------------------------------------------
 
+
 def test_spatial_gating_matches_naive():
     dim, tokens = 6, 5
     mixer = build("spatial_gating", dim, {"ffn_ratio": 2.0}, num_tokens=tokens)
@@ -181,11 +193,12 @@ def test_spatial_gating_starts_as_identity_gate_and_checks_token_count():
     mixer = create_token_mixer("spatial_gating", 8, {}, {"num_tokens": 4})
     assert mixer.proj.weight.abs().max() < 1e-5 and torch.equal(mixer.proj.bias, torch.ones(4))
     assert mixer.norm.eps == 1e-5  # timm's SpatialGatingUnit norm is a plain nn.LayerNorm
-    with pytest.raises(ValueError, match="built for 4 tokens.*img_size"):
+    with pytest.raises(ValueError, match=r"built for 4 tokens.*img_size"):
         mixer(torch.randn(1, 9, 8), (3, 3))
 
 
 # ---- the first families' mixers: pooling, attention, identity ---------------------------------
+
 
 def test_pooling_matches_naive():
     mixer = build("pooling", 3, {"pool_size": 3})
@@ -195,7 +208,7 @@ def test_pooling_matches_naive():
     expected = torch.zeros_like(x)
     for i in range(4):
         for j in range(5):  # average of the real pixels in the 3x3 window (count_include_pad=False)
-            window = x[:, :, max(i - 1, 0):i + 2, max(j - 1, 0):j + 2]
+            window = x[:, :, max(i - 1, 0) : i + 2, max(j - 1, 0) : j + 2]
             expected[:, :, i, j] = window.mean((2, 3))
     torch.testing.assert_close(out, expected - x, atol=1e-12, rtol=1e-12)
 
@@ -208,10 +221,14 @@ def test_attention_matches_naive():
     with torch.no_grad():
         out = mixer(x, (1, n))
     qkv = linear(x[0], mixer.qkv)
-    q, k, v = qkv[:, :dim], qkv[:, dim:2 * dim], qkv[:, 2 * dim:]
+    q, k, v = qkv[:, :dim], qkv[:, dim : 2 * dim], qkv[:, 2 * dim :]
     hd = dim // heads
-    per_head = [naive_softmax_attention(q[:, h * hd:(h + 1) * hd], k[:, h * hd:(h + 1) * hd],
-                                        v[:, h * hd:(h + 1) * hd], hd ** -0.5) for h in range(heads)]
+    per_head = [
+        naive_softmax_attention(
+            q[:, h * hd : (h + 1) * hd], k[:, h * hd : (h + 1) * hd], v[:, h * hd : (h + 1) * hd], hd**-0.5
+        )
+        for h in range(heads)
+    ]
     torch.testing.assert_close(out[0], linear(torch.cat(per_head, 1), mixer.proj), atol=1e-10, rtol=1e-10)
 
 
@@ -221,5 +238,4 @@ def test_identity_returns_input():
 
 
 def test_every_registered_mixer_is_covered_here():
-    assert set(TOKEN_MIXERS) == {"pooling", "attention", "conv_attention", "token_shift", "spatial_gating",
-                                 "identity"}
+    assert set(TOKEN_MIXERS) == {"pooling", "attention", "conv_attention", "token_shift", "spatial_gating", "identity"}

@@ -152,4 +152,3 @@ def test_forward_nchw_equals_forward_on_channels_last_tokens(name):
     x = torch.randn(2, 16, 5, 7).contiguous(memory_format=torch.channels_last)
     expected = mixer(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (B, C, H, W) via (B, H, W, C)
     torch.testing.assert_close(mixer.forward_nchw(x), expected, atol=1e-5, rtol=1e-5)
-

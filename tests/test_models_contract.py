@@ -1,4 +1,5 @@
 """The backbone contract: every registered zoo model speaks timm's interface on a small input."""
+
 from __future__ import annotations
 
 import functools
@@ -29,8 +30,10 @@ def fixed_token_count(name: str) -> bool:
 @pytest.mark.parametrize("name", zoo.list_models())
 def test_fixed_input_size_flag(name):
     """``fixed_input_size`` is set exactly for the models with a position embedding or per-token weights."""
-    expected = any(s.pos_embed or "num_tokens" in getattr(TOKEN_MIXERS[s.token_mixer], "stage_context", ())
-                   for s in get_spec(name).stages)
+    expected = any(
+        s.pos_embed or "num_tokens" in getattr(TOKEN_MIXERS[s.token_mixer], "stage_context", ())
+        for s in get_spec(name).stages
+    )
     assert fixed_token_count(name) is expected
 
 
@@ -128,8 +131,9 @@ def test_vit_other_img_size_interpolates_pos_embed(name, tmp_path):
     stage = model.stages[0]
     assert stage.pos_embed.shape[1] == stage.num_prefix_tokens + 6 * 6
     # the prefix tokens' embeddings are kept, the grid is resampled from the 14x14 one
-    torch.testing.assert_close(stage.pos_embed[:, :stage.num_prefix_tokens],
-                               ref.stages[0].pos_embed[:, :stage.num_prefix_tokens])
+    torch.testing.assert_close(
+        stage.pos_embed[:, : stage.num_prefix_tokens], ref.stages[0].pos_embed[:, : stage.num_prefix_tokens]
+    )
     with torch.no_grad():
         assert model(torch.randn(1, 3, 96, 96)).shape == (1, 7)
     with pytest.raises(ValueError, match="img_size"):
@@ -213,8 +217,13 @@ def test_spec_override_swaps_a_component():
 
 def test_list_models_pattern():
     names = zoo.list_models("zoo_poolformer_*")
-    assert {"zoo_poolformer_s12", "zoo_poolformer_s24", "zoo_poolformer_s36", "zoo_poolformer_m36",
-            "zoo_poolformer_m48"} <= set(names)
+    assert {
+        "zoo_poolformer_s12",
+        "zoo_poolformer_s24",
+        "zoo_poolformer_s36",
+        "zoo_poolformer_m36",
+        "zoo_poolformer_m48",
+    } <= set(names)
     assert all(n.startswith("zoo_poolformer_") for n in names)
 
 

@@ -1,5 +1,6 @@
 """Review fixes of the model side: spec validation, checkpoint edge cases, classifier reset,
 feature pruning, optional attention heads and registration errors. Small models only (fast)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,6 +28,7 @@ def _save(model: nn.Module, path) -> str:
 
 # ---- 1. num_classes=0 with a checkpoint that has a classifier ----------------------------------
 
+
 @pytest.mark.parametrize("name", ["zoo_poolformer_mini_32", "zoo_deit_mini_distilled_32"])
 def test_pretrained_into_headless_model_drops_head_keys(name, tmp_path):
     torch.manual_seed(0)
@@ -43,6 +45,7 @@ def test_pretrained_into_headless_model_drops_head_keys(name, tmp_path):
 
 
 # ---- 2. a non-shared checkpoint into a weight-shared model -------------------------------------
+
 
 def test_unshared_checkpoint_into_shared_model_is_an_error(tmp_path):
     torch.manual_seed(0)
@@ -67,23 +70,26 @@ def test_shared_checkpoint_with_equal_aliases_loads():
 EMBED = EmbedSpec(4, 4)
 
 
-@pytest.mark.parametrize("make, words", [
-    (lambda: EmbedSpec(0, 4), ["kernel", "0", ">= 1"]),
-    (lambda: EmbedSpec(3, 0), ["stride", ">= 1"]),
-    (lambda: EmbedSpec(3, 2, -1), ["padding", "-1", ">= 0"]),
-    (lambda: StageSpec(depth=0, dim=8, embed=EMBED), ["depth", "0", ">= 1"]),
-    (lambda: StageSpec(depth=True, dim=8, embed=EMBED), ["depth", "True", "int"]),
-    (lambda: StageSpec(depth=2, dim="8", embed=EMBED), ["dim", "'8'", "int"]),
-    (lambda: StageSpec(depth=2, dim=8, embed=EMBED, share_group=0), ["share_group", ">= 1"]),
-    (lambda: StageSpec(depth=2, dim=8, embed=EMBED, mlp_ratio=0), ["mlp_ratio", "> 0"]),
-    (lambda: ModelSpec(stages=(StageSpec(2, 8, EMBED),), global_pool="map"), ["global_pool", "'map'", "avg"]),
-    (lambda: ModelSpec(stages=(StageSpec(2, 8, EMBED),), head_norm_on="tokens"), ["head_norm_on", "pooled"]),
-    (lambda: ModelSpec(stages=(StageSpec(2, 8, EMBED),), num_classes=2.5), ["num_classes", "2.5", "int"]),
-    (lambda: ModelSpec(stages=(StageSpec(2, 8, EMBED),), in_chans=True), ["in_chans", "int"]),
-    (lambda: ModelSpec(stages=(StageSpec(2, 8, EMBED),), img_size="32"), ["img_size", "int"]),
-    (lambda: ModelSpec(stages=(StageSpec(2, 8, EMBED),), drop_rate=1.0), ["drop_rate", "< 1"]),
-    (lambda: ModelSpec(stages=(StageSpec(2, 8, EMBED),), drop_path_rate=-0.1), ["drop_path_rate", ">= 0"]),
-])
+@pytest.mark.parametrize(
+    "make, words",
+    [
+        (lambda: EmbedSpec(0, 4), ["kernel", "0", ">= 1"]),
+        (lambda: EmbedSpec(3, 0), ["stride", ">= 1"]),
+        (lambda: EmbedSpec(3, 2, -1), ["padding", "-1", ">= 0"]),
+        (lambda: StageSpec(depth=0, dim=8, embed=EMBED), ["depth", "0", ">= 1"]),
+        (lambda: StageSpec(depth=True, dim=8, embed=EMBED), ["depth", "True", "int"]),
+        (lambda: StageSpec(depth=2, dim="8", embed=EMBED), ["dim", "'8'", "int"]),
+        (lambda: StageSpec(depth=2, dim=8, embed=EMBED, share_group=0), ["share_group", ">= 1"]),
+        (lambda: StageSpec(depth=2, dim=8, embed=EMBED, mlp_ratio=0), ["mlp_ratio", "> 0"]),
+        (lambda: ModelSpec(stages=(StageSpec(2, 8, EMBED),), global_pool="map"), ["global_pool", "'map'", "avg"]),
+        (lambda: ModelSpec(stages=(StageSpec(2, 8, EMBED),), head_norm_on="tokens"), ["head_norm_on", "pooled"]),
+        (lambda: ModelSpec(stages=(StageSpec(2, 8, EMBED),), num_classes=2.5), ["num_classes", "2.5", "int"]),
+        (lambda: ModelSpec(stages=(StageSpec(2, 8, EMBED),), in_chans=True), ["in_chans", "int"]),
+        (lambda: ModelSpec(stages=(StageSpec(2, 8, EMBED),), img_size="32"), ["img_size", "int"]),
+        (lambda: ModelSpec(stages=(StageSpec(2, 8, EMBED),), drop_rate=1.0), ["drop_rate", "< 1"]),
+        (lambda: ModelSpec(stages=(StageSpec(2, 8, EMBED),), drop_path_rate=-0.1), ["drop_path_rate", ">= 0"]),
+    ],
+)
 def test_spec_validation_names_field_value_and_expectation(make, words):
     with pytest.raises(ValueError) as err:
         make()
@@ -115,8 +121,10 @@ def test_stage_build_errors_name_model_and_stage():
 
 # ---- 4. reset_classifier(0) keeps the pool, (0, "") turns it off, as timm ---------------------
 
-@pytest.mark.parametrize("name, unpooled", [("zoo_poolformer_mini_32", (2, 192, 2, 2)),
-                                            ("zoo_vit_mini_32", (2, 65, 128))])
+
+@pytest.mark.parametrize(
+    "name, unpooled", [("zoo_poolformer_mini_32", (2, 192, 2, 2)), ("zoo_vit_mini_32", (2, 65, 128))]
+)
 def test_reset_classifier_empty_pool_is_no_pooling(name, unpooled):
     model = zoo.create_model(name).eval()
     pool = model.global_pool
@@ -129,6 +137,7 @@ def test_reset_classifier_empty_pool_is_no_pooling(name, unpooled):
 
 
 # ---- 5. forward_intermediates / prune -----------------------------------------------------------
+
 
 def test_prune_without_norm_then_intermediates_with_norm():
     torch.manual_seed(0)
@@ -159,6 +168,7 @@ def test_stop_early_stops_isotropic_models_after_the_last_wanted_block():
 
 # ---- 6. only 1x1 conv <-> linear reshapes --------------------------------------------------------
 
+
 def test_foreign_tensor_of_matching_size_is_not_reshaped():
     model = zoo.create_model("zoo_poolformer_mini_32")
     own = model.state_dict()
@@ -175,6 +185,7 @@ def test_foreign_tensor_of_matching_size_is_not_reshaped():
 
 # ---- 7. attention without options ------------------------------------------------------------
 
+
 def test_attention_swaps_into_poolformer_without_options():
     model = zoo.create_model("zoo_poolformer_mini_32", token_mixer="attention").eval()
     for stage in model.stages:
@@ -190,11 +201,14 @@ def test_optional_heads_errors_and_explicit_heads_kept():
     with pytest.raises(ValueError, match="head_dim"):
         mixers.Attention(100, head_dim=32)  # 3 heads of 32 do not make 100
     assert mixers.Attention(96, num_heads=3).num_heads == 3
-    assert zoo.create_model("zoo_vit_mini_32").stages[0].blocks[0].token_mixer.num_heads == \
-        get_spec("zoo_vit_mini_32").stages[0].mixer_options["num_heads"]
+    assert (
+        zoo.create_model("zoo_vit_mini_32").stages[0].blocks[0].token_mixer.num_heads
+        == get_spec("zoo_vit_mini_32").stages[0].mixer_options["num_heads"]
+    )
 
 
 # ---- 8. registration errors and quick_gelu ------------------------------------------------------
+
 
 def test_token_mixer_registration_without_layout_raises():
     class NoLayout(nn.Module):
@@ -215,8 +229,16 @@ def test_quick_gelu_is_an_mlp_activation():
 
 # ---- 9. fixed_input_size ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name, fixed", [("zoo_vit_mini_32", True), ("zoo_gmlp_mini_32", True),
-                                         ("zoo_poolformer_mini_32", False), ("zoo_cvt_mini_32", False)])
+
+@pytest.mark.parametrize(
+    "name, fixed",
+    [
+        ("zoo_vit_mini_32", True),
+        ("zoo_gmlp_mini_32", True),
+        ("zoo_poolformer_mini_32", False),
+        ("zoo_cvt_mini_32", False),
+    ],
+)
 def test_fixed_input_size_in_pretrained_cfg(name, fixed):
     with warnings.catch_warnings(), torch.device("meta"):
         model = zoo.create_model(name)

@@ -4,6 +4,7 @@ Each check builds the reference with random weights (norm affines and layer scal
 that they are exercised too), saves its state dict to a file, loads that file with
 ``zoo.create_model(name, pretrained=file)`` and compares logits in eval mode.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -18,12 +19,14 @@ from zoo.models.poolformer import TIMM_HEAD as TIMM_POOLFORMER_HEAD
 from zoo.models.pretrained import CheckpointError
 
 POOLFORMERS = ["s12", "s24", "s36", "m36", "m48"]
-VITS = [("zoo_vit_tiny_patch16_224", "vit_tiny_patch16_224"),
-        ("zoo_vit_small_patch16_224", "vit_small_patch16_224"),
-        ("zoo_vit_base_patch16_224", "vit_base_patch16_224"),
-        ("zoo_deit_tiny_distilled_patch16_224", "deit_tiny_distilled_patch16_224"),
-        ("zoo_deit_small_distilled_patch16_224", "deit_small_distilled_patch16_224"),
-        ("zoo_deit_base_distilled_patch16_224", "deit_base_distilled_patch16_224")]
+VITS = [
+    ("zoo_vit_tiny_patch16_224", "vit_tiny_patch16_224"),
+    ("zoo_vit_small_patch16_224", "vit_small_patch16_224"),
+    ("zoo_vit_base_patch16_224", "vit_base_patch16_224"),
+    ("zoo_deit_tiny_distilled_patch16_224", "deit_tiny_distilled_patch16_224"),
+    ("zoo_deit_small_distilled_patch16_224", "deit_small_distilled_patch16_224"),
+    ("zoo_deit_base_distilled_patch16_224", "deit_base_distilled_patch16_224"),
+]
 
 
 def randomized(model: torch.nn.Module) -> torch.nn.Module:
@@ -80,8 +83,11 @@ def test_poolformer_official_layout(size, tmp_path):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():  # the official head: GroupNorm(1) on the map, global average, linear
         fmap = ref.forward_features(x)
-        expected = F.linear(F.group_norm(fmap, 1, state["norm.weight"], state["norm.bias"]).mean((2, 3)),
-                            state["head.weight"], state["head.bias"])
+        expected = F.linear(
+            F.group_norm(fmap, 1, state["norm.weight"], state["norm.bias"]).mean((2, 3)),
+            state["head.weight"],
+            state["head.bias"],
+        )
     assert (logits(ours, x) - expected).abs().max() <= 1e-4
 
 
@@ -111,6 +117,7 @@ def test_official_deit_checkpoint_at_224(zoo_name, timm_name, tmp_path):
 def test_timm_layout_without_timm_head_warns():
     """Loading timm's PoolFormer into the official head works, and says why logits differ."""
     import tempfile
+
     ref = randomized(timm.create_model("poolformer_s12"))
     with tempfile.TemporaryDirectory() as d:
         torch.save(ref.state_dict(), f"{d}/w.pth")
@@ -120,9 +127,13 @@ def test_timm_layout_without_timm_head_warns():
 
 # Published figures: PoolFormer paper Table 2 (params M, MACs G), DeiT paper Table 1 / timm.
 PUBLISHED = {
-    "zoo_poolformer_s12": (11.9, 1.8), "zoo_poolformer_s24": (21.4, 3.4), "zoo_poolformer_s36": (30.9, 5.0),
-    "zoo_poolformer_m36": (56.2, 8.8), "zoo_poolformer_m48": (73.5, 11.6),
-    "zoo_vit_tiny_patch16_224": (5.7, 1.3), "zoo_vit_small_patch16_224": (22.1, 4.6),
+    "zoo_poolformer_s12": (11.9, 1.8),
+    "zoo_poolformer_s24": (21.4, 3.4),
+    "zoo_poolformer_s36": (30.9, 5.0),
+    "zoo_poolformer_m36": (56.2, 8.8),
+    "zoo_poolformer_m48": (73.5, 11.6),
+    "zoo_vit_tiny_patch16_224": (5.7, 1.3),
+    "zoo_vit_small_patch16_224": (22.1, 4.6),
     "zoo_vit_base_patch16_224": (86.6, 17.6),
 }
 

@@ -1,4 +1,5 @@
 """Loading weights safely, saving them back, and exporting: every path and every error."""
+
 from __future__ import annotations
 
 import hashlib
@@ -47,7 +48,7 @@ def test_pickle_that_runs_code_is_refused_and_runs_nothing(tmp_path):
     path = tmp_path / "evil.pth"
     with open(path, "wb") as f:
         pickle.dump({"model": {"w": _CreatesFile(target)}}, f)
-    with pytest.raises(CheckpointError, match="evil.pth: refused or unreadable"):
+    with pytest.raises(CheckpointError, match=r"evil\.pth: refused or unreadable"):
         zoo.create_model(NAME, pretrained=str(path))
     assert not target.exists()
 
@@ -164,12 +165,15 @@ def test_folder_saved_before_timm_layout_still_loads(tmp_path):
     assert same_outputs(_timm_local_dir(tmp_path / "old"), ref)
 
 
-@pytest.mark.parametrize("write, match", [
-    (None, r"config\.json: no such file"),
-    ("{not json", r"config\.json: not valid JSON"),
-    ('{"architecture": "zoo_nope"}', r"config\.json: unknown architecture 'zoo_nope'"),
-    ('{"architecture": "zoo_poolformer_mini_32", "model_args": [1]}', r"config\.json: 'model_args' must be"),
-])
+@pytest.mark.parametrize(
+    "write, match",
+    [
+        (None, r"config\.json: no such file"),
+        ("{not json", r"config\.json: not valid JSON"),
+        ('{"architecture": "zoo_nope"}', r"config\.json: unknown architecture 'zoo_nope'"),
+        ('{"architecture": "zoo_poolformer_mini_32", "model_args": [1]}', r"config\.json: 'model_args' must be"),
+    ],
+)
 def test_bad_folder_is_one_line_naming_the_file(tmp_path, write, match):
     save_pretrained(make(), tmp_path / "f")
     if write is None:
@@ -235,14 +239,19 @@ def test_missing_weights_folder_names_where_it_looked(tmp_path, monkeypatch):
 
 def test_zoo_weights_environment_variable_names_the_folder(tmp_path):
     code = "from zoo.models import pretrained; print(pretrained.WEIGHTS_DIR)"
-    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "ZOO_WEIGHTS": str(tmp_path)},
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "ZOO_WEIGHTS": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert out.strip() == str(tmp_path)
 
 
 def test_sha256_mismatch_is_refused(tmp_path, monkeypatch):
     _fake_manifest(tmp_path, monkeypatch, make(), corrupt=True)
-    with pytest.raises(CheckpointError, match="sha256 .* does not match the manifest"):
+    with pytest.raises(CheckpointError, match=r"sha256 .* does not match the manifest"):
         zoo.create_model(NAME, num_classes=10, pretrained=True)
 
 
@@ -265,8 +274,9 @@ def test_timm_pretrained_cfg_overlay_file_is_honoured_and_remote_refused(tmp_pat
 
     ref = make()
     save_file(ref.state_dict(), str(tmp_path / "w.safetensors"))
-    via_timm = timm.create_model(NAME, pretrained=True, num_classes=10,
-                                 pretrained_cfg_overlay={"file": str(tmp_path / "w.safetensors")})
+    via_timm = timm.create_model(
+        NAME, pretrained=True, num_classes=10, pretrained_cfg_overlay={"file": str(tmp_path / "w.safetensors")}
+    )
     assert same_outputs(via_timm, ref)
     with pytest.raises(ValueError, match="pretrained_cfg_overlay: hf_hub_id not supported; zoo loads local files"):
         timm.create_model(NAME, pretrained=True, pretrained_cfg_overlay={"hf_hub_id": "someone/weights"})

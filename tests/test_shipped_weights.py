@@ -2,6 +2,7 @@
 on MNIST-5k by train_vision.py): present, within budget, reproducible from the named config, and
 their top-1 re-measured from the files (evaluation only, ~1 s a model) against the manifest.
 ``zoo.weights.add`` itself is exercised on a few-step run."""
+
 from __future__ import annotations
 
 import hashlib
@@ -58,8 +59,10 @@ def test_shipped_weights_reproduce_their_manifest_top1(name):
 
 def _assert_float16(path):
     with safe_open(str(path), framework="pt") as f:
-        dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
-    assert dtypes <= {"F16", "I64"}, f"{path.name} stored as {sorted(dtypes)}: expected float16 (+ BatchNorm's step counters)"
+        dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+    assert dtypes <= {"F16", "I64"}, (
+        f"{path.name} stored as {sorted(dtypes)}: expected float16 (+ BatchNorm's step counters)"
+    )
 
 
 def test_the_checks_fail_on_a_wrong_file_and_a_drifted_command(tmp_path):
@@ -72,8 +75,9 @@ def test_the_checks_fail_on_a_wrong_file_and_a_drifted_command(tmp_path):
         _assert_float16(wrong)
     assert recipe_drift({**entry, "command": entry["command"] + " optim.lr=1e-3"}) == ["optim.lr"]
     # Without the precision it was trained in, today's `auto` default is another recipe.
-    assert recipe_drift({**entry, "command": entry["command"].replace(" train.precision=bf16", "")}) == \
-        ["train.precision"]
+    assert recipe_drift({**entry, "command": entry["command"].replace(" train.precision=bf16", "")}) == [
+        "train.precision"
+    ]
 
 
 def test_shipped_weights_adapt_like_any_checkpoint():
@@ -89,8 +93,20 @@ def test_shipped_weights_adapt_like_any_checkpoint():
 
 
 def test_add_ships_a_run_and_check_catches_a_wrong_top1(tmp_path):
-    res = run(load_config(None, ["train.max_steps=3", "train.batch_size=16", "data.num_workers=0", "log.progress=false",
-                                 "log.plot=false", f"output_dir={tmp_path}", "name=tiny"]))
+    res = run(
+        load_config(
+            None,
+            [
+                "train.max_steps=3",
+                "train.batch_size=16",
+                "data.num_workers=0",
+                "log.progress=false",
+                "log.plot=false",
+                f"output_dir={tmp_path}",
+                "name=tiny",
+            ],
+        )
+    )
     weights = tmp_path / "weights"
     weights.mkdir()
     entry = add(res.run_dir, "python train_vision.py train.max_steps=3", weights_dir=weights)
@@ -107,8 +123,22 @@ def test_add_ships_a_run_and_check_catches_a_wrong_top1(tmp_path):
 
 
 def test_add_refuses_a_run_on_a_subset(tmp_path):
-    res = run(load_config(None, ["train.max_steps=1", "train.limit_train=32", "train.limit_val=16", "train.batch_size=16",
-                                 "data.num_workers=0", "log.progress=false", "log.plot=false", f"output_dir={tmp_path}", "name=sub"]))
+    res = run(
+        load_config(
+            None,
+            [
+                "train.max_steps=1",
+                "train.limit_train=32",
+                "train.limit_val=16",
+                "train.batch_size=16",
+                "data.num_workers=0",
+                "log.progress=false",
+                "log.plot=false",
+                f"output_dir={tmp_path}",
+                "name=sub",
+            ],
+        )
+    )
     with pytest.raises(CheckpointError, match="limit_train/limit_val"):
         add(res.run_dir, "x", weights_dir=tmp_path)
     assert not (tmp_path / "manifest.json").exists()

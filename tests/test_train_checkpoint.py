@@ -71,7 +71,10 @@ def test_export_stores_widenet_shared_blocks_once_and_loads_back(tmp_path):
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()  # ours, plus save_model's alias -> stored-name entries
         assert {k: meta[k] for k in ("model", "num_classes", "step")} == {
-            "model": "zoo_widenet_mini_32", "num_classes": "5", "step": "3"}
+            "model": "zoo_widenet_mini_32",
+            "num_classes": "5",
+            "step": "3",
+        }
     loaded = zoo.create_model("zoo_widenet_mini_32", num_classes=5, pretrained=str(path)).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():

@@ -64,8 +64,9 @@ def test_float_written_without_a_dot_is_accepted():
 
 
 def test_unknown_key_in_a_file_and_base_inheritance(tmp_path):
-    (tmp_path / "child.yaml").write_text(f"base: {ROOT / 'configs' / 'mnist5k_poolformer.yaml'}\n"
-                                         "name: child\ntrain:\n  epochs: 3\n")
+    (tmp_path / "child.yaml").write_text(
+        f"base: {ROOT / 'configs' / 'mnist5k_poolformer.yaml'}\nname: child\ntrain:\n  epochs: 3\n"
+    )
     cfg = load_config(tmp_path / "child.yaml")
     assert (cfg.name, cfg.train.epochs, cfg.model.name) == ("child", 3, "zoo_poolformer_mini_32")
     assert cfg.train.batch_size == load_config(None).train.batch_size  # inherited
@@ -102,8 +103,13 @@ def test_deit_recipe_is_deits_defaults():
     assert (s.name, s.update, s.warmup_epochs, s.warmup_lr, s.min_lr) == ("cosine", "epoch", 5, 1e-6, 1e-5)
     assert cfg.model.drop_path_rate == 0.1 and cfg.train.epochs == 300
     a = cfg.aug
-    assert (a.label_smoothing, a.mixup, a.cutmix, a.rand_augment, a.re_prob) == (0.1, 0.8, 1.0,
-                                                                               "rand-m9-mstd0.5-inc1", 0.25)
+    assert (a.label_smoothing, a.mixup, a.cutmix, a.rand_augment, a.re_prob) == (
+        0.1,
+        0.8,
+        1.0,
+        "rand-m9-mstd0.5-inc1",
+        0.25,
+    )
     assert cfg.data.repeated_aug == 3
     assert cfg.ema.enabled and cfg.ema.decay == 0.99996
 
@@ -111,8 +117,13 @@ def test_deit_recipe_is_deits_defaults():
 def test_lr_schedule_matches_timm_cosine_per_epoch():
     cfg = load_config(ROOT / "configs" / "deit_small_imagenet.yaml")
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak_lr(cfg))
-    sched = CosineLRScheduler(opt, t_initial=cfg.train.epochs, lr_min=cfg.schedule.min_lr,
-                              warmup_lr_init=cfg.schedule.warmup_lr, warmup_t=int(cfg.schedule.warmup_epochs))
+    sched = CosineLRScheduler(
+        opt,
+        t_initial=cfg.train.epochs,
+        lr_min=cfg.schedule.min_lr,
+        warmup_lr_init=cfg.schedule.warmup_lr,
+        warmup_t=int(cfg.schedule.warmup_epochs),
+    )
     steps_per_epoch = 7
     for epoch in [0, 1, 4, 5, 6, 150, 299]:
         expected = sched._get_lr(epoch)[0]
@@ -128,15 +139,25 @@ def test_no_weight_decay_on_norms_biases_tokens_and_position_embeddings():
     names = {n for n, p in model.named_parameters() if id(p) in no_decay}
     assert {"cls_token", "dist_token"} <= {n.rsplit(".", 1)[-1] for n in names}
     assert any("pos_embed" in n for n in names)
-    assert all(p.ndim <= 1 or any(t in n for t in ("token", "pos_embed")) for n, p in model.named_parameters()
-               if id(p) in no_decay)
+    assert all(
+        p.ndim <= 1 or any(t in n for t in ("token", "pos_embed"))
+        for n, p in model.named_parameters()
+        if id(p) in no_decay
+    )
     assert any(g["weight_decay"] == cfg.optim.weight_decay for g in opt.param_groups)
 
 
 def test_cli_config_error_is_one_line_exit_2():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    p = subprocess.run([sys.executable, "train_vision.py", "optim.lrr=0.1"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, check=False, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "train_vision.py", "optim.lrr=0.1"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
     assert p.returncode == 2
     assert p.stderr.strip() == "config error: unknown key 'optim.lrr' (did you mean 'optim.lr'?)"
     assert "Traceback" not in p.stderr and p.stdout == ""

@@ -31,8 +31,16 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 # 256 training images at global batch 32: 8 optimizer steps an epoch.
-TINY = ["train.limit_train=256", "train.limit_val=128", "train.batch_size=32", "train.epochs=2",
-        "data.num_workers=0", "log.progress=false", "log.plot=false", "checkpoint.keep_last=2"]
+TINY = [
+    "train.limit_train=256",
+    "train.limit_val=128",
+    "train.batch_size=32",
+    "train.epochs=2",
+    "data.num_workers=0",
+    "log.progress=false",
+    "log.plot=false",
+    "checkpoint.keep_last=2",
+]
 
 
 def _cfg(tmp_path: Path, *overrides: str, name: str = "t", config: Path | None = None):
@@ -60,8 +68,15 @@ def test_smoke_train_outputs_and_export(tmp_path, capsys):
     # class names and counts are reported at the start (the subsets' counts: limit_train/limit_val)
     assert "train: mnist5k" in err and "256 images, 10 classes (0: " in err and "val: " in err and "128 images" in err
     d = res.run_dir
-    for f in ("config.yaml", "metrics.jsonl", "steps.jsonl", "model_best.safetensors", "model_last.safetensors",
-              "model_ema.safetensors", "curves.png"):
+    for f in (
+        "config.yaml",
+        "metrics.jsonl",
+        "steps.jsonl",
+        "model_best.safetensors",
+        "model_last.safetensors",
+        "model_ema.safetensors",
+        "curves.png",
+    ):
         assert (d / f).is_file(), f
     header, m = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
     assert header["machine"]["cpu_capability"] and header["precision"] in ("bf16", "fp32") and header["threads"] >= 1
@@ -75,8 +90,9 @@ def test_smoke_train_outputs_and_export(tmp_path, capsys):
         meta = f.metadata()
     assert meta["model"] == "zoo_poolformer_mini_32" and meta["num_classes"] == "10"
     assert yaml.safe_load(meta["config"]) == yaml.safe_load((d / "config.yaml").read_text())
-    model = zoo.create_model(meta["model"], pretrained=str(d / "model_last.safetensors"),
-                             num_classes=int(meta["num_classes"]))
+    model = zoo.create_model(
+        meta["model"], pretrained=str(d / "model_last.safetensors"), num_classes=int(meta["num_classes"])
+    )
     ref = load_file(str(d / "model_last.safetensors"))
     for k, v in model.state_dict().items():
         assert torch.equal(v, ref[k]), k
@@ -94,8 +110,15 @@ def test_summary_names_a_custom_spec_run():
 def test_fresh_start_refuses_to_overwrite_checkpoints(tmp_path):
     cfg = _cfg(tmp_path, "train.max_steps=1")
     run(cfg)
-    p = subprocess.run(_cli(*TINY, f"output_dir={tmp_path}", "name=t", "train.max_steps=1"), cwd=ROOT, env=ENV,
-                       capture_output=True, text=True, check=False, timeout=300)
+    p = subprocess.run(
+        _cli(*TINY, f"output_dir={tmp_path}", "name=t", "train.max_steps=1"),
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
     assert p.returncode == 2 and "--resume auto" in p.stderr and "Traceback" not in p.stderr
 
 
@@ -111,8 +134,15 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
 def test_kill_at_random_step_then_resume_is_bit_identical(tmp_path):
     """SIGKILL at a random moment (possibly mid-checkpoint), --resume auto: same final weights."""
     args = [*TINY, "checkpoint.every_steps=2", "data.num_workers=1"]  # a loader worker, as the default
-    ref = subprocess.run(_cli(*args, f"output_dir={tmp_path / 'ref'}", "name=r"), cwd=ROOT, env=ENV,
-                         capture_output=True, text=True, check=False, timeout=600)
+    ref = subprocess.run(
+        _cli(*args, f"output_dir={tmp_path / 'ref'}", "name=r"),
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
     assert ref.returncode == 0, ref.stderr
     total = len(_steps(tmp_path / "ref" / "r"))
     assert total == 16
@@ -135,8 +165,9 @@ def test_kill_at_random_step_then_resume_is_bit_identical(tmp_path):
         p.kill()
         p.wait()
     assert not (run_dir / "model_last.safetensors").exists()
-    resumed = subprocess.run(cmd + ["--resume", "auto"], cwd=ROOT, env=ENV, capture_output=True, text=True, check=False,
-                             timeout=600)
+    resumed = subprocess.run(
+        [*cmd, "--resume", "auto"], cwd=ROOT, env=ENV, capture_output=True, text=True, check=False, timeout=600
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stderr
     for f in ("model_last.safetensors", "model_ema.safetensors", "model_best.safetensors"):
@@ -144,17 +175,19 @@ def test_kill_at_random_step_then_resume_is_bit_identical(tmp_path):
     # The logs read as if the run had never stopped.
     ref_steps, got_steps = _steps(tmp_path / "ref" / "r"), _steps(run_dir)
     assert [s["loss"] for s in ref_steps] == [s["loss"] for s in got_steps]
+
     def epochs(d: Path) -> list[dict]:  # everything but the speed
-        return [{k: v for k, v in json.loads(line).items() if k != "img_per_s"}
-                for line in (d / "metrics.jsonl").read_text().splitlines()]
+        return [
+            {k: v for k, v in json.loads(line).items() if k != "img_per_s"}
+            for line in (d / "metrics.jsonl").read_text().splitlines()
+        ]
 
     assert epochs(tmp_path / "ref" / "r") == epochs(run_dir)
 
 
 def test_nan_steps_are_skipped_then_the_run_stops_cleanly(tmp_path):
     # Step 2 alone is skipped and training goes on; 5, 6, 7 in a row stop the run (K = 3).
-    cfg = _cfg(tmp_path, "debug.nan_at_steps=[2, 5, 6, 7]", "train.max_consecutive_skips=3",
-               "checkpoint.every_steps=4")
+    cfg = _cfg(tmp_path, "debug.nan_at_steps=[2, 5, 6, 7]", "train.max_consecutive_skips=3", "checkpoint.every_steps=4")
     with pytest.raises(TrainingStopped, match=r"3 consecutive steps with a non-finite loss .*steps 5-7"):
         run(cfg)
     d = cfg.run_dir
@@ -181,14 +214,38 @@ def test_two_processes_match_one_process(tmp_path):
     draws it from its own generator.
     """
     args = [*TINY, "train.precision=fp32", "model.drop_path_rate=0", "aug.mixup=0", "aug.cutmix=0"]
-    one = subprocess.run(_cli(*args, f"output_dir={tmp_path}", "name=one"), cwd=ROOT, env=ENV,
-                         capture_output=True, text=True, check=False, timeout=600)
+    one = subprocess.run(
+        _cli(*args, f"output_dir={tmp_path}", "name=one"),
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
     assert one.returncode == 0, one.stderr
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(ROOT / "train_vision.py"), *args, f"output_dir={tmp_path}", "name=two"],
-                         cwd=ROOT, env=ENV, capture_output=True, text=True, check=False, timeout=600)
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(ROOT / "train_vision.py"),
+            *args,
+            f"output_dir={tmp_path}",
+            "name=two",
+        ],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
     assert two.returncode == 0, two.stderr
-    cfg_two = (tmp_path / "two" / "checkpoints")
+    cfg_two = tmp_path / "two" / "checkpoints"
     state = json.loads((list_checkpoints(cfg_two)[-1] / "loop_state.json").read_text())
     assert state["num_processes"] == 2
     l1 = [s["loss"] for s in _steps(tmp_path / "one")]
@@ -198,18 +255,27 @@ def test_two_processes_match_one_process(tmp_path):
     m1, m2 = read_epochs(tmp_path / "one" / "metrics.jsonl"), read_epochs(tmp_path / "two" / "metrics.jsonl")
     assert len(m1) == len(m2) == 2
     assert [m["val_top1"] for m in m1] == pytest.approx([m["val_top1"] for m in m2], abs=0.8)  # 1 image of 128
-    w1, w2 = load_file(str(tmp_path / "one" / "model_last.safetensors")), load_file(
-        str(tmp_path / "two" / "model_last.safetensors"))
+    w1, w2 = (
+        load_file(str(tmp_path / "one" / "model_last.safetensors")),
+        load_file(str(tmp_path / "two" / "model_last.safetensors")),
+    )
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-3, atol=1e-4, msg=k)
 
 
 def test_hard_distillation_from_a_teacher_checkpoint(tmp_path):
     teacher = run(_cfg(tmp_path, "train.max_steps=2", name="teacher"))
-    res = run(_cfg(tmp_path, "model.name=zoo_deit_mini_distilled_32", "distill.type=hard",
-                   "distill.teacher=zoo_poolformer_mini_32",
-                   f"distill.teacher_checkpoint={teacher.run_dir / 'model_best.safetensors'}",
-                   "train.max_steps=2", name="student"))
+    res = run(
+        _cfg(
+            tmp_path,
+            "model.name=zoo_deit_mini_distilled_32",
+            "distill.type=hard",
+            "distill.teacher=zoo_poolformer_mini_32",
+            f"distill.teacher_checkpoint={teacher.run_dir / 'model_best.safetensors'}",
+            "train.max_steps=2",
+            name="student",
+        )
+    )
     assert res.steps == 2 and all(not s["skipped"] for s in _steps(res.run_dir))
 
 
@@ -219,8 +285,14 @@ MNIST_CONFIGS = sorted(p for p in (ROOT / "configs").glob("mnist5k_*.yaml") if "
 @pytest.mark.parametrize("config", MNIST_CONFIGS, ids=lambda p: p.stem)
 def test_every_family_config_trains_on_mnist5k(tmp_path, config):
     """CI-sized end-to-end run of each family's small-image config: a few steps, evaluate, export."""
-    cfg = _cfg(tmp_path, "train.limit_train=64", "train.limit_val=32", "train.batch_size=16",
-               "train.max_steps=3", config=config)
+    cfg = _cfg(
+        tmp_path,
+        "train.limit_train=64",
+        "train.limit_val=32",
+        "train.batch_size=16",
+        "train.max_steps=3",
+        config=config,
+    )
     res = run(cfg)
     steps = _steps(res.run_dir)
     assert len(steps) == 3 and all(not s["skipped"] and s["loss"] > 0 for s in steps)
@@ -231,8 +303,9 @@ def test_every_family_config_trains_on_mnist5k(tmp_path, config):
 @pytest.mark.slow
 def test_default_config_reaches_98_percent(tmp_path):
     """`python train_vision.py` with no arguments: >= 98.0 % top-1 on the MNIST-5k validation split."""
-    p = subprocess.run(_cli(f"output_dir={tmp_path}"), cwd=ROOT, env=ENV, capture_output=True, text=True,
-                       check=False, timeout=1800)
+    p = subprocess.run(
+        _cli(f"output_dir={tmp_path}"), cwd=ROOT, env=ENV, capture_output=True, text=True, check=False, timeout=1800
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     summary = p.stdout.strip().splitlines()[-1]
     print(summary)

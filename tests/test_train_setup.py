@@ -13,18 +13,34 @@ import pytest
 from zoo.train import ConfigError, load_config, run
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICK = ["train.limit_train=64", "train.limit_val=32", "train.batch_size=16", "train.max_steps=1",
-         "log.progress=false", "log.plot=false"]
+QUICK = [
+    "train.limit_train=64",
+    "train.limit_val=32",
+    "train.batch_size=16",
+    "train.max_steps=1",
+    "log.progress=false",
+    "log.plot=false",
+]
 
 
-@pytest.mark.parametrize(("override", "words"), [
-    ("model.spec={token_mixer: poolng}", ["model: zoo_poolformer_mini_32:", "unknown token mixer 'poolng'",
-                                          "(did you mean 'pooling'?)"]),
-    ("model.pretrained=/nonexistent/w.safetensors", ["model: zoo_poolformer_mini_32:", "/nonexistent/w.safetensors"]),
-    ("data.dataset=/nonexistent/images", ["data.dataset: '/nonexistent/images' is neither"]),
-    ("model.name=zoo_poolformer_mini32", ["model.name: unknown model 'zoo_poolformer_mini32'",
-                                          "(did you mean 'zoo_poolformer_mini_32'?)"]),
-])
+@pytest.mark.parametrize(
+    ("override", "words"),
+    [
+        (
+            "model.spec={token_mixer: poolng}",
+            ["model: zoo_poolformer_mini_32:", "unknown token mixer 'poolng'", "(did you mean 'pooling'?)"],
+        ),
+        (
+            "model.pretrained=/nonexistent/w.safetensors",
+            ["model: zoo_poolformer_mini_32:", "/nonexistent/w.safetensors"],
+        ),
+        ("data.dataset=/nonexistent/images", ["data.dataset: '/nonexistent/images' is neither"]),
+        (
+            "model.name=zoo_poolformer_mini32",
+            ["model.name: unknown model 'zoo_poolformer_mini32'", "(did you mean 'zoo_poolformer_mini_32'?)"],
+        ),
+    ],
+)
 def test_a_bad_config_creates_nothing_and_prints_only_the_error(tmp_path, capsys, override, words):
     with pytest.raises(ConfigError) as err:
         run(load_config(None, [*QUICK, f"output_dir={tmp_path / 'runs'}", "name=bad", override]))
@@ -37,9 +53,21 @@ def test_a_bad_config_creates_nothing_and_prints_only_the_error(tmp_path, capsys
 
 def test_the_cli_prints_one_line_and_exits_2(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    p = subprocess.run([sys.executable, str(ROOT / "train_vision.py"), *QUICK, f"output_dir={tmp_path / 'runs'}",
-                        "model.spec={token_mixer: poolng}"], cwd=tmp_path, env=env, capture_output=True,
-                       text=True, check=False, timeout=300)
+    p = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train_vision.py"),
+            *QUICK,
+            f"output_dir={tmp_path / 'runs'}",
+            "model.spec={token_mixer: poolng}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
     assert p.returncode == 2
     (line,) = p.stderr.splitlines()
     assert line.startswith("config error: model: zoo_poolformer_mini_32:") and "(did you mean 'pooling'?)" in line

@@ -2,6 +2,7 @@
 
 Used for everything the zoo saves: weights, checkpoints' parts, configs, logs, the weights manifest.
 """
+
 from __future__ import annotations
 
 import os

@@ -56,8 +56,13 @@ class Machine:
         """The description plus the software versions, for metrics.jsonl and results files."""
         import timm
 
-        return {**asdict(self), "cpu_native_bf16": self.cpu_native_bf16, "python": platform.python_version(),
-                "torch": torch.__version__, "timm": timm.__version__}
+        return {
+            **asdict(self),
+            "cpu_native_bf16": self.cpu_native_bf16,
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "timm": timm.__version__,
+        }
 
 
 def _cpu_model_and_flags() -> tuple[str, tuple[str, ...]]:
@@ -93,8 +98,14 @@ def describe() -> Machine:
     if torch.cuda.is_available():
         gpu = torch.cuda.get_device_name()
         gpu_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
-    return Machine(cpu_model=model, cpu_capability=torch.backends.cpu.get_cpu_capability(), cpu_flags=flags,
-                   cores=usable_cores(), gpu=gpu, gpu_bf16=gpu_bf16)
+    return Machine(
+        cpu_model=model,
+        cpu_capability=torch.backends.cpu.get_cpu_capability(),
+        cpu_flags=flags,
+        cores=usable_cores(),
+        gpu=gpu,
+        gpu_bf16=gpu_bf16,
+    )
 
 
 def resolve_precision(requested: str, machine: Machine, device_type: str) -> tuple[str, str]:
@@ -112,8 +123,11 @@ def resolve_precision(requested: str, machine: Machine, device_type: str) -> tup
             return "bf16", f"auto: this {where} computes bf16 natively"
         return "fp32", f"auto: this {where} has no native bf16 ({machine.summary()})"
     if requested == "bf16" and not native:
-        warnings.warn(f"train.precision: bf16 is emulated on this {where} ({machine.summary()}): expect steps "
-                      "several times slower than fp32; train.precision=auto picks fp32 here", stacklevel=2)
+        warnings.warn(
+            f"train.precision: bf16 is emulated on this {where} ({machine.summary()}): expect steps "
+            "several times slower than fp32; train.precision=auto picks fp32 here",
+            stacklevel=2,
+        )
         return "bf16", f"as configured, emulated on this {where}"
     return requested, "as configured"
 
@@ -127,14 +141,17 @@ class ThreadPlan:
 
     def summary(self) -> str:
         busy = f", ~{self.busy} busy with other processes" if self.busy else ""
-        return (f"{self.threads} compute thread{'s' * (self.threads != 1)} + {self.workers} loader "
-                f"worker{'s' * (self.workers != 1)} ({self.cores} cores for this process{busy})")
+        return (
+            f"{self.threads} compute thread{'s' * (self.threads != 1)} + {self.workers} loader "
+            f"worker{'s' * (self.workers != 1)} ({self.cores} cores for this process{busy})"
+        )
 
 
 def busy_cores(interval: float = 0.25) -> float:
     """Cores other processes keep busy now: the non-idle CPU time of the whole machine over
     ``interval`` seconds (/proc/stat), in cores. 0 where that cannot be read. Measured, not the
     load average, which lags by a minute (the ``pip install`` before a first run would count)."""
+
     def sample() -> tuple[int, int]:
         with open("/proc/stat") as f:
             ticks = [int(v) for v in f.readline().split()[1:]]
@@ -151,8 +168,13 @@ def busy_cores(interval: float = 0.25) -> float:
     return (os.cpu_count() or 1) * (elapsed - (idle1 - idle0)) / elapsed if elapsed > 0 else 0.0
 
 
-def plan_threads(machine: Machine, local_processes: int = 1, threads: int | None = None,
-                 workers: int | None = None, busy: float | None = None) -> ThreadPlan:
+def plan_threads(
+    machine: Machine,
+    local_processes: int = 1,
+    threads: int | None = None,
+    workers: int | None = None,
+    busy: float | None = None,
+) -> ThreadPlan:
     """Compute threads and loader workers for one of ``local_processes`` on this machine.
 
     Each process gets its share of the usable cores. Loader workers default to a quarter of that

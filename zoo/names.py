@@ -4,6 +4,7 @@ Every lookup that can fail on a misspelt name ends its error with :func:`suggest
 spec, an override or a YAML file is answered the same way wherever it is made. "Near" is difflib's
 ratio (twice the matching characters over the total) of at least :data:`CUTOFF`.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -44,8 +45,9 @@ class UnknownComponentError(KeyError, ValueError):
         return str(self.args[0]) if self.args else ""
 
 
-def unknown_component(kind: str, name: str, known: Iterable[str],
-                      aliases: Mapping[str, str] | None = None) -> UnknownComponentError:
+def unknown_component(
+    kind: str, name: str, known: Iterable[str], aliases: Mapping[str, str] | None = None
+) -> UnknownComponentError:
     """The error for a ``kind`` (``"channel mixer"``) called ``name`` that registry ``known`` lacks,
     naming the nearest name (``aliases`` included) and listing the registered ones and aliases."""
     aliases = aliases or {}

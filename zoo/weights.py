@@ -13,6 +13,7 @@ also stored in the file's header), the measured top-1 and the command that repro
 ``zoo.create_model(name, pretrained=True)`` reads the entry. ``check`` repeats the evaluation for
 every entry, which is what ``tests/test_shipped_weights.py`` does too.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -76,7 +77,7 @@ def command_config(command: str):
     script = max((i for i, a in enumerate(args) if a.endswith("train_vision.py")), default=None)
     if script is None:
         raise CheckpointError(f"command {command!r}: expected `python train_vision.py [--config FILE] [key=value ...]`")
-    args, config = args[script + 1:], None
+    args, config = args[script + 1 :], None
     if args[:1] == ["--config"]:
         config, args = WEIGHTS_DIR.parent / args[1], args[2:]
     return load_config(config, args)
@@ -116,15 +117,17 @@ def evaluate_top1(model: nn.Module, cfg, batch_size: int = 250) -> tuple[float, 
 
 def _git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=WEIGHTS_DIR.parent, capture_output=True,
-                             text=True, check=True)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=WEIGHTS_DIR.parent, capture_output=True, text=True, check=True
+        )
         return out.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
 
-def add(run_dir: Path, command: str, *, weights_dir: Path = WEIGHTS_DIR, replace: bool = False,
-        machine: str = "") -> dict[str, Any]:
+def add(
+    run_dir: Path, command: str, *, weights_dir: Path = WEIGHTS_DIR, replace: bool = False, machine: str = ""
+) -> dict[str, Any]:
     """Ship ``run_dir``'s final weights as ``weights_dir/<model>.safetensors`` with a manifest entry."""
     from .train.checkpoint import export_weights
     from .train.metrics import read_epochs
@@ -176,8 +179,10 @@ def add(run_dir: Path, command: str, *, weights_dir: Path = WEIGHTS_DIR, replace
     }
     # Measure what ships, as `check` does: the float16 file, loaded into a float32 model as a user loads it.
     top1, n_val = measure(name, entry, weights_dir)
-    entry["data"] = (f"{cfg.data.dataset}: trained on its '{cfg.data.train_split}' split, "
-                     f"top-1 on its '{cfg.data.val_split}' split ({n_val} images)")
+    entry["data"] = (
+        f"{cfg.data.dataset}: trained on its '{cfg.data.train_split}' split, "
+        f"top-1 on its '{cfg.data.val_split}' split ({n_val} images)"
+    )
     entry["top1"] = round(top1, 2)
     manifest[name] = entry
     atomic_write_text(weights_dir / MANIFEST_NAME, json.dumps(dict(sorted(manifest.items())), indent=2) + "\n")
@@ -206,14 +211,19 @@ def measure(name: str, entry: dict[str, Any], weights_dir: Path = WEIGHTS_DIR) -
 def table(rows: list[dict[str, Any]], baseline: str | None) -> str:
     """Markdown: model, family, params, stored MB, manifest and re-measured top-1, error vs baseline."""
     base = next((r for r in rows if r["name"] == baseline), None)
-    head = ("| model | family | params (M) | file MB | top-1 % (manifest) | top-1 % (re-measured) | "
-            f"err vs {baseline or 'baseline'} (pp) |")
+    head = (
+        "| model | family | params (M) | file MB | top-1 % (manifest) | top-1 % (re-measured) | "
+        f"err vs {baseline or 'baseline'} (pp) |"
+    )
     out = [head, "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        diff = "baseline" if r is base else (f"{(100 - r['measured']) - (100 - base['measured']):+.1f}"
-                                              if base else "—")
-        out.append(f"| {r['name']} | {r['family']} | {r['params'] / 1e6:.2f} | {r['bytes'] / 1e6:.1f} | "
-                   f"{r['top1']:.1f} | {r['measured']:.1f} | {diff} |")
+        diff = (
+            "baseline" if r is base else (f"{(100 - r['measured']) - (100 - base['measured']):+.1f}" if base else "—")
+        )
+        out.append(
+            f"| {r['name']} | {r['family']} | {r['params'] / 1e6:.2f} | {r['bytes'] / 1e6:.1f} | "
+            f"{r['top1']:.1f} | {r['measured']:.1f} | {diff} |"
+        )
     return "\n".join(out)
 
 
@@ -224,7 +234,9 @@ def check(names: list[str] | None = None, weights_dir: Path = WEIGHTS_DIR, toler
     manifest = read_manifest(weights_dir)
     unknown = [n for n in names or [] if n not in manifest]
     if unknown:
-        raise CheckpointError(f"no shipped weights for {', '.join(unknown)}; weights/ has: {', '.join(sorted(manifest))}")
+        raise CheckpointError(
+            f"no shipped weights for {', '.join(unknown)}; weights/ has: {', '.join(sorted(manifest))}"
+        )
     rows, bad = [], []
     for name in names or sorted(manifest, key=lambda n: (n in BASELINES, n)):
         entry = manifest[name]
@@ -256,8 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "add":
             entry = add(args.run_dir, args.command, replace=args.replace, machine=args.machine)
-            print(f"weights/{entry['file']}: {entry['bytes'] / 1e6:.1f} MB, top-1 {entry['top1']:.2f} % "
-                  f"({entry['family']}, {entry['params'] / 1e6:.2f} M params)")
+            print(
+                f"weights/{entry['file']}: {entry['bytes'] / 1e6:.1f} MB, top-1 {entry['top1']:.2f} % "
+                f"({entry['family']}, {entry['params'] / 1e6:.2f} M params)"
+            )
             return 0
         return check(args.names)
     except (CheckpointError, FileNotFoundError) as e:

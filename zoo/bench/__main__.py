@@ -9,13 +9,21 @@ Commands (each module has its own ``--help``):
   sweep   equal-budget Optuna sweeps of arms (model, optimizer[, one change]): tuned, re-trained over seeds
   readme  copy the results files' Markdown tables into README.md's marked blocks (--check: compare only)
 """
+
 from __future__ import annotations
 
 import importlib
 import sys
 
-COMMANDS = {"data": "zoo.bench.data", "moe": "zoo.bench.moe", "speed": "zoo.bench.speed", "top1": "zoo.bench.top1",
-            "ablate": "zoo.bench.ablate", "sweep": "zoo.bench.sweep", "readme": "zoo.bench.report"}
+COMMANDS = {
+    "data": "zoo.bench.data",
+    "moe": "zoo.bench.moe",
+    "speed": "zoo.bench.speed",
+    "top1": "zoo.bench.top1",
+    "ablate": "zoo.bench.ablate",
+    "sweep": "zoo.bench.sweep",
+    "readme": "zoo.bench.report",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,8 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         from zoo.names import suggest
 
-        print(f"zoo.bench: unknown command {command!r}{suggest(command, COMMANDS)}; expected one of "
-              f"{sorted(COMMANDS)}", file=sys.stderr)
+        print(
+            f"zoo.bench: unknown command {command!r}{suggest(command, COMMANDS)}; expected one of {sorted(COMMANDS)}",
+            file=sys.stderr,
+        )
         return 2
     if command != "readme":  # every figure is printed beside the machine that measured it
         import timm
@@ -36,8 +46,11 @@ def main(argv: list[str] | None = None) -> int:
 
         from zoo.machine import describe
 
-        print(f"machine: {describe().summary()}; torch {torch.__version__}, timm {timm.__version__}",
-              file=sys.stderr, flush=True)
+        print(
+            f"machine: {describe().summary()}; torch {torch.__version__}, timm {timm.__version__}",
+            file=sys.stderr,
+            flush=True,
+        )
     return importlib.import_module(COMMANDS[command]).main(rest)
 
 

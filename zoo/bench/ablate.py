@@ -10,6 +10,7 @@ params and MACs beside the base's. A change that moves the parameter count by mo
 ``--iso-tolerance`` is marked not iso-param, with the ``mlp_ratio`` that would restore the base's
 count; ``--width-match`` also trains that width-matched variant.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,11 @@ def parse_swaps(items: list[str]) -> list[tuple[str, object]]:
             import difflib
 
             near = difflib.get_close_matches(key, STAGE_WIDE_FIELDS, n=1)
-            raise ValueError(f"--swap {key!r}: not a stage field" + (f" (did you mean {near[0]!r}?)" if near else "")
-                             + f"; expected one of {list(STAGE_WIDE_FIELDS)}")
+            raise ValueError(
+                f"--swap {key!r}: not a stage field"
+                + (f" (did you mean {near[0]!r}?)" if near else "")
+                + f"; expected one of {list(STAGE_WIDE_FIELDS)}"
+            )
         swaps += [(key, yaml.safe_load(v)) for v in values.split(",") if v]
     return swaps
 
@@ -81,8 +85,15 @@ def plan(base: str, swaps: list[tuple[str, object]], img: int, tolerance: float,
                 mspec = {**spec, "mlp_ratio": ratio}
                 mparams, mmacs = size_of(base, mspec, img)
                 variants.append({"label": f"{key}={value}", "spec": spec, "params": params, "macs": macs, "note": note})
-                variants.append({"label": f"{key}={value}, mlp_ratio={ratio:g}", "spec": mspec, "params": mparams,
-                                     "macs": mmacs, "note": "width-matched"})
+                variants.append(
+                    {
+                        "label": f"{key}={value}, mlp_ratio={ratio:g}",
+                        "spec": mspec,
+                        "params": mparams,
+                        "macs": mmacs,
+                        "note": "width-matched",
+                    }
+                )
                 continue
         variants.append({"label": f"{key}={value}", "spec": spec, "params": params, "macs": macs, "note": note})
     return variants
@@ -91,20 +102,25 @@ def plan(base: str, swaps: list[tuple[str, object]], img: int, tolerance: float,
 def table(variants: list[dict], rows: list[RunRow]) -> str:
     errs = {v["label"]: [r.err1 for r in rows if r.label == v["label"]] for v in variants}
     base = variants[0]
-    lines = ["| change | params (M) | GMACs | top-1 err % (95% CI) | vs base (95% CI) | note |",
-             "| --- | ---: | ---: | ---: | ---: | --- |"]
+    lines = [
+        "| change | params (M) | GMACs | top-1 err % (95% CI) | vs base (95% CI) | note |",
+        "| --- | ---: | ---: | ---: | ---: | --- |",
+    ]
     for v in variants:
         err = errs[v["label"]]
         mean, half = mean_ci(err)
         diff = "—" if v is base else fmt_ci(*diff_ci(err, errs["base"]))
-        lines.append(f"| {v['label']} | {v['params'] / 1e6:.3f} | {v['macs'] / 1e9:.4f} | {fmt_ci(mean, half)} | "
-                     f"{diff} | {v['note']} |")
+        lines.append(
+            f"| {v['label']} | {v['params'] / 1e6:.3f} | {v['macs'] / 1e9:.4f} | {fmt_ci(mean, half)} | "
+            f"{diff} | {v['note']} |"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m zoo.bench ablate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m zoo.bench ablate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--base", default="zoo_poolformer_mini_32")
     p.add_argument("--swap", action="append", default=[], metavar="FIELD=V1,V2", help="repeatable")
     p.add_argument("--iso-tolerance", type=float, default=0.02, help="relative params change still iso-param")

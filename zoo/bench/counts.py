@@ -1,4 +1,5 @@
 """Parameter and multiply-accumulate counts, as papers report them."""
+
 from __future__ import annotations
 
 import torch

@@ -64,9 +64,7 @@ def make_photo_jpegs(folder: Path, size: tuple[int, int] = (500, 375)) -> list[P
         else:
             ch = w * th // tw
             img = img[(h - ch) // 2 : (h - ch) // 2 + ch]
-        im = Image.fromarray(np.ascontiguousarray(img)).resize(
-            size, Image.Resampling.BICUBIC
-        )
+        im = Image.fromarray(np.ascontiguousarray(img)).resize(size, Image.Resampling.BICUBIC)
         for suffix, pic in (
             ("", im),
             ("_mirror", im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)),
@@ -115,9 +113,7 @@ def timm_train_transform(img_size: int = 224) -> tuple[Callable, _SafePosterize]
                     op.aug_fn = safe
                     patched += 1
     if patched == 0:
-        raise RuntimeError(
-            "timm's transform has no RandAugment posterize op to wrap; did timm change?"
-        )
+        raise RuntimeError("timm's transform has no RandAugment posterize op to wrap; did timm change?")
     return tf, safe
 
 
@@ -128,9 +124,7 @@ def zoo_train_transform(img_size: int = 224) -> Callable:
     return create_transform(AugmentConfig(img_size=img_size), is_training=True)
 
 
-def _time_pass(
-    fn: Callable[[int, Path], object], files: list[Path], count: int
-) -> float:
+def _time_pass(fn: Callable[[int, Path], object], files: list[Path], count: int) -> float:
     start = time.perf_counter()
     for i in range(count):
         fn(i, files[i % len(files)])
@@ -139,21 +133,15 @@ def _time_pass(
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print the table; returns 0 (2 when no image files are found)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m zoo.bench data", description=__doc__.split("\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m zoo.bench data", description=__doc__.split("\n")[0])
     parser.add_argument(
         "--images",
         type=Path,
         default=None,
         help="folder of images (default: skimage photos)",
     )
-    parser.add_argument(
-        "--repeats", type=int, default=7, help="timed repeats of each pipeline (median)"
-    )
-    parser.add_argument(
-        "--min-images", type=int, default=200, help="images a timed pass (files cycle)"
-    )
+    parser.add_argument("--repeats", type=int, default=7, help="timed repeats of each pipeline (median)")
+    parser.add_argument("--min-images", type=int, default=200, help="images a timed pass (files cycle)")
     parser.add_argument("--img-size", type=int, default=224)
     args = parser.parse_args(argv)
 
@@ -209,15 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     rates: dict[str, list[float]] = {k: [] for k in pipelines}
     names = list(pipelines)
     for r in range(args.repeats):
-        for name in (
-            names if r % 2 == 0 else names[::-1]
-        ):  # alternate the order against drift
+        for name in names if r % 2 == 0 else names[::-1]:  # alternate the order against drift
             rates[name].append(_time_pass(pipelines[name], files, count))
     med = {k: statistics.median(v) for k, v in rates.items()}
 
-    size_text = ", ".join(f"{w}x{h}" for w, h in sorted(sizes)[:3]) + (
-        " ..." if len(sizes) > 3 else ""
-    )
+    size_text = ", ".join(f"{w}x{h}" for w, h in sorted(sizes)[:3]) + (" ..." if len(sizes) > 3 else "")
     print(
         f"data pipeline benchmark: {len(files)} files from {source} ({size_text}), output {shapes.pop()}, "
         f"1 thread, median of {args.repeats} repeats x {count} images"
@@ -227,16 +211,14 @@ def main(argv: list[str] | None = None) -> int:
         base = med[pair[0]]
         for name in pair:
             print(
-                f"{name:40s} {med[name]:11.1f} {min(rates[name]):8.1f} {max(rates[name]):8.1f} "
-                f"{med[name] / base:7.2f}"
+                f"{name:40s} {med[name]:11.1f} {min(rates[name]):8.1f} {max(rates[name]):8.1f} {med[name] / base:7.2f}"
             )
     ratio = med[names[1]] / med[names[0]]
     print(
-        f"zoo / timm DeiT train pipeline, per core: {ratio:.2f}x (target >= 2.0: {'met' if ratio >= 2.0 else 'NOT met'})"
+        f"zoo / timm DeiT train pipeline, per core: {ratio:.2f}x "
+        f"(target >= 2.0: {'met' if ratio >= 2.0 else 'NOT met'})"
     )
-    print(
-        f"timm posterize calls with 0 bits (would have raised under Pillow 13): {safe.zero_bit_calls}"
-    )
+    print(f"timm posterize calls with 0 bits (would have raised under Pillow 13): {safe.zero_bit_calls}")
     if tmp is not None:
         tmp.cleanup()
     return 0

@@ -12,6 +12,7 @@ capability, threads, library versions) into a results folder, by default the com
 and ``python -m zoo.bench readme`` copies every marked block from its file (``--check``: change
 nothing, exit 1 naming the blocks that differ; the test suite runs the same check).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,9 @@ MARKER = re.compile(r"(<!-- results:(?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /
 
 def _git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                             timeout=10, check=False)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10, check=False
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
@@ -57,17 +59,22 @@ def environment(threads: int | None = None) -> dict[str, Any]:
         versions["optuna"] = optuna.__version__
     except ImportError:
         pass
-    return {"commit": _git_commit(), "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            **machine, "threads": threads if threads is not None else torch.get_num_threads(),
-            "versions": versions}
+    return {
+        "commit": _git_commit(),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        **machine,
+        "threads": threads if threads is not None else torch.get_num_threads(),
+        "versions": versions,
+    }
 
 
 def command_line(prog: str, argv: list[str]) -> str:
     return " ".join([prog, *map(shlex.quote, argv)])
 
 
-def write_results(out: Path, stem: str, markdown: str, rows: list[dict], columns: list[str],
-                  meta: dict[str, Any]) -> list[Path]:
+def write_results(
+    out: Path, stem: str, markdown: str, rows: list[dict], columns: list[str], meta: dict[str, Any]
+) -> list[Path]:
     """``out/stem.md`` (exactly ``markdown``), ``.csv`` (``columns`` of ``rows``) and ``.json``
     (``meta`` plus the rows), each written atomically."""
     out.mkdir(parents=True, exist_ok=True)
@@ -109,8 +116,9 @@ def sync_readme(readme: Path, results: Path, check: bool = False) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m zoo.bench readme", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m zoo.bench readme", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--readme", type=Path, default=REPO / "README.md")
     p.add_argument("--results", type=Path, default=RESULTS)
     p.add_argument("--check", action="store_true", help="change nothing; exit 1 if a block differs from its file")
@@ -123,13 +131,18 @@ def main(argv: list[str] | None = None) -> int:
     names = sorted(readme_blocks(args.readme.read_text()))
     if args.check:
         if changed:
-            print(f"zoo.bench readme: {args.readme} differs from {args.results} in {', '.join(changed)}; "
-                  "run `python -m zoo.bench readme`", file=sys.stderr)
+            print(
+                f"zoo.bench readme: {args.readme} differs from {args.results} in {', '.join(changed)}; "
+                "run `python -m zoo.bench readme`",
+                file=sys.stderr,
+            )
             return 1
         print(f"{args.readme}: {len(names)} results blocks match {args.results}")
         return 0
-    print(f"{args.readme}: {len(changed)} of {len(names)} results blocks updated" +
-          (f" ({', '.join(changed)})" if changed else ""))
+    print(
+        f"{args.readme}: {len(changed)} of {len(names)} results blocks updated"
+        + (f" ({', '.join(changed)})" if changed else "")
+    )
     return 0
 
 

@@ -1,4 +1,5 @@
 """Training runs for the benchmark tables: one recipe, many models and seeds, results as rows."""
+
 from __future__ import annotations
 
 import argparse
@@ -35,13 +36,22 @@ class RunRow:
 def add_recipe_args(p: argparse.ArgumentParser, *, out: str) -> None:
     """The options every training benchmark shares: the recipe, the seeds, where runs go."""
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--seed-start", type=int, default=0,
-                   help="first seed (seeds run seed-start .. seed-start+seeds-1): split a table across processes")
+    p.add_argument(
+        "--seed-start",
+        type=int,
+        default=0,
+        help="first seed (seeds run seed-start .. seed-start+seeds-1): split a table across processes",
+    )
     p.add_argument("--epochs", type=int, default=None, help="default: the config's")
     p.add_argument("--data", default="mnist5k", help="mnist5k, digits, or an image folder")
     p.add_argument("--config", default=None, help="the recipe (default: configs/mnist5k_poolformer.yaml)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra config override for every run (e.g. train.limit_train=512)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra config override for every run (e.g. train.limit_train=512)",
+    )
     p.add_argument("--reuse", action="store_true", help="read back finished runs under --out instead of retraining")
     p.add_argument("--out", type=Path, default=Path(out))
 
@@ -51,8 +61,19 @@ def dataset_overrides(data: str) -> list[str]:
     return [f"data.dataset={data}"]
 
 
-def train_one(*, label: str, model: str, spec: dict[str, Any], seed: int, config: str | None, epochs: int | None,
-              data: str, out_dir: Path, extra: list[str], reuse: bool = False) -> RunRow:
+def train_one(
+    *,
+    label: str,
+    model: str,
+    spec: dict[str, Any],
+    seed: int,
+    config: str | None,
+    epochs: int | None,
+    data: str,
+    out_dir: Path,
+    extra: list[str],
+    reuse: bool = False,
+) -> RunRow:
     """Train ``model`` (with ``spec`` overrides) under the base ``config`` and return its row.
 
     The row is also written beside the run (``bench_row.json``); with ``reuse`` a finished run of
@@ -61,8 +82,16 @@ def train_one(*, label: str, model: str, spec: dict[str, Any], seed: int, config
     """
     name = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{label}_seed{seed}")
     row_path = Path(out_dir) / name / "bench_row.json"
-    overrides = [f"model.name={model}", f"seed={seed}", f"name={name}", f"output_dir={out_dir}",
-                 "log.progress=false", "log.plot=false", *dataset_overrides(data), *extra]
+    overrides = [
+        f"model.name={model}",
+        f"seed={seed}",
+        f"name={name}",
+        f"output_dir={out_dir}",
+        "log.progress=false",
+        "log.plot=false",
+        *dataset_overrides(data),
+        *extra,
+    ]
     if epochs is not None:
         overrides.append(f"train.epochs={epochs}")
     if spec:
@@ -85,9 +114,17 @@ def train_one(*, label: str, model: str, spec: dict[str, Any], seed: int, config
     kw = {"img_size": cfg.model.img_size} if cfg.model.img_size else {}
     built = zoo.create_model(model, num_classes=int(meta["num_classes"]), in_chans=int(meta["in_chans"]), **spec, **kw)
     img = int(meta["img_size"])
-    row = RunRow(label=label, model=model, seed=seed, top1=result.top1, err1=100 - result.top1,
-                 params=count_params(built), macs=count_macs(built, img, int(meta["in_chans"])),
-                 train_s=result.wall_s, img_per_s=sum(r["img_per_s"] for r in records) / max(len(records), 1))
+    row = RunRow(
+        label=label,
+        model=model,
+        seed=seed,
+        top1=result.top1,
+        err1=100 - result.top1,
+        params=count_params(built),
+        macs=count_macs(built, img, int(meta["in_chans"])),
+        train_s=result.wall_s,
+        img_per_s=sum(r["img_per_s"] for r in records) / max(len(records), 1),
+    )
     tmp = row_path.with_suffix(".tmp")
     tmp.write_text(json.dumps({**dataclasses.asdict(row), "config_sha256": fingerprint}) + "\n")
     tmp.replace(row_path)
@@ -100,8 +137,18 @@ def train_all(jobs: list[tuple[str, str, dict[str, Any]]], args: argparse.Namesp
     rows = []
     for label, model, spec in jobs:
         for seed in range(args.seed_start, args.seed_start + args.seeds):
-            row = train_one(label=label, model=model, spec=spec, seed=seed, config=args.config, epochs=args.epochs,
-                            data=args.data, out_dir=args.out / "runs", extra=args.set, reuse=args.reuse)
+            row = train_one(
+                label=label,
+                model=model,
+                spec=spec,
+                seed=seed,
+                config=args.config,
+                epochs=args.epochs,
+                data=args.data,
+                out_dir=args.out / "runs",
+                extra=args.set,
+                reuse=args.reuse,
+            )
             print(f"  {label} seed {seed}: top-1 err {row.err1:.2f}% ({row.train_s:.0f} s)", flush=True)
             rows.append(row)
     return rows

@@ -27,6 +27,7 @@ as ``NAME.md`` (what the README shows: ``python -m zoo.bench readme`` copies it 
 threads, versions); NAME is ``--name`` (default ``speed_<device>_<dtype>``), ``_compiled`` added
 for the compiled table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -90,8 +91,11 @@ class PeakMemory:
             return
         self._profiler.__exit__(*exc)
         events = self._profiler.profiler.kineto_results.events()
-        self.peak = peak_live_bytes((e.start_ns(), e.nbytes()) for e in events
-                                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+        self.peak = peak_live_bytes(
+            (e.start_ns(), e.nbytes())
+            for e in events
+            if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+        )
 
 
 def peak_live_bytes(allocations) -> int:
@@ -141,8 +145,9 @@ def _steps(model: torch.nn.Module, x: torch.Tensor, dtype: str, key: tuple[str, 
     return train_step, eval_step
 
 
-def _in_layout(model: torch.nn.Module, x: torch.Tensor, layout: str, device: torch.device,
-               compile_mode: str | None) -> tuple[torch.nn.Module, torch.Tensor]:
+def _in_layout(
+    model: torch.nn.Module, x: torch.Tensor, layout: str, device: torch.device, compile_mode: str | None
+) -> tuple[torch.nn.Module, torch.Tensor]:
     """A copy of ``model`` on ``device`` and the input, both in ``layout``; compiled if asked."""
     model = copy.deepcopy(model).to(device)
     if layout == "channels_last":
@@ -152,8 +157,15 @@ def _in_layout(model: torch.nn.Module, x: torch.Tensor, layout: str, device: tor
     return model, x
 
 
-def _prepared(bases: dict[str, torch.nn.Module], x: torch.Tensor, layouts, *, dtype: str, device: torch.device,
-              compile_mode: str | None = None):
+def _prepared(
+    bases: dict[str, torch.nn.Module],
+    x: torch.Tensor,
+    layouts,
+    *,
+    dtype: str,
+    device: torch.device,
+    compile_mode: str | None = None,
+):
     """Each side in each layout it runs: ``{(side, layout): (train_step, eval_step)}``, and
     ``{(side, layout): why}`` for the channels_last layouts whose first forward raised (an NCHW
     failure is raised: every model must run its native layout)."""
@@ -173,8 +185,9 @@ def _prepared(bases: dict[str, torch.nn.Module], x: torch.Tensor, layouts, *, dt
     return steps, unsupported
 
 
-def peak_memory_here(name: str, batch: int, img_size: int, dtype: str, device: str, layouts: dict[str, str],
-                     threads: int) -> dict[str, int]:
+def peak_memory_here(
+    name: str, batch: int, img_size: int, dtype: str, device: str, layouts: dict[str, str], threads: int
+) -> dict[str, int]:
     """Peak bytes of one train step (after one warm-up step) of the zoo model and of its twin, each
     in its layout of ``layouts`` (``{"zoo": "channels_last", "twin": "nchw"}``)."""
     torch.set_num_threads(threads)
@@ -198,10 +211,16 @@ def _peak_memory_in_child(name: str, **settings) -> dict[str, int]:
     """:func:`peak_memory_here` in a fresh Python process. Not in this one: a profiled step leaves
     the heap in another state, which slowed timm's PoolFormer-S12 steps after it from ~17 to ~13
     img/s on this project's 2-core CPU (zoo's kept their speed), so it would skew later ratios."""
-    code = ("import json, sys; from zoo.bench.speed import peak_memory_here; "
-            "print(json.dumps(peak_memory_here(**json.loads(sys.argv[1]))))")
-    done = subprocess.run([sys.executable, "-c", code, json.dumps({"name": name, **settings})],
-                          check=False, capture_output=True, text=True)
+    code = (
+        "import json, sys; from zoo.bench.speed import peak_memory_here; "
+        "print(json.dumps(peak_memory_here(**json.loads(sys.argv[1]))))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, json.dumps({"name": name, **settings})],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
     if done.returncode != 0:
         why = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
         raise RuntimeError(f"peak memory of {name} in a child process failed: {why}")
@@ -213,8 +232,18 @@ def _fastest(medians: dict[tuple[str, str], dict[str, float]], side: str, step: 
     return min((key for key in medians if key[0] == side), key=lambda key: medians[key][step])[1]
 
 
-def measure(models: list[str], *, batch: int, img_size: int, repeats: int, warmup: int, dtype: str,
-            device: torch.device, layouts=LAYOUTS, compile_mode: str | None = None) -> list[dict]:
+def measure(
+    models: list[str],
+    *,
+    batch: int,
+    img_size: int,
+    repeats: int,
+    warmup: int,
+    dtype: str,
+    device: torch.device,
+    layouts=LAYOUTS,
+    compile_mode: str | None = None,
+) -> list[dict]:
     """One row per model (printed as it is measured): ours and the twin, each in every layout of
     ``layouts`` it runs, interleaved; ratios against the twin's faster layout. With
     ``compile_mode``, both sides are ``torch.compile``-d in that mode (and peak memory is not measured)."""
@@ -232,7 +261,7 @@ def measure(models: list[str], *, batch: int, img_size: int, repeats: int, warmu
                 eval_step()
         order = list(steps.items())  # zoo nchw, twin nchw, zoo channels_last, twin channels_last
         for r in range(repeats):  # interleaved, and alternating who goes first
-            for key, (train_step, eval_step) in (order if r % 2 == 0 else order[::-1]):
+            for key, (train_step, eval_step) in order if r % 2 == 0 else order[::-1]:
                 times[key]["train"].append(_timed(train_step, device))
                 times[key]["eval"].append(_timed(eval_step, device))
         del steps, order
@@ -243,23 +272,38 @@ def measure(models: list[str], *, batch: int, img_size: int, repeats: int, warmu
         memory = {}
         if compile_mode is None:
             memory = _peak_memory_in_child(
-                name, batch=batch, img_size=img_size, dtype=dtype, device=str(device),
-                layouts={side: best[(side, "train")] for side in bases}, threads=torch.get_num_threads())
-        row = {"model": name, "compiled": compile_mode or "", "params_m": count_params(ours) / 1e6,
-               "gmacs": count_macs(ours, img_size) / 1e9,
-               "layout": best[("zoo", "train")], "eval_layout": best[("zoo", "eval")],
-               "train_ips": ips[("zoo", best[("zoo", "train")])]["train"],
-               "eval_ips": ips[("zoo", best[("zoo", "eval")])]["eval"],
-               "peak_mem_mb": memory["zoo"] / 2**20 if memory else None,
-               "twin": twins.twin_label(name), "max_diff": diff}
+                name,
+                batch=batch,
+                img_size=img_size,
+                dtype=dtype,
+                device=str(device),
+                layouts={side: best[(side, "train")] for side in bases},
+                threads=torch.get_num_threads(),
+            )
+        row = {
+            "model": name,
+            "compiled": compile_mode or "",
+            "params_m": count_params(ours) / 1e6,
+            "gmacs": count_macs(ours, img_size) / 1e9,
+            "layout": best[("zoo", "train")],
+            "eval_layout": best[("zoo", "eval")],
+            "train_ips": ips[("zoo", best[("zoo", "train")])]["train"],
+            "eval_ips": ips[("zoo", best[("zoo", "eval")])]["eval"],
+            "peak_mem_mb": memory["zoo"] / 2**20 if memory else None,
+            "twin": twins.twin_label(name),
+            "max_diff": diff,
+        }
         for layout in layouts:
             for k in ("train", "eval"):
                 row[f"{k}_ips_{layout}"] = ips[("zoo", layout)][k] if ("zoo", layout) in ips else None
         if has_twin:
-            row.update(twin_layout=best[("twin", "train")], twin_eval_layout=best[("twin", "eval")],
-                       twin_train_ips=ips[("twin", best[("twin", "train")])]["train"],
-                       twin_eval_ips=ips[("twin", best[("twin", "eval")])]["eval"],
-                       twin_peak_mem_mb=memory["twin"] / 2**20 if memory else None)
+            row.update(
+                twin_layout=best[("twin", "train")],
+                twin_eval_layout=best[("twin", "eval")],
+                twin_train_ips=ips[("twin", best[("twin", "train")])]["train"],
+                twin_eval_ips=ips[("twin", best[("twin", "eval")])]["eval"],
+                twin_peak_mem_mb=memory["twin"] / 2**20 if memory else None,
+            )
             for k in ("train", "eval"):
                 ours_key, twin_key = ("zoo", best[("zoo", k)]), ("twin", best[("twin", k)])
                 row[f"{k}_ratio"] = ips[ours_key][k] / ips[twin_key][k]
@@ -268,25 +312,49 @@ def measure(models: list[str], *, batch: int, img_size: int, repeats: int, warmu
                 row[f"{k}_ratio_ci"] = mean_ci(paired)[1]
                 for layout in layouts:
                     row[f"twin_{k}_ips_{layout}"] = ips[("twin", layout)][k] if ("twin", layout) in ips else None
-                    row[f"{k}_ratio_{layout}"] = (ips[ours_key][k] / ips[("twin", layout)][k]
-                                                  if ("twin", layout) in ips else None)
-        row["unsupported"] = "; ".join(f"{'ours' if side == 'zoo' else 'twin'} {layout}: {why}"
-                                       for (side, layout), why in unsupported.items())
+                    row[f"{k}_ratio_{layout}"] = (
+                        ips[ours_key][k] / ips[("twin", layout)][k] if ("twin", layout) in ips else None
+                    )
+        row["unsupported"] = "; ".join(
+            f"{'ours' if side == 'zoo' else 'twin'} {layout}: {why}" for (side, layout), why in unsupported.items()
+        )
         rows.append(row)
         print(format_row(row), flush=True)
     return rows
 
 
-HEADER = ("| model | params (M) | GMACs | train img/s | eval img/s | peak mem (MB) | twin "
-          "| faster layout (ours / twin) | twin train img/s | twin peak mem (MB) | train ratio "
-          "| vs twin NCHW | vs twin CL | eval ratio | max \\|diff\\| |\n"
-          "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-COLUMNS = ["model", "compiled", "params_m", "gmacs", "layout", "eval_layout", "train_ips", "eval_ips", "peak_mem_mb",
-           *(f"{k}_ips_{layout}" for layout in LAYOUTS for k in ("train", "eval")),
-           "twin", "twin_layout", "twin_eval_layout", "twin_train_ips", "twin_eval_ips", "twin_peak_mem_mb",
-           *(f"twin_{k}_ips_{layout}" for layout in LAYOUTS for k in ("train", "eval")),
-           "train_ratio", "train_ratio_ci", "eval_ratio", "eval_ratio_ci",
-           *(f"{k}_ratio_{layout}" for layout in LAYOUTS for k in ("train", "eval")), "max_diff", "unsupported"]
+HEADER = (
+    "| model | params (M) | GMACs | train img/s | eval img/s | peak mem (MB) | twin "
+    "| faster layout (ours / twin) | twin train img/s | twin peak mem (MB) | train ratio "
+    "| vs twin NCHW | vs twin CL | eval ratio | max \\|diff\\| |\n"
+    "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+)
+COLUMNS = [
+    "model",
+    "compiled",
+    "params_m",
+    "gmacs",
+    "layout",
+    "eval_layout",
+    "train_ips",
+    "eval_ips",
+    "peak_mem_mb",
+    *(f"{k}_ips_{layout}" for layout in LAYOUTS for k in ("train", "eval")),
+    "twin",
+    "twin_layout",
+    "twin_eval_layout",
+    "twin_train_ips",
+    "twin_eval_ips",
+    "twin_peak_mem_mb",
+    *(f"twin_{k}_ips_{layout}" for layout in LAYOUTS for k in ("train", "eval")),
+    "train_ratio",
+    "train_ratio_ci",
+    "eval_ratio",
+    "eval_ratio_ci",
+    *(f"{k}_ratio_{layout}" for layout in LAYOUTS for k in ("train", "eval")),
+    "max_diff",
+    "unsupported",
+]
 
 
 def _ratio(ratio: float, half: float) -> str:
@@ -305,12 +373,19 @@ def _vs(r: dict, layout: str) -> str:
 
 def format_row(r: dict) -> str:
     layouts = f"{SHORT[r['layout']]} / {SHORT[r['twin_layout']]}" if r.get("twin") else SHORT[r["layout"]]
-    twin = (f"{r['twin']} | {layouts} | {r['twin_train_ips']:.3g} | {_num(r['twin_peak_mem_mb'], '.0f')} | "
+    twin = (
+        (
+            f"{r['twin']} | {layouts} | {r['twin_train_ips']:.3g} | {_num(r['twin_peak_mem_mb'], '.0f')} | "
             f"**{_ratio(r['train_ratio'], r['train_ratio_ci'])}** | {_vs(r, 'nchw')} | {_vs(r, 'channels_last')} | "
-            f"{_ratio(r['eval_ratio'], r['eval_ratio_ci'])} | {r['max_diff']:.1e}") if r.get("twin") else \
-        f"- | {layouts} | - | - | - | - | - | - | -"
-    return (f"| {r['model']} | {r['params_m']:.1f} | {r['gmacs']:.2f} | {r['train_ips']:.3g} | {r['eval_ips']:.3g} | "
-            f"{_num(r['peak_mem_mb'], '.0f')} | {twin} |")
+            f"{_ratio(r['eval_ratio'], r['eval_ratio_ci'])} | {r['max_diff']:.1e}"
+        )
+        if r.get("twin")
+        else f"- | {layouts} | - | - | - | - | - | - | -"
+    )
+    return (
+        f"| {r['model']} | {r['params_m']:.1f} | {r['gmacs']:.2f} | {r['train_ips']:.3g} | {r['eval_ips']:.3g} | "
+        f"{_num(r['peak_mem_mb'], '.0f')} | {twin} |"
+    )
 
 
 def _versions(models: list[str]) -> dict[str, str]:
@@ -322,14 +397,19 @@ def _versions(models: list[str]) -> dict[str, str]:
 
 def caption(args: argparse.Namespace, command: str, env: dict, versions: dict[str, str], compiled: bool) -> str:
     """The paragraph above a table: what was measured, how, and on what (README text)."""
-    where = (f"GPU {torch.cuda.get_device_name(torch.device(args.device))}, CPU " if args.device.startswith("cuda")
-             else "CPU ") + f"{env['cpu_model']} ({env['cpu_capability']}), {env['threads']} threads"
+    where = (
+        f"GPU {torch.cuda.get_device_name(torch.device(args.device))}, CPU "
+        if args.device.startswith("cuda")
+        else "CPU "
+    ) + f"{env['cpu_model']} ({env['cpu_capability']}), {env['threads']} threads"
     what = f"both sides `torch.compile(mode={args.compile_mode!r})`" if compiled else "eager"
-    return (f"{where}; {', '.join(f'{k} {v}' for k, v in versions.items())}; {args.dtype}, batch {args.batch} at "
-            f"{args.img_size}, {what}; median of {args.repeats} interleaved repeats after {args.warmup} warm-up; "
-            f"commit {env['commit']}, {env['date'][:10]}. Ratio = ours / twin at the twin's faster layout (NCHW or "
-            f"channels_last, named per row), ± the half-width of the 95 % t interval of the per-repeat ratios; "
-            f"ours at its faster layout too. `{command}`")
+    return (
+        f"{where}; {', '.join(f'{k} {v}' for k, v in versions.items())}; {args.dtype}, batch {args.batch} at "
+        f"{args.img_size}, {what}; median of {args.repeats} interleaved repeats after {args.warmup} warm-up; "
+        f"commit {env['commit']}, {env['date'][:10]}. Ratio = ours / twin at the twin's faster layout (NCHW or "
+        f"channels_last, named per row), ± the half-width of the 95 % t interval of the per-repeat ratios; "
+        f"ours at its faster layout too. `{command}`"
+    )
 
 
 def markdown(rows: list[dict], head: str) -> str:
@@ -347,8 +427,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--layouts", default=",".join(LAYOUTS),
-                   help="comma-separated memory layouts both sides are timed in (default: %(default)s)")
+    p.add_argument(
+        "--layouts",
+        default=",".join(LAYOUTS),
+        help="comma-separated memory layouts both sides are timed in (default: %(default)s)",
+    )
     p.add_argument("--channels-last", action="store_true", help="time channels_last only (= --layouts channels_last)")
     p.add_argument("--compile", action="store_true", help="a second table with both sides torch.compile-d")
     p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default", help="torch.compile mode of both sides")
@@ -356,8 +439,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS, help="results folder (default: %(default)s)")
     p.add_argument("--name", default=None, help="results file stem (default: speed_<device>_<dtype>)")
     args = p.parse_args(argv)
-    layouts = ("channels_last",) if args.channels_last else \
-        tuple(s.strip() for s in args.layouts.split(",") if s.strip())
+    layouts = (
+        ("channels_last",) if args.channels_last else tuple(s.strip() for s in args.layouts.split(",") if s.strip())
+    )
     bad = [s for s in layouts if s not in LAYOUTS]
     if bad or not layouts:
         print(f"zoo.bench speed: --layouts {args.layouts!r}: expected some of {', '.join(LAYOUTS)}", file=sys.stderr)
@@ -377,8 +461,10 @@ def main(argv: list[str] | None = None) -> int:
     machine, versions = describe(), _versions(models)
     print(f"machine: {machine.summary()}; {', '.join(f'{k} {v}' for k, v in versions.items())}")
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"speed: batch {args.batch}, {args.img_size}x{args.img_size}, {args.dtype}, {where}; layouts "
-          f"{', '.join(layouts)}; median of {args.repeats} interleaved repeats after {args.warmup} warm-up")
+    print(
+        f"speed: batch {args.batch}, {args.img_size}x{args.img_size}, {args.dtype}, {where}; layouts "
+        f"{', '.join(layouts)}; median of {args.repeats} interleaved repeats after {args.warmup} warm-up"
+    )
     command, env = command_line(PROG, argv), environment(torch.get_num_threads())
     env["versions"].update(versions)
     stem = args.name or f"speed_{device.type}_{args.dtype}"
@@ -387,12 +473,26 @@ def main(argv: list[str] | None = None) -> int:
         if compile_mode:
             print(f"\ncompiled: both sides torch.compile(mode={compile_mode!r})")
         print(HEADER, flush=True)
-        rows = measure(models, batch=args.batch, img_size=args.img_size, repeats=args.repeats, warmup=args.warmup,
-                       dtype=args.dtype, device=device, layouts=layouts, compile_mode=compile_mode)
+        rows = measure(
+            models,
+            batch=args.batch,
+            img_size=args.img_size,
+            repeats=args.repeats,
+            warmup=args.warmup,
+            dtype=args.dtype,
+            device=device,
+            layouts=layouts,
+            compile_mode=compile_mode,
+        )
         text = markdown(rows, caption(args, command, env, versions, compile_mode is not None))
         name = stem + ("_compiled" if compile_mode else "")
-        meta = {"command": command, **env, "machine": machine.record(), "machine_summary": machine.summary(),
-                "settings": {**settings, "layouts": list(layouts), "compile_mode": compile_mode}}
+        meta = {
+            "command": command,
+            **env,
+            "machine": machine.record(),
+            "machine_summary": machine.summary(),
+            "settings": {**settings, "layouts": list(layouts), "compile_mode": compile_mode},
+        }
         paths = write_results(args.out, name, text, rows, COLUMNS, meta)
         for r in rows:
             if r["unsupported"]:

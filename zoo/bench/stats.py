@@ -1,4 +1,5 @@
 """Small statistics for benchmark tables: means with Student-t intervals over seeds."""
+
 from __future__ import annotations
 
 import math

@@ -25,6 +25,7 @@ When every arm is done, the table (``zoo.bench.sweep_table``) is written to RESU
 json} with the sensitivity and distribution plots (``--report-only``: write it from the storage,
 train nothing). ``python -m zoo.bench readme`` copies the Markdown into README.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -83,8 +84,11 @@ class Arm:
 
     def overrides(self) -> list[str]:
         spec = {self.change[0]: self.change[1]} if self.change else {}
-        return [f"model.name={self.model}", f"optim.name={self.optim}",
-                "model.spec=" + yaml.safe_dump(spec, default_flow_style=True, width=10**6).strip()]
+        return [
+            f"model.name={self.model}",
+            f"optim.name={self.optim}",
+            "model.spec=" + yaml.safe_dump(spec, default_flow_style=True, width=10**6).strip(),
+        ]
 
 
 def parse_arms(text: str) -> list[Arm]:
@@ -122,8 +126,11 @@ class Dim:
 
     def value(self, u: float) -> float:
         """The point u in [0, 1) of the normalised space, to 4 significant digits."""
-        v = (math.exp(math.log(self.low) + u * (math.log(self.high) - math.log(self.low))) if self.log
-             else self.low + u * (self.high - self.low))
+        v = (
+            math.exp(math.log(self.low) + u * (math.log(self.high) - math.log(self.low)))
+            if self.log
+            else self.low + u * (self.high - self.low)
+        )
         return float(f"{min(max(v, self.low), self.high):.4g}")
 
     def unit(self, v: float) -> float:
@@ -198,9 +205,17 @@ class Plan:
         return [self.tune_seed + 1 + i for i in range(self.seeds)]
 
     def config(self, arm: Arm, params: dict[str, float], *, seed: int, holdout: float, name: str):
-        over = [*dataset_overrides(self.data), *FIXED, *self.sets, *arm.overrides(),
-                f"train.epochs={self.epochs}", f"data.holdout={holdout}", f"seed={seed}", f"name={name}",
-                f"output_dir={self.runs / self.study / arm.slug}"]
+        over = [
+            *dataset_overrides(self.data),
+            *FIXED,
+            *self.sets,
+            *arm.overrides(),
+            f"train.epochs={self.epochs}",
+            f"data.holdout={holdout}",
+            f"seed={seed}",
+            f"name={name}",
+            f"output_dir={self.runs / self.study / arm.slug}",
+        ]
         over += [f"{d.key}={params[d.name]:.6e}" for d in self.dims]
         return load_config(self.recipe, over)
 
@@ -210,11 +225,20 @@ class Plan:
             text = config_to_yaml(cfg).replace(str(self.runs / self.study / arm.slug), "RUNS")
             return hashlib.sha256(text.encode()).hexdigest()[:16]
 
-        design = {"arms": [a.label for a in self.arms], "space": [str(d) for d in self.dims], "trials": self.trials,
-                  "seeds": self.seeds, "epochs": self.epochs, "data": self.data, "holdout": self.holdout,
-                  "tune_seed": self.tune_seed, "qmc_seed": self.qmc_seed, "sets": self.sets,
-                  "prune": {"on": self.prune, "startup_trials": self.prune_startup, "after_epoch": self.prune_after},
-                  "config": {a.label: fingerprint(a) for a in self.arms}}
+        design = {
+            "arms": [a.label for a in self.arms],
+            "space": [str(d) for d in self.dims],
+            "trials": self.trials,
+            "seeds": self.seeds,
+            "epochs": self.epochs,
+            "data": self.data,
+            "holdout": self.holdout,
+            "tune_seed": self.tune_seed,
+            "qmc_seed": self.qmc_seed,
+            "sets": self.sets,
+            "prune": {"on": self.prune, "startup_trials": self.prune_startup, "after_epoch": self.prune_after},
+            "config": {a.label: fingerprint(a) for a in self.arms},
+        }
         return json.loads(json.dumps(design))
 
 
@@ -237,8 +261,17 @@ def check(plan: Plan) -> dict[str, int]:
         raise InputError(f"--holdout {plan.holdout}: must be in (0, 1): trials tune on a share of the training images")
     if plan.baseline not in [a.label for a in plan.arms]:
         raise InputError(f"--baseline {plan.baseline!r}: not one of the arms ({', '.join(a.label for a in plan.arms)})")
-    swept = {d.key for d in plan.dims} | {"model.name", "optim.name", "model.spec", "train.epochs", "data.holdout",
-                                          "seed", "name", "output_dir", "data.dataset"}
+    swept = {d.key for d in plan.dims} | {
+        "model.name",
+        "optim.name",
+        "model.spec",
+        "train.epochs",
+        "data.holdout",
+        "seed",
+        "name",
+        "output_dir",
+        "data.dataset",
+    }
     for s in plan.sets:
         if s.partition("=")[0].strip() in swept:
             raise InputError(f"--set {s!r}: {s.partition('=')[0]} is set by the sweep itself")
@@ -246,8 +279,9 @@ def check(plan: Plan) -> dict[str, int]:
     data = None
     for arm in plan.arms:
         for end in ("low", "high"):
-            cfg = plan.config(arm, {d.name: getattr(d, end) for d in plan.dims}, seed=0, holdout=plan.holdout,
-                              name="check")
+            cfg = plan.config(
+                arm, {d.name: getattr(d, end) for d in plan.dims}, seed=0, holdout=plan.holdout, name="check"
+            )
         _check_model_name(cfg.model.name)
         if data is None:
             try:
@@ -291,8 +325,12 @@ def objective(plan: Plan, arm: Arm, trial, train_fn: Callable) -> float:
     except TrainingStopped as e:  # diverged: a setting that does not train, at 100 % error
         trial.set_user_attr("diverged", str(e).splitlines()[0])
         return 100.0
-    for k, v in {"wall_s": result.wall_s, "epochs_done": result.epochs_done, "run_dir": str(result.run_dir),
-                 "last_err": last.get("val_err1", 100.0 - result.top1)}.items():
+    for k, v in {
+        "wall_s": result.wall_s,
+        "epochs_done": result.epochs_done,
+        "run_dir": str(result.run_dir),
+        "last_err": last.get("val_err1", 100.0 - result.top1),
+    }.items():
         trial.set_user_attr(k, v)
     if result.stopped_by == "on_epoch":
         raise optuna.TrialPruned()
@@ -315,8 +353,11 @@ def run_trial(plan: Plan, studies: Studies, arm: Arm, study, trial, train_fn: Ca
         except optuna.TrialPruned:
             last = trial.user_attrs.get("last_err", math.nan)
             study.tell(trial, state=TrialState.PRUNED)
-            print(f"[{arm.label}] {what}: pruned after epoch {trial.user_attrs.get('epochs_done')} of {plan.epochs} "
-                  f"(err {last:.2f} %, {time.time() - t0:.0f} s)", flush=True)
+            print(
+                f"[{arm.label}] {what}: pruned after epoch {trial.user_attrs.get('epochs_done')} of {plan.epochs} "
+                f"(err {last:.2f} %, {time.time() - t0:.0f} s)",
+                flush=True,
+            )
             return
         except BaseException:
             study.tell(trial, state=TrialState.FAIL)
@@ -350,8 +391,12 @@ def work(plan: Plan, studies: Studies, train_fn: Callable, poll: float) -> int:
             queued += sum(ensure_slots(studies.final[a], studies.final_slots(a)) for a in studies.final)
             if queued:
                 continue
-            if all(studies.tune_done(a) and studies.final_study(a) is not None and
-                   len(finished(studies.final[a], "COMPLETE")) >= plan.seeds for a in arms):
+            if all(
+                studies.tune_done(a)
+                and studies.final_study(a) is not None
+                and len(finished(studies.final[a], "COMPLETE")) >= plan.seeds
+                for a in arms
+            ):
                 return ran
             time.sleep(poll)
 
@@ -365,16 +410,27 @@ def collect(plan: Plan, studies: Studies) -> list[sweep_table.TrialRow]:
         for kind, study in (("tune", studies.tune[arm.label]), ("final", studies.final_study(arm.label))):
             for slot, t in sorted(finished(study).items()) if study is not None else ():
                 a = t.user_attrs
-                rows.append(sweep_table.TrialRow(
-                    arm=arm.label, kind=kind, slot=slot, state=t.state.name.lower(),
-                    err=t.value if t.state.name == "COMPLETE" else None, last_err=a.get("last_err"),
-                    params={d.name: t.params[d.name] for d in plan.dims}, seed=a.get("seed", plan.tune_seed),
-                    epochs_done=a.get("epochs_done", 0), wall_s=a.get("wall_s", 0.0), diverged="diverged" in a))
+                rows.append(
+                    sweep_table.TrialRow(
+                        arm=arm.label,
+                        kind=kind,
+                        slot=slot,
+                        state=t.state.name.lower(),
+                        err=t.value if t.state.name == "COMPLETE" else None,
+                        last_err=a.get("last_err"),
+                        params={d.name: t.params[d.name] for d in plan.dims},
+                        seed=a.get("seed", plan.tune_seed),
+                        epochs_done=a.get("epochs_done", 0),
+                        wall_s=a.get("wall_s", 0.0),
+                        diverged="diverged" in a,
+                    )
+                )
     return rows
 
 
-def report(plan: Plan, studies: Studies, params: dict[str, int], bar: float | None, results: Path,
-           argv: list[str]) -> str:
+def report(
+    plan: Plan, studies: Studies, params: dict[str, int], bar: float | None, results: Path, argv: list[str]
+) -> str:
     rows = collect(plan, studies)
     labels = [a.label for a in plan.arms]
     baselines = [plan.baseline] + [a.label for a in plan.arms if not a.model.startswith("zoo_")]
@@ -382,8 +438,9 @@ def report(plan: Plan, studies: Studies, params: dict[str, int], bar: float | No
         bar, why = sweep_table.default_bar(rows, list(dict.fromkeys(baselines)))
     else:
         why = "given (--bar)"
-    table = sweep_table.summarise(rows, labels, plan.baseline, bar, budget=plan.trials, seeds=plan.seeds,
-                                  epochs=plan.epochs, params=params)
+    table = sweep_table.summarise(
+        rows, labels, plan.baseline, bar, budget=plan.trials, seeds=plan.seeds, epochs=plan.epochs, params=params
+    )
     tune = [r for r in rows if r.kind == "tune"]
     saved = sum(r["epochs_saved"] for r in table)
     full = len(tune) * plan.epochs
@@ -392,15 +449,24 @@ def report(plan: Plan, studies: Studies, params: dict[str, int], bar: float | No
     sens, dist = results / f"{stem}_sensitivity.png", results / f"{stem}_trials.png"
     seeds = plan.final_seeds()
     notes = [
-        (f"Budget per arm: {plan.trials} trials of {plan.epochs} epochs at the same points of "
-         f"{', '.join(map(str, plan.dims))} (scrambled Sobol, seed {plan.qmc_seed}), tuned on a {plan.holdout:g} "
-         f"holdout of the training images (seed {plan.tune_seed}); each arm's best config re-trained with seeds "
-         f"{seeds[0]}-{seeds[-1]} on all training images and reported on {plan.data}'s own validation split."),
-        (f"Bar: {bar:.2f} % = {why}. A pruned trial counts as not reaching the bar (the median pruner stops only "
-         "trials worse than the median at that epoch); the median trial error takes it at its last reported error; "
-         "a diverged trial counts at 100 %."),
-        (f"Pruning (median, after {plan.prune_startup} finished trials, from epoch {plan.prune_after}) saved {saved} "
-         f"of {full} tuning epochs ({saved / full:.0%})." if plan.prune and full else "Pruning off.")
+        (
+            f"Budget per arm: {plan.trials} trials of {plan.epochs} epochs at the same points of "
+            f"{', '.join(map(str, plan.dims))} (scrambled Sobol, seed {plan.qmc_seed}), tuned on a {plan.holdout:g} "
+            f"holdout of the training images (seed {plan.tune_seed}); each arm's best config re-trained with seeds "
+            f"{seeds[0]}-{seeds[-1]} on all training images and reported on {plan.data}'s own validation split."
+        ),
+        (
+            f"Bar: {bar:.2f} % = {why}. A pruned trial counts as not reaching the bar (the median pruner stops only "
+            "trials worse than the median at that epoch); the median trial error takes it at its last reported error; "
+            "a diverged trial counts at 100 %."
+        ),
+        (
+            f"Pruning (median, after {plan.prune_startup} finished trials, from epoch {plan.prune_after}) "
+            f"saved {saved} "
+            f"of {full} tuning epochs ({saved / full:.0%})."
+            if plan.prune and full
+            else "Pruning off."
+        )
         + f" Training time {wall:.0f} s over {len(rows)} runs.",
     ]
     results.mkdir(parents=True, exist_ok=True)
@@ -410,9 +476,16 @@ def report(plan: Plan, studies: Studies, params: dict[str, int], bar: float | No
     x = next((d for d in plan.dims if d.name == "lr"), plan.dims[0])
     sweep_table.plot(rows, labels, bar, x.name, x.log, sens, dist, f"{plan.study}: {plan.trials} trials an arm")
     threads = plan.config(plan.arms[0], plan.points()[0], seed=0, holdout=0.0, name="x").train.num_threads
-    meta = {"command": command_line(PROG, argv), **environment(threads), "design": plan.design(), "bar": bar,
-            "bar_rule": why, "epochs_saved": saved, "epochs_full": full,
-            "trials": [vars(r) for r in rows]}
+    meta = {
+        "command": command_line(PROG, argv),
+        **environment(threads),
+        "design": plan.design(),
+        "bar": bar,
+        "bar_rule": why,
+        "epochs_saved": saved,
+        "epochs_full": full,
+        "trials": [vars(r) for r in rows],
+    }
     write_results(results, stem, text, table, sweep_table.COLUMNS, meta)
     return text
 
@@ -428,16 +501,23 @@ def _trainer(spec: str) -> Callable:
 def parse(argv: list[str]) -> tuple[argparse.Namespace, Plan]:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arms", required=True, help="comma-separated MODEL:OPTIMIZER[:FIELD=VALUE]")
-    p.add_argument("--space", default="lr=1e-4:1e-2:log,weight_decay=1e-3:0.3:log",
-                   help="NAME=LOW:HIGH[:log|linear],... (lr, weight_decay or any float config key)")
+    p.add_argument(
+        "--space",
+        default="lr=1e-4:1e-2:log,weight_decay=1e-3:0.3:log",
+        help="NAME=LOW:HIGH[:log|linear],... (lr, weight_decay or any float config key)",
+    )
     p.add_argument("--trials", type=int, default=8, help="tuning trials per arm (the budget)")
     p.add_argument("--seeds", type=int, default=3, help="fresh seeds re-training each arm's best config")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--data", default="mnist5k", help="mnist5k, digits, or an image folder")
     p.add_argument("--config", default=None, help="the recipe (default: configs/mnist5k_poolformer.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
-    p.add_argument("--baseline", default=None, help="the arm the others are compared to (default: the first ResNet arm)")
-    p.add_argument("--bar", type=float, default=None, help="robustness bar, tuning error %% (default: best baseline + 1)")
+    p.add_argument(
+        "--baseline", default=None, help="the arm the others are compared to (default: the first ResNet arm)"
+    )
+    p.add_argument(
+        "--bar", type=float, default=None, help="robustness bar, tuning error %% (default: best baseline + 1)"
+    )
     p.add_argument("--holdout", type=float, default=0.2, help="share of the training images the trials tune on")
     p.add_argument("--tune-seed", type=int, default=0, help="the seed of every tuning trial (finals use the next ones)")
     p.add_argument("--qmc-seed", type=int, default=0, help="the Sobol scrambling seed")
@@ -449,7 +529,9 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, Plan]:
     p.add_argument("--runs", type=Path, default=Path("runs"), help="run directories go to RUNS/STUDY/ARM/")
     p.add_argument("--results", type=Path, default=RESULTS)
     p.add_argument("--heartbeat", type=int, default=30, help="seconds between a worker's heartbeats")
-    p.add_argument("--grace", type=int, default=120, help="seconds without one before a trial is failed and queued again")
+    p.add_argument(
+        "--grace", type=int, default=120, help="seconds without one before a trial is failed and queued again"
+    )
     p.add_argument("--poll", type=float, default=5.0, help="seconds between looks while other workers finish")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--report-only", action="store_true", help="write the table from the storage, train nothing")
@@ -463,10 +545,25 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, Plan]:
         raise InputError("--baseline: no ResNet arm among --arms; add one or name the baseline arm")
     data = Path(args.data).name or args.data
     study = args.study or f"sweep_{''.join(c if c.isalnum() or c in '-_' else '_' for c in data)}"
-    plan = Plan(arms=arms, dims=dims, trials=args.trials, seeds=args.seeds, epochs=args.epochs, data=args.data,
-                recipe=args.config, sets=list(args.set), holdout=args.holdout, tune_seed=args.tune_seed,
-                qmc_seed=args.qmc_seed, prune=not args.no_prune, prune_startup=args.prune_startup,
-                prune_after=args.prune_after, study=study, runs=args.runs, baseline=baseline)
+    plan = Plan(
+        arms=arms,
+        dims=dims,
+        trials=args.trials,
+        seeds=args.seeds,
+        epochs=args.epochs,
+        data=args.data,
+        recipe=args.config,
+        sets=list(args.set),
+        holdout=args.holdout,
+        tune_seed=args.tune_seed,
+        qmc_seed=args.qmc_seed,
+        prune=not args.no_prune,
+        prune_startup=args.prune_startup,
+        prune_after=args.prune_after,
+        study=study,
+        runs=args.runs,
+        baseline=baseline,
+    )
     return args, plan
 
 
@@ -494,11 +591,15 @@ def main(argv: list[str] | None = None, train_fn: Callable | None = None) -> int
         print(f"zoo.bench sweep: {e}", file=sys.stderr)
         return 2
     except (sqlalchemy.exc.SQLAlchemyError, ValueError, ImportError) as e:  # unreachable or malformed: one line
-        print(f"zoo.bench sweep: --storage {url}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}",
-              file=sys.stderr)
+        print(
+            f"zoo.bench sweep: --storage {url}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}", file=sys.stderr
+        )
         return 2
-    print(f"sweep {plan.study}: {len(plan.arms)} arms x {plan.trials} trials of {plan.epochs} epochs, "
-          f"space {', '.join(map(str, plan.dims))}, then {plan.seeds} seeds each; storage {url}", flush=True)
+    print(
+        f"sweep {plan.study}: {len(plan.arms)} arms x {plan.trials} trials of {plan.epochs} epochs, "
+        f"space {', '.join(map(str, plan.dims))}, then {plan.seeds} seeds each; storage {url}",
+        flush=True,
+    )
     if not args.report_only:
         ran = work(plan, studies, train_fn, args.poll)
         print(f"worker done: {ran} runs here", flush=True)

@@ -15,6 +15,7 @@ What can still go wrong, and what handles it:
   ``claim``/``surplus`` make every copy but the lowest-numbered one give itself up (FAIL, with
   ``user_attrs["surplus"]``), so a slot is trained once.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,19 +44,27 @@ def open_storage(url: str, heartbeat: int, grace: int):
     retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)  # Optuna >= 4.9
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        hook = ({"heartbeat_stale_trial_callback": retry()} if retry is not None else
-                {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback()})
+        hook = (
+            {"heartbeat_stale_trial_callback": retry()}
+            if retry is not None
+            else {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback()}
+        )
         for attempt in range(6):
             try:
-                storage = optuna.storages.RDBStorage(url, engine_kwargs=kw, heartbeat_interval=heartbeat,
-                                                     grace_period=grace, **hook)
+                storage = optuna.storages.RDBStorage(
+                    url, engine_kwargs=kw, heartbeat_interval=heartbeat, grace_period=grace, **hook
+                )
                 break
-            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError,
-                    sqlalchemy.exc.OperationalError) as e:
+            except (
+                sqlalchemy.exc.IntegrityError,
+                sqlalchemy.exc.ProgrammingError,
+                sqlalchemy.exc.OperationalError,
+            ) as e:
                 # Two workers creating a new storage's tables at once: one loses the race (a
                 # duplicate version row or table) and finds the tables made on its next try.
                 race = not isinstance(e, sqlalchemy.exc.OperationalError) or any(
-                    w in str(e) for w in ("already exists", "locked"))
+                    w in str(e) for w in ("already exists", "locked")
+                )
                 if attempt == 5 or not race:
                     raise
                 time.sleep(0.2 + random.random())
@@ -90,10 +99,15 @@ class Studies:
             meta.set_user_attr("design", design)
             meta = optuna.load_study(study_name=plan.study, storage=storage)  # a concurrent start may have won
         if meta.user_attrs["design"] != design:
-            raise DesignError(f"storage: study {plan.study!r} was made with another design ("
-                             f"{_diff(meta.user_attrs['design'], design)}); use another --study or storage")
-        self.pruner = (optuna.pruners.MedianPruner(n_startup_trials=plan.prune_startup, n_warmup_steps=plan.prune_after)
-                       if plan.prune else optuna.pruners.NopPruner())
+            raise DesignError(
+                f"storage: study {plan.study!r} was made with another design ("
+                f"{_diff(meta.user_attrs['design'], design)}); use another --study or storage"
+            )
+        self.pruner = (
+            optuna.pruners.MedianPruner(n_startup_trials=plan.prune_startup, n_warmup_steps=plan.prune_after)
+            if plan.prune
+            else optuna.pruners.NopPruner()
+        )
         self.tune = {a.label: self._study(f"{plan.study}:tune:{a.label}", self.tune_slots()) for a in plan.arms}
         self.final: dict[str, Any] = {}
 
@@ -115,12 +129,15 @@ class Studies:
         return {n: (p, {"kind": "tune"}) for n, p in enumerate(self.plan.points())}
 
     def final_slots(self, arm: str) -> dict[int, tuple[dict, dict]] | None:
-        best = min(finished(self.tune[arm], "COMPLETE").values(), key=lambda t: (t.value, t.user_attrs["slot"]),
-                   default=None)
+        best = min(
+            finished(self.tune[arm], "COMPLETE").values(), key=lambda t: (t.value, t.user_attrs["slot"]), default=None
+        )
         if best is None:
             return None
-        return {i: (best.params, {"kind": "final", "seed": s, "from_trial": best.user_attrs["slot"]})
-                for i, s in enumerate(self.plan.final_seeds())}
+        return {
+            i: (best.params, {"kind": "final", "seed": s, "from_trial": best.user_attrs["slot"]})
+            for i, s in enumerate(self.plan.final_seeds())
+        }
 
     def tune_done(self, arm: str) -> bool:
         return len(finished(self.tune[arm])) >= self.plan.trials
@@ -150,8 +167,10 @@ def ensure_slots(study, slots: dict[int, tuple[dict, dict]]) -> int:
     """Queue every slot that has no waiting, running or finished trial (new, or only failed)."""
     from optuna.trial import TrialState
 
-    live = {t.user_attrs.get("slot") for t in study.get_trials(deepcopy=False, states=tuple(
-        TrialState[s] for s in WAITING_OR_LIVE))}
+    live = {
+        t.user_attrs.get("slot")
+        for t in study.get_trials(deepcopy=False, states=tuple(TrialState[s] for s in WAITING_OR_LIVE))
+    }
     missing = [n for n in slots if n not in live]
     for n in missing:
         params, attrs = slots[n]
@@ -190,9 +209,14 @@ def surplus(study, number: int, slot: int | None) -> str | None:
     if slot is None:
         return "the queue emptied before ask()"
     for t in study.get_trials(deepcopy=False):
-        if t.number != number and t.user_attrs.get("slot") == slot and (
+        if (
+            t.number != number
+            and t.user_attrs.get("slot") == slot
+            and (
                 t.state in (TrialState.COMPLETE, TrialState.PRUNED)
-                or (t.state in (TrialState.WAITING, TrialState.RUNNING) and t.number < number)):
+                or (t.state in (TrialState.WAITING, TrialState.RUNNING) and t.number < number)
+            )
+        ):
             return f"slot {slot} is held by trial {t.number}"
     return None
 

@@ -11,6 +11,7 @@ Counting rules (stated in the table's notes too):
   usually above what it would have reached: pessimistic);
 * a trial whose training diverged (too many non-finite steps) is a complete trial at 100 % error.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,9 +25,28 @@ from scipy import stats as _scipy_stats
 from zoo.atomic import atomic_write
 from zoo.bench.stats import diff_ci, fmt_ci, mean_ci
 
-COLUMNS = ["arm", "params_m", "best_config", "best_tuning_err", "final_err", "final_err_ci95", "final_seeds",
-           "diff_vs_baseline", "diff_ci95", "robust_k", "robust_n", "robust_share", "robust_lo", "robust_hi",
-           "median_trial_err", "trials_complete", "trials_pruned", "epochs_saved", "wall_s", "complete"]
+COLUMNS = [
+    "arm",
+    "params_m",
+    "best_config",
+    "best_tuning_err",
+    "final_err",
+    "final_err_ci95",
+    "final_seeds",
+    "diff_vs_baseline",
+    "diff_ci95",
+    "robust_k",
+    "robust_n",
+    "robust_share",
+    "robust_lo",
+    "robust_hi",
+    "median_trial_err",
+    "trials_complete",
+    "trials_pruned",
+    "epochs_saved",
+    "wall_s",
+    "complete",
+]
 
 
 @dataclass
@@ -88,8 +108,17 @@ def default_bar(trials: list[TrialRow], baselines: list[str]) -> tuple[float, st
     return err + 1.0, f"the best baseline tuning error ({arm}, {err:.2f} %) + 1 point"
 
 
-def summarise(trials: list[TrialRow], arms: list[str], baseline: str, bar: float, *, budget: int, seeds: int,
-              epochs: int, params: dict[str, int] | None = None) -> list[dict[str, Any]]:
+def summarise(
+    trials: list[TrialRow],
+    arms: list[str],
+    baseline: str,
+    bar: float,
+    *,
+    budget: int,
+    seeds: int,
+    epochs: int,
+    params: dict[str, int] | None = None,
+) -> list[dict[str, Any]]:
     """One row per arm (``COLUMNS``). ``budget``/``seeds``: what a complete arm has."""
     by_arm = {a: [t for t in trials if t.arm == a] for a in arms}
     finals = {a: [t.err for t in ts if t.kind == "final" and t.state == "complete"] for a, ts in by_arm.items()}
@@ -106,17 +135,30 @@ def summarise(trials: list[TrialRow], arms: list[str], baseline: str, bar: float
         k, n = robustness(ts, bar)
         lo, hi = wilson(k, n)
         pruned = [t for t in tune if t.state == "pruned"]
-        table.append({
-            "arm": arm, "params_m": (params or {}).get(arm, 0) / 1e6,
-            "best_config": fmt_params(best.params) if best else "", "best_tuning_err": best.err if best else math.nan,
-            "final_err": mean, "final_err_ci95": half, "final_seeds": len(final),
-            "diff_vs_baseline": diff, "diff_ci95": dhalf,
-            "robust_k": k, "robust_n": n, "robust_share": k / n if n else math.nan, "robust_lo": lo, "robust_hi": hi,
-            "median_trial_err": statistics.median(trial_error(t) for t in tune) if tune else math.nan,
-            "trials_complete": len(tune) - len(pruned), "trials_pruned": len(pruned),
-            "epochs_saved": sum(max(epochs - t.epochs_done, 0) for t in pruned),
-            "wall_s": sum(t.wall_s for t in ts), "complete": len(tune) == budget and len(final) == seeds,
-        })
+        table.append(
+            {
+                "arm": arm,
+                "params_m": (params or {}).get(arm, 0) / 1e6,
+                "best_config": fmt_params(best.params) if best else "",
+                "best_tuning_err": best.err if best else math.nan,
+                "final_err": mean,
+                "final_err_ci95": half,
+                "final_seeds": len(final),
+                "diff_vs_baseline": diff,
+                "diff_ci95": dhalf,
+                "robust_k": k,
+                "robust_n": n,
+                "robust_share": k / n if n else math.nan,
+                "robust_lo": lo,
+                "robust_hi": hi,
+                "median_trial_err": statistics.median(trial_error(t) for t in tune) if tune else math.nan,
+                "trials_complete": len(tune) - len(pruned),
+                "trials_pruned": len(pruned),
+                "epochs_saved": sum(max(epochs - t.epochs_done, 0) for t in pruned),
+                "wall_s": sum(t.wall_s for t in ts),
+                "complete": len(tune) == budget and len(final) == seeds,
+            }
+        )
     return table
 
 
@@ -125,26 +167,51 @@ def _pct(x: float) -> str:
 
 
 def markdown(table: list[dict], baseline: str, bar: float, notes: list[str]) -> str:
-    lines = [(f"| arm | params (M) | best config | best-config tuning err % | final err % (95% CI, seeds) | "
-              f"vs {baseline} (95% CI) | robustness: err <= {bar:.2f} % (Wilson 95% CI) | median trial err % | "
-              "trials (complete/pruned) | wall s |"),
-             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        (
+            f"| arm | params (M) | best config | best-config tuning err % | final err % (95% CI, seeds) | "
+            f"vs {baseline} (95% CI) | robustness: err <= {bar:.2f} % (Wilson 95% CI) | median trial err % | "
+            "trials (complete/pruned) | wall s |"
+        ),
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for r in table:
         final = f"{fmt_ci(r['final_err'], r['final_err_ci95'])} ({r['final_seeds']})" if r["final_seeds"] else "—"
-        diff = ("baseline" if r["arm"] == baseline else
-                "—" if math.isnan(r["diff_vs_baseline"]) else fmt_ci(r["diff_vs_baseline"], r["diff_ci95"]))
-        robust = (f"{r['robust_k']}/{r['robust_n']} = {_pct(r['robust_share'])} "
-                  f"({_pct(r['robust_lo'])}-{_pct(r['robust_hi'])})") if r["robust_n"] else "—"
+        diff = (
+            "baseline"
+            if r["arm"] == baseline
+            else "—"
+            if math.isnan(r["diff_vs_baseline"])
+            else fmt_ci(r["diff_vs_baseline"], r["diff_ci95"])
+        )
+        robust = (
+            (
+                f"{r['robust_k']}/{r['robust_n']} = {_pct(r['robust_share'])} "
+                f"({_pct(r['robust_lo'])}-{_pct(r['robust_hi'])})"
+            )
+            if r["robust_n"]
+            else "—"
+        )
         n = r["trials_complete"] + r["trials_pruned"]
         arm = r["arm"] if r["complete"] else f"{r['arm']} (incomplete)"
-        lines.append(f"| {arm} | {r['params_m']:.2f} | {r['best_config']} | {r['best_tuning_err']:.2f} | {final} | "
-                     f"{diff} | {robust} | {r['median_trial_err']:.2f} | {n} ({r['trials_complete']}/"
-                     f"{r['trials_pruned']}) | {r['wall_s']:.0f} |")
-    return "\n".join(lines + [""] + notes) + "\n"
+        lines.append(
+            f"| {arm} | {r['params_m']:.2f} | {r['best_config']} | {r['best_tuning_err']:.2f} | {final} | "
+            f"{diff} | {robust} | {r['median_trial_err']:.2f} | {n} ({r['trials_complete']}/"
+            f"{r['trials_pruned']}) | {r['wall_s']:.0f} |"
+        )
+    return "\n".join([*lines, "", *notes]) + "\n"
 
 
-def plot(trials: list[TrialRow], arms: list[str], bar: float, x_param: str, x_log: bool, sensitivity: Path,
-         distribution: Path, title: str) -> None:
+def plot(
+    trials: list[TrialRow],
+    arms: list[str],
+    bar: float,
+    x_param: str,
+    x_log: bool,
+    sensitivity: Path,
+    distribution: Path,
+    title: str,
+) -> None:
     """Tuning error against ``x_param`` per arm (pruned trials as crosses at their last error), and
     the distribution of the arms' tuning errors (box and points), the bar dashed in both."""
     import matplotlib
@@ -155,12 +222,15 @@ def plot(trials: list[TrialRow], arms: list[str], bar: float, x_param: str, x_lo
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for i, arm in enumerate(arms):
-        tune = sorted((t for t in trials if t.arm == arm and t.kind == "tune" and x_param in t.params),
-                      key=lambda t: t.params[x_param])
+        tune = sorted(
+            (t for t in trials if t.arm == arm and t.kind == "tune" and x_param in t.params),
+            key=lambda t: t.params[x_param],
+        )
         colour = f"C{i % 10}"
         done = [t for t in tune if t.state == "complete"]
-        ax.plot([t.params[x_param] for t in done], [trial_error(t) for t in done], "o-", color=colour, label=arm,
-                ms=4, lw=1)
+        ax.plot(
+            [t.params[x_param] for t in done], [trial_error(t) for t in done], "o-", color=colour, label=arm, ms=4, lw=1
+        )
         cut = [t for t in tune if t.state == "pruned"]
         ax.plot([t.params[x_param] for t in cut], [trial_error(t) for t in cut], "x", color=colour, ms=6)
     if not math.isnan(bar):

@@ -8,6 +8,7 @@ interval, train time and images/s; and a PNG of top-1 error against params and a
 The recipe is one training config (``--config``, default the MNIST-5k default) for every model:
 only the model name and the seed change between runs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,18 @@ import zoo
 from zoo.bench.runs import RunRow, add_recipe_args, train_all
 from zoo.bench.stats import diff_ci, fmt_ci, mean_ci
 
-COLUMNS = ["model", "params_m", "gmacs", "top1_err", "top1_err_ci95", "diff_vs_baseline", "diff_ci95",
-           "seeds", "train_s", "img_per_s"]
+COLUMNS = [
+    "model",
+    "params_m",
+    "gmacs",
+    "top1_err",
+    "top1_err_ci95",
+    "diff_vs_baseline",
+    "diff_ci95",
+    "seeds",
+    "train_s",
+    "img_per_s",
+]
 
 
 def summarise(rows: list[RunRow], baseline: str) -> list[dict]:
@@ -37,20 +48,35 @@ def summarise(rows: list[RunRow], baseline: str) -> list[dict]:
         err = [r.err1 for r in runs]
         mean, half = mean_ci(err)
         diff, dhalf = diff_ci(err, base_err)
-        table.append({"model": label, "params_m": runs[0].params / 1e6, "gmacs": runs[0].macs / 1e9, "top1_err": mean,
-                          "top1_err_ci95": half, "diff_vs_baseline": diff, "diff_ci95": dhalf, "seeds": len(runs),
-                          "train_s": statistics.fmean(r.train_s for r in runs),
-                          "img_per_s": statistics.fmean(r.img_per_s for r in runs)})
+        table.append(
+            {
+                "model": label,
+                "params_m": runs[0].params / 1e6,
+                "gmacs": runs[0].macs / 1e9,
+                "top1_err": mean,
+                "top1_err_ci95": half,
+                "diff_vs_baseline": diff,
+                "diff_ci95": dhalf,
+                "seeds": len(runs),
+                "train_s": statistics.fmean(r.train_s for r in runs),
+                "img_per_s": statistics.fmean(r.img_per_s for r in runs),
+            }
+        )
     return table
 
 
 def markdown(table: list[dict], baseline: str) -> str:
-    lines = ["| model | params (M) | GMACs | top-1 err % (95% CI) | vs " + baseline + " (95% CI) | seeds | "
-             "train s | img/s |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| model | params (M) | GMACs | top-1 err % (95% CI) | vs " + baseline + " (95% CI) | seeds | "
+        "train s | img/s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for r in table:
         diff = "baseline" if r["model"] == baseline else fmt_ci(r["diff_vs_baseline"], r["diff_ci95"])
-        lines.append(f"| {r['model']} | {r['params_m']:.2f} | {r['gmacs']:.3f} | {fmt_ci(r['top1_err'], r['top1_err_ci95'])} "
-                     f"| {diff} | {r['seeds']} | {r['train_s']:.0f} | {r['img_per_s']:.0f} |")
+        lines.append(
+            f"| {r['model']} | {r['params_m']:.2f} | {r['gmacs']:.3f} | {fmt_ci(r['top1_err'], r['top1_err_ci95'])} "
+            f"| {diff} | {r['seeds']} | {r['train_s']:.0f} | {r['img_per_s']:.0f} |"
+        )
     return "\n".join(lines)
 
 
@@ -72,8 +98,13 @@ def plot(table: list[dict], path: Path, baseline: str, title: str) -> None:
         for r in table:
             yerr = None if r["top1_err_ci95"] != r["top1_err_ci95"] else r["top1_err_ci95"]
             ax.errorbar(r[key], r["top1_err"], yerr=yerr, fmt="s" if r["model"] == baseline else "o", capsize=3)
-            ax.annotate(r["model"].removeprefix("zoo_"), (r[key], r["top1_err"]), fontsize=7,
-                        xytext=(4, 4), textcoords="offset points")
+            ax.annotate(
+                r["model"].removeprefix("zoo_"),
+                (r[key], r["top1_err"]),
+                fontsize=7,
+                xytext=(4, 4),
+                textcoords="offset points",
+            )
         ax.set_xlabel(label)
         ax.set_ylabel("top-1 error % (mean, 95% CI)")
         ax.grid(alpha=0.3)
@@ -84,8 +115,9 @@ def plot(table: list[dict], path: Path, baseline: str, title: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m zoo.bench top1", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m zoo.bench top1", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--models", default="zoo_poolformer_mini_32,resnet18", help="comma-separated names")
     p.add_argument("--baseline", default="resnet18", help="the ResNet every model is compared to (always run)")
     add_recipe_args(p, out="runs/bench_top1")
@@ -103,8 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     (args.out / "top1.md").write_text(text + "\n")
     write_csv(table, args.out / "top1.csv")
-    plot(table, args.out / "top1.png", args.baseline,
-         f"{args.data}: top-1 error vs params and throughput ({args.seeds} seeds)")
+    plot(
+        table,
+        args.out / "top1.png",
+        args.baseline,
+        f"{args.data}: top-1 error vs params and throughput ({args.seeds} seeds)",
+    )
     print(f"wrote {args.out / 'top1.md'}, {args.out / 'top1.csv'}, {args.out / 'top1.png'}")
     return 0
 

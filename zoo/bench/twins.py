@@ -13,6 +13,7 @@ outputs before anything is timed).
   use and transformers replaces with ``nn.GELU``. transformers is optional: ``missing`` names
   what a twin needs when it is not installed.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -32,8 +33,10 @@ from zoo.models.registry import fixed_input_size
 TWINS: dict[str, tuple[str, dict]] = {
     **{f"zoo_poolformer_{s}": (f"poolformer_{s}", TIMM_POOLFORMER_HEAD) for s in ("s12", "s24", "s36", "m36", "m48")},
     **{f"zoo_vit_{s}_patch16_224": (f"vit_{s}_patch16_224", {}) for s in ("tiny", "small", "base")},
-    **{f"zoo_deit_{s}_distilled_patch16_224": (f"deit_{s}_distilled_patch16_224", {})
-       for s in ("tiny", "small", "base")},
+    **{
+        f"zoo_deit_{s}_distilled_patch16_224": (f"deit_{s}_distilled_patch16_224", {})
+        for s in ("tiny", "small", "base")
+    },
     **{f"zoo_gmlp_{s}16_224": (f"gmlp_{s}16_224", {}) for s in ("ti", "s", "b")},
 }
 # zoo CvT names whose twin is transformers' CvtForImageClassification, its config read from the zoo spec
@@ -107,29 +110,48 @@ def cvt_config(spec):
     stages = spec.stages
     for i, s in enumerate(stages):
         o = s.mixer_options
-        checks = {"token_mixer": (s.token_mixer, "conv_attention"), "channel_mixer": (s.channel_mixer, "mlp"),
-                  "act": (s.channel_options.get("act"), "quick_gelu"), "norm": (s.norm, "layernorm_eps1e-5"),
-                  "embed norm": (s.embed.norm, "layernorm_eps1e-5"), "scale": (o.get("scale"), "dim"),
-                  "groups": (o.get("groups"), "depthwise"), "class_token": (s.class_token, i == len(stages) - 1)}
+        checks = {
+            "token_mixer": (s.token_mixer, "conv_attention"),
+            "channel_mixer": (s.channel_mixer, "mlp"),
+            "act": (s.channel_options.get("act"), "quick_gelu"),
+            "norm": (s.norm, "layernorm_eps1e-5"),
+            "embed norm": (s.embed.norm, "layernorm_eps1e-5"),
+            "scale": (o.get("scale"), "dim"),
+            "groups": (o.get("groups"), "depthwise"),
+            "class_token": (s.class_token, i == len(stages) - 1),
+        }
         for what, (value, want) in checks.items():
             if value != want:
                 raise ValueError(f"stage {i}: {what}={value!r}; transformers' CvT twin computes {want!r}")
     if spec.head_norm != "layernorm_eps1e-5" or spec.global_pool != "token":
-        raise ValueError(f"head_norm={spec.head_norm!r}, global_pool={spec.global_pool!r}; transformers' CvT "
-                         "twin computes 'layernorm_eps1e-5' on the class token")
+        raise ValueError(
+            f"head_norm={spec.head_norm!r}, global_pool={spec.global_pool!r}; transformers' CvT "
+            "twin computes 'layernorm_eps1e-5' on the class token"
+        )
     n = len(stages)
     k = [s.mixer_options.get("kernel", 3) for s in stages]
     return CvtConfig(
-        num_channels=spec.in_chans, num_labels=spec.num_classes,
-        patch_sizes=[s.embed.kernel for s in stages], patch_stride=[s.embed.stride for s in stages],
-        patch_padding=[s.embed.padding for s in stages], embed_dim=[s.dim for s in stages],
-        num_heads=[s.mixer_options["num_heads"] for s in stages], depth=[s.depth for s in stages],
-        mlp_ratio=[s.mlp_ratio for s in stages], attention_drop_rate=[0.0] * n, drop_rate=[0.0] * n,
-        drop_path_rate=[0.0] * n, qkv_bias=[bool(s.mixer_options.get("qkv_bias", False)) for s in stages],
-        cls_token=[s.class_token for s in stages], qkv_projection_method=["dw_bn"] * n, kernel_qkv=k,
-        padding_q=[kk // 2 for kk in k], padding_kv=[kk // 2 for kk in k],
+        num_channels=spec.in_chans,
+        num_labels=spec.num_classes,
+        patch_sizes=[s.embed.kernel for s in stages],
+        patch_stride=[s.embed.stride for s in stages],
+        patch_padding=[s.embed.padding for s in stages],
+        embed_dim=[s.dim for s in stages],
+        num_heads=[s.mixer_options["num_heads"] for s in stages],
+        depth=[s.depth for s in stages],
+        mlp_ratio=[s.mlp_ratio for s in stages],
+        attention_drop_rate=[0.0] * n,
+        drop_rate=[0.0] * n,
+        drop_path_rate=[0.0] * n,
+        qkv_bias=[bool(s.mixer_options.get("qkv_bias", False)) for s in stages],
+        cls_token=[s.class_token for s in stages],
+        qkv_projection_method=["dw_bn"] * n,
+        kernel_qkv=k,
+        padding_q=[kk // 2 for kk in k],
+        padding_kv=[kk // 2 for kk in k],
         stride_q=[s.mixer_options.get("stride_q", 1) for s in stages],
-        stride_kv=[s.mixer_options.get("stride_kv", 2) for s in stages])
+        stride_kv=[s.mixer_options.get("stride_kv", 2) for s in stages],
+    )
 
 
 # zoo key -> transformers key (CvtForImageClassification), applied in order, first match wins
@@ -139,15 +161,27 @@ _CVT_KEYS = (
     (r"^stages\.(\d+)\.embed\.norm\.", r"cvt.encoder.stages.\1.embedding.convolution_embeddings.normalization."),
     (r"^stages\.(\d+)\.blocks\.(\d+)\.norm1\.", r"cvt.encoder.stages.\1.layers.\2.layernorm_before."),
     (r"^stages\.(\d+)\.blocks\.(\d+)\.norm2\.", r"cvt.encoder.stages.\1.layers.\2.layernorm_after."),
-    *((rf"^stages\.(\d+)\.blocks\.(\d+)\.token_mixer\.conv_proj_{c}\.conv\.",
-       rf"cvt.encoder.stages.\1.layers.\2.attention.attention.convolution_projection_{w}.convolution_projection.convolution.")
-      for c, w in (("q", "query"), ("k", "key"), ("v", "value"))),
-    *((rf"^stages\.(\d+)\.blocks\.(\d+)\.token_mixer\.conv_proj_{c}\.bn\.",
-       rf"cvt.encoder.stages.\1.layers.\2.attention.attention.convolution_projection_{w}.convolution_projection.normalization.")
-      for c, w in (("q", "query"), ("k", "key"), ("v", "value"))),
-    *((rf"^stages\.(\d+)\.blocks\.(\d+)\.token_mixer\.proj_{c}\.",
-       rf"cvt.encoder.stages.\1.layers.\2.attention.attention.projection_{w}.")
-      for c, w in (("q", "query"), ("k", "key"), ("v", "value"))),
+    *(
+        (
+            rf"^stages\.(\d+)\.blocks\.(\d+)\.token_mixer\.conv_proj_{c}\.conv\.",
+            rf"cvt.encoder.stages.\1.layers.\2.attention.attention.convolution_projection_{w}.convolution_projection.convolution.",
+        )
+        for c, w in (("q", "query"), ("k", "key"), ("v", "value"))
+    ),
+    *(
+        (
+            rf"^stages\.(\d+)\.blocks\.(\d+)\.token_mixer\.conv_proj_{c}\.bn\.",
+            rf"cvt.encoder.stages.\1.layers.\2.attention.attention.convolution_projection_{w}.convolution_projection.normalization.",
+        )
+        for c, w in (("q", "query"), ("k", "key"), ("v", "value"))
+    ),
+    *(
+        (
+            rf"^stages\.(\d+)\.blocks\.(\d+)\.token_mixer\.proj_{c}\.",
+            rf"cvt.encoder.stages.\1.layers.\2.attention.attention.projection_{w}.",
+        )
+        for c, w in (("q", "query"), ("k", "key"), ("v", "value"))
+    ),
     (r"^stages\.(\d+)\.blocks\.(\d+)\.token_mixer\.proj\.", r"cvt.encoder.stages.\1.layers.\2.attention.output.dense."),
     (r"^stages\.(\d+)\.blocks\.(\d+)\.channel_mixer\.fc1\.", r"cvt.encoder.stages.\1.layers.\2.intermediate.dense."),
     (r"^stages\.(\d+)\.blocks\.(\d+)\.channel_mixer\.fc2\.", r"cvt.encoder.stages.\1.layers.\2.output.dense."),

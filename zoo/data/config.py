@@ -119,24 +119,16 @@ class AugmentConfig:
             except ValueError as e:
                 raise ValueError(f"rand_augment: {e}") from None
         if not (0.0 <= self.color_jitter <= 1.0):
-            raise ValueError(
-                f"color_jitter: must be in [0, 1], got {self.color_jitter!r}"
-            )
+            raise ValueError(f"color_jitter: must be in [0, 1], got {self.color_jitter!r}")
         if self.interpolation not in INTERPOLATIONS:
-            raise ValueError(
-                f"interpolation: must be one of {INTERPOLATIONS}, got {self.interpolation!r}"
-            )
+            raise ValueError(f"interpolation: must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
         if len(self.mean) != 3 or not all(0.0 <= m <= 1.0 for m in self.mean):
-            raise ValueError(
-                f"mean: expected three values in [0, 1], got {self.mean!r}"
-            )
+            raise ValueError(f"mean: expected three values in [0, 1], got {self.mean!r}")
         if len(self.std) != 3 or not all(s > 0 for s in self.std):
             raise ValueError(f"std: expected three values > 0, got {self.std!r}")
         _check_prob("re_prob", self.re_prob)
         if self.re_mode not in RE_MODES:
-            raise ValueError(
-                f"re_mode: must be one of {RE_MODES}, got {self.re_mode!r}"
-            )
+            raise ValueError(f"re_mode: must be one of {RE_MODES}, got {self.re_mode!r}")
         if self.re_count < 1:
             raise ValueError(f"re_count: must be >= 1, got {self.re_count!r}")
         if not (0.0 < self.crop_pct <= 1.0):
@@ -146,15 +138,11 @@ class AugmentConfig:
         if self.cutmix < 0:
             raise ValueError(f"cutmix: alpha must be >= 0, got {self.cutmix!r}")
         if not (0.0 <= self.label_smoothing < 1.0):
-            raise ValueError(
-                f"label_smoothing: must be in [0, 1), got {self.label_smoothing!r}"
-            )
+            raise ValueError(f"label_smoothing: must be in [0, 1), got {self.label_smoothing!r}")
         _check_prob("mixup_prob", self.mixup_prob)
         _check_prob("mixup_switch_prob", self.mixup_switch_prob)
         if self.mixup_mode not in MIXUP_MODES:
-            raise ValueError(
-                f"mixup_mode: must be one of {MIXUP_MODES}, got {self.mixup_mode!r}"
-            )
+            raise ValueError(f"mixup_mode: must be one of {MIXUP_MODES}, got {self.mixup_mode!r}")
 
 
 @dataclass(frozen=True)
@@ -185,26 +173,16 @@ class DataConfig:
     num_workers: int | None = None
     holdout: float = 0.0
     max_bad_fraction: float = 0.01
-    max_image_pixels: int = (
-        89_478_485  # PIL's own default limit (Image.MAX_IMAGE_PIXELS)
-    )
+    max_image_pixels: int = 89_478_485  # PIL's own default limit (Image.MAX_IMAGE_PIXELS)
     repeated_aug: int = 0
 
     def validate(self) -> None:
         """Raise ``ValueError("field: message")`` for the first value out of range."""
         if not self.dataset:
-            raise ValueError(
-                "dataset: must be 'mnist5k', 'elpv', 'digits' or a folder path, got ''"
-            )
+            raise ValueError("dataset: must be 'mnist5k', 'elpv', 'digits' or a folder path, got ''")
         if not (0.0 <= self.val_fraction < 1.0):
-            raise ValueError(
-                f"val_fraction: must be in [0, 1), got {self.val_fraction!r}"
-            )
-        if (
-            not self.train_split
-            or not self.val_split
-            or self.train_split == self.val_split
-        ):
+            raise ValueError(f"val_fraction: must be in [0, 1), got {self.val_fraction!r}")
+        if not self.train_split or not self.val_split or self.train_split == self.val_split:
             raise ValueError(
                 f"train_split: train_split and val_split must be two different non-empty names, "
                 f"got {self.train_split!r} and {self.val_split!r}"
@@ -214,14 +192,8 @@ class DataConfig:
         if self.num_workers is not None and self.num_workers < 0:
             raise ValueError(f"num_workers: must be >= 0, got {self.num_workers!r}")
         if not (0.0 <= self.max_bad_fraction <= 1.0):
-            raise ValueError(
-                f"max_bad_fraction: must be in [0, 1], got {self.max_bad_fraction!r}"
-            )
+            raise ValueError(f"max_bad_fraction: must be in [0, 1], got {self.max_bad_fraction!r}")
         if self.max_image_pixels < 1:
-            raise ValueError(
-                f"max_image_pixels: must be >= 1, got {self.max_image_pixels!r}"
-            )
+            raise ValueError(f"max_image_pixels: must be >= 1, got {self.max_image_pixels!r}")
         if self.repeated_aug < 0:
-            raise ValueError(
-                f"repeated_aug: must be >= 0 (0/1 = off, 3 = DeiT), got {self.repeated_aug!r}"
-            )
+            raise ValueError(f"repeated_aug: must be >= 0 (0/1 = off, 3 = DeiT), got {self.repeated_aug!r}")

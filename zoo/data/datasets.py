@@ -58,16 +58,10 @@ class BadDataError(RuntimeError):
     """Too many unreadable files (more than `max_bad_fraction`), or none readable at all."""
 
 
-def _apply(
-    transform: Transform | None, img: np.ndarray, rng: np.random.Generator | None
-) -> torch.Tensor:
+def _apply(transform: Transform | None, img: np.ndarray, rng: np.random.Generator | None) -> torch.Tensor:
     if transform is None:
         # uint8 (H, W, C) -> float32 (C, H, W) in [0, 1]
-        return (
-            torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
-            .float()
-            .div_(255.0)
-        )
+        return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).float().div_(255.0)
     if getattr(transform, "takes_rng", False):
         return transform(img, rng)
     return transform(img)
@@ -78,9 +72,7 @@ def _resolve(
 ) -> tuple[int, np.random.Generator | None]:
     if isinstance(key, (int, np.integer)):
         return int(key), None
-    index, seed, epoch, position = (
-        key  # SampleKey, or the plain tuple a collate may have made
-    )
+    index, seed, epoch, position = key  # SampleKey, or the plain tuple a collate may have made
     return int(index), sample_rng(int(seed), int(epoch), int(position))
 
 
@@ -91,22 +83,13 @@ class _Base(Dataset):
 
     def class_counts(self) -> dict[str, int]:
         """Number of samples of each class, in class order."""
-        counts = (
-            np.bincount(self.targets, minlength=len(self.classes))
-            if len(self.targets)
-            else np.zeros(0, int)
-        )
-        return {
-            c: int(counts[i]) if i < len(counts) else 0
-            for i, c in enumerate(self.classes)
-        }
+        counts = np.bincount(self.targets, minlength=len(self.classes)) if len(self.targets) else np.zeros(0, int)
+        return {c: int(counts[i]) if i < len(counts) else 0 for i, c in enumerate(self.classes)}
 
     def describe(self) -> str:
         """One line: the dataset, its size, and each class with its count."""
         counts = ", ".join(f"{c}: {k}" for c, k in self.class_counts().items())
-        return (
-            f"{self.name}: {len(self)} images, {len(self.classes)} classes ({counts})"
-        )
+        return f"{self.name}: {len(self)} images, {len(self.classes)} classes ({counts})"
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -146,9 +129,7 @@ class ArrayDataset(_Base):
         name: str,
     ) -> None:
         if images.ndim != 4 or images.shape[3] != 3 or images.dtype != np.uint8:
-            raise ValueError(
-                f"{name}: images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}"
-            )
+            raise ValueError(f"{name}: images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
         if len(images) != len(targets):
             raise ValueError(f"{name}: {len(images)} images but {len(targets)} labels")
         self.images, self.targets = images, np.asarray(targets, dtype=np.int64)
@@ -196,9 +177,7 @@ class ImageFolderDataset(_Base):
             RuntimeError,
             OSError,
         ):  # no shared memory: each process keeps its own record
-            logger.warning(
-                "%s: no shared memory; bad files are counted per process", name
-            )
+            logger.warning("%s: no shared memory; bad files are counted per process", name)
         self._bad_np = self._bad.numpy()
 
     def __getstate__(self) -> dict:
@@ -228,17 +207,13 @@ class ImageFolderDataset(_Base):
                 self._record_bad(i, e)
                 continue
             return _apply(self.transform, img, rng), int(self.targets[i])
-        raise BadDataError(
-            f"{self.name}: none of the {n} files is a readable image; {self._first_bad_text()}"
-        )
+        raise BadDataError(f"{self.name}: none of the {n} files is a readable image; {self._first_bad_text()}")
 
     def _record_bad(self, index: int, err: BadImageError) -> None:
         if self._bad_np[index]:
             return
         self._bad_np[index] = err.code
-        logger.warning(
-            "%s: skipping bad image %s: %s", self.name, self.paths[index], err.reason
-        )
+        logger.warning("%s: skipping bad image %s: %s", self.name, self.paths[index], err.reason)
         count = int(np.count_nonzero(self._bad_np))
         if count > self.max_bad_fraction * len(self.paths):
             raise BadDataError(
@@ -255,19 +230,14 @@ class ImageFolderDataset(_Base):
 
     def bad_files(self) -> list[tuple[str, str]]:
         """(path, reason) of every bad file found so far, by any process, in dataset order."""
-        return [
-            (self.paths[i], REASONS[int(self._bad_np[i])])
-            for i in np.flatnonzero(self._bad_np)
-        ]
+        return [(self.paths[i], REASONS[int(self._bad_np[i])]) for i in np.flatnonzero(self._bad_np)]
 
     def bad_summary(self) -> str:
         """A human-readable summary of the bad files found so far (count, then one a line)."""
         found = self.bad_files()
         if not found:
             return f"{self.name}: no bad files"
-        lines = [
-            f"{self.name}: {len(found)} bad image files of {len(self.paths)} skipped:"
-        ]
+        lines = [f"{self.name}: {len(found)} bad image files of {len(self.paths)} skipped:"]
         lines += [f"  {p}: {r}" for p, r in found]
         return "\n".join(lines)
 
@@ -277,9 +247,7 @@ class ImageFolderDataset(_Base):
 # ----------------------------------------------------------------------------------------------
 
 
-def _stratified_split(
-    targets: np.ndarray, fraction: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
+def _stratified_split(targets: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Seeded split of indices, `fraction` of each class (rounded) to val; both sorted."""
     rng = np.random.default_rng(seed)
     train, val = [], []
@@ -326,8 +294,10 @@ def load_mnist5k(split: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray, lis
 ELPV_SIZE = 64
 ELPV_CLASSES = ["0.00", "0.33", "0.67", "1.00"]
 ELPV_VAL_FRACTION = 0.25
-ELPV_MISSING = ("dataset: 'elpv' needs the images inside the elpv-dataset package, which is not installed: "
-                'pip install -e ".[elpv]" (or pip install elpv-dataset)')
+ELPV_MISSING = (
+    "dataset: 'elpv' needs the images inside the elpv-dataset package, which is not installed: "
+    'pip install -e ".[elpv]" (or pip install elpv-dataset)'
+)
 
 
 @functools.cache
@@ -343,15 +313,22 @@ def _elpv_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     try:
         images, probs, types = load_dataset()  # the package's own PNGs and labels.csv
     except OSError as e:  # a damaged install: a PNG or labels.csv missing or unreadable
-        raise FileNotFoundError(f"dataset: elpv-dataset is installed but its images cannot be read ({e}); "
-                                f"reinstall it: pip install --force-reinstall elpv-dataset") from None
+        raise FileNotFoundError(
+            f"dataset: elpv-dataset is installed but its images cannot be read ({e}); "
+            f"reinstall it: pip install --force-reinstall elpv-dataset"
+        ) from None
     grades = np.rint(np.asarray(probs, dtype=np.float64) * 3).astype(np.int64)
-    if images.ndim != 3 or images.dtype != np.uint8 or len(images) != len(grades) or not (
-        np.allclose(probs, grades / 3) and set(np.unique(grades)) <= {0, 1, 2, 3}
+    if (
+        images.ndim != 3
+        or images.dtype != np.uint8
+        or len(images) != len(grades)
+        or not (np.allclose(probs, grades / 3) and set(np.unique(grades)) <= {0, 1, 2, 3})
     ):
-        raise ValueError(f"dataset: elpv-dataset returned {images.dtype} {images.shape} images and defect "
-                         f"probabilities {sorted(set(np.round(probs, 3)))}; expected (N, H, W) uint8 grayscale "
-                         f"images and probabilities 0, 1/3, 2/3, 1")
+        raise ValueError(
+            f"dataset: elpv-dataset returned {images.dtype} {images.shape} images and defect "
+            f"probabilities {sorted(set(np.round(probs, 3)))}; expected (N, H, W) uint8 grayscale "
+            f"images and probabilities 0, 1/3, 2/3, 1"
+        )
     # INTER_AREA averages each 4.7 x 4.7 block: thin cracks stay visible at 64 (mostly not at 32)
     small = np.stack([cv2.resize(im, (ELPV_SIZE, ELPV_SIZE), interpolation=cv2.INTER_AREA) for im in images])
     poly = (np.asarray(types) == "poly").astype(np.int64)
@@ -373,9 +350,7 @@ def load_elpv(split: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[s
     return _gray_to_rgb(images[idx]), grades[idx], list(ELPV_CLASSES)
 
 
-def load_digits(
-    split: str, val_fraction: float, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def load_digits(split: str, val_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """scikit-learn's 8x8 digits (1,797; values 0-16 scaled to 0-255), three channels, seeded
     stratified split."""
     from sklearn.datasets import load_digits as sk_digits
@@ -395,25 +370,27 @@ class CifarPickleError(ValueError):
 
 # What a CIFAR batch (a dict of bytes keys -> numpy arrays, lists of ints or bytes) needs to be
 # rebuilt; anything else in a pickle's global table is refused before it is imported or called.
-_CIFAR_ALLOWED = frozenset({
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "scalar"),
-    ("numpy.core.numeric", "_frombuffer"),  # protocol-5 pickles of arrays
-    ("numpy._core.numeric", "_frombuffer"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("builtins", "dict"),
-    ("builtins", "list"),
-    ("builtins", "tuple"),
-    ("builtins", "bytes"),
-    ("builtins", "bytearray"),
-    ("builtins", "str"),
-    ("builtins", "int"),
-    ("builtins", "float"),
-    ("_codecs", "encode"),  # protocol-2 pickles of bytes under python 3
-})
+_CIFAR_ALLOWED = frozenset(
+    {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"),  # protocol-5 pickles of arrays
+        ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("builtins", "dict"),
+        ("builtins", "list"),
+        ("builtins", "tuple"),
+        ("builtins", "bytes"),
+        ("builtins", "bytearray"),
+        ("builtins", "str"),
+        ("builtins", "int"),
+        ("builtins", "float"),
+        ("_codecs", "encode"),  # protocol-2 pickles of bytes under python 3
+    }
+)
 
 
 class _CifarUnpickler(pickle.Unpickler):
@@ -426,15 +403,15 @@ class _CifarUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str):
         if (module, name) not in _CIFAR_ALLOWED:
-            raise CifarPickleError(f"{self._path}: refusing to unpickle {module}.{name} "
-                                   f"(a CIFAR batch holds only numpy arrays, lists and dicts)")
+            raise CifarPickleError(
+                f"{self._path}: refusing to unpickle {module}.{name} "
+                f"(a CIFAR batch holds only numpy arrays, lists and dicts)"
+            )
         return super().find_class(module, name)
 
 
 def _is_cifar_dir(root: Path) -> bool:
-    return (root / "data_batch_1").is_file() or (
-        (root / "train").is_file() and (root / "test").is_file()
-    )
+    return (root / "data_batch_1").is_file() or ((root / "train").is_file() and (root / "test").is_file())
 
 
 def load_cifar(root: Path, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -449,15 +426,11 @@ def load_cifar(root: Path, split: str) -> tuple[np.ndarray, np.ndarray, list[str
                 return _CifarUnpickler(f, path).load()
             except CifarPickleError:
                 raise
-            except Exception as e:  # noqa: BLE001 - a truncated or corrupt pickle
+            except Exception as e:
                 raise CifarPickleError(f"{path}: not a readable CIFAR batch ({type(e).__name__}: {e})") from None
 
     if (root / "data_batch_1").is_file():
-        files = (
-            sorted(root.glob("data_batch_*"))
-            if split == "train"
-            else [root / "test_batch"]
-        )
+        files = sorted(root.glob("data_batch_*")) if split == "train" else [root / "test_batch"]
         label_key, meta_file, names_key = (
             b"labels",
             root / "batches.meta",
@@ -477,23 +450,16 @@ def load_cifar(root: Path, split: str) -> tuple[np.ndarray, np.ndarray, list[str
     data = np.concatenate([np.asarray(b[b"data"], dtype=np.uint8) for b in batches])
     # (N, 3072) rows of R, G, B planes -> (N, 3, 32, 32) -> (N, 32, 32, 3)
     images = np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-    targets = np.concatenate(
-        [np.asarray(b[label_key], dtype=np.int64) for b in batches]
-    )
+    targets = np.concatenate([np.asarray(b[label_key], dtype=np.int64) for b in batches])
     if meta_file.is_file():
-        classes = [
-            n.decode() if isinstance(n, bytes) else str(n)
-            for n in read(meta_file)[names_key]
-        ]
+        classes = [n.decode() if isinstance(n, bytes) else str(n) for n in read(meta_file)[names_key]]
     else:
         classes = [str(i) for i in range(int(targets.max()) + 1)]
     return images, targets, classes
 
 
 def _class_dirs(folder: Path) -> list[str]:
-    return sorted(
-        p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")
-    )
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
 def _folder_samples(folder: Path, classes: list[str]) -> list[tuple[str, int]]:
@@ -501,16 +467,12 @@ def _folder_samples(folder: Path, classes: list[str]) -> list[tuple[str, int]]:
     samples = []
     for c in _class_dirs(folder):
         if c not in index:
-            raise ValueError(
-                f"{folder}: class folder {c!r} is not among the training classes {classes}"
-            )
+            raise ValueError(f"{folder}: class folder {c!r} is not among the training classes {classes}")
         samples += [(p, index[c]) for p in find_images(folder / c)]
     return samples
 
 
-def _image_folder(
-    cfg: DataConfig, root: Path, split: str, transform: Transform | None
-) -> ImageFolderDataset:
+def _image_folder(cfg: DataConfig, root: Path, split: str, transform: Transform | None) -> ImageFolderDataset:
     train_dir, val_dir = root / cfg.train_split, root / cfg.val_split
     if train_dir.is_dir() and val_dir.is_dir():
         classes = _class_dirs(train_dir)
@@ -521,19 +483,13 @@ def _image_folder(
         classes = _class_dirs(base)
         every = _folder_samples(base, classes)
         targets = np.asarray([t for _, t in every], dtype=np.int64)
-        train_idx, val_idx = _stratified_split(
-            targets, cfg.val_fraction, cfg.split_seed
-        )
+        train_idx, val_idx = _stratified_split(targets, cfg.val_fraction, cfg.split_seed)
         samples = [every[i] for i in (train_idx if split == "train" else val_idx)]
         source = f"{base} ({split} part of a seeded split, val_fraction={cfg.val_fraction}, seed={cfg.split_seed})"
     if not classes:
-        raise ValueError(
-            f"{root}: no class folders (expected ImageNet layout: one folder a class)"
-        )
+        raise ValueError(f"{root}: no class folders (expected ImageNet layout: one folder a class)")
     if split == "train" and not samples:
-        raise ValueError(
-            f"{source}: no image files (extensions {', '.join(IMG_EXTENSIONS)})"
-        )
+        raise ValueError(f"{source}: no image files (extensions {', '.join(IMG_EXTENSIONS)})")
     return ImageFolderDataset(
         samples,
         classes,
@@ -544,9 +500,7 @@ def _image_folder(
     )
 
 
-def create_dataset(
-    cfg: DataConfig, split: str, transform: Transform | None
-) -> ImageFolderDataset | ArrayDataset:
+def create_dataset(cfg: DataConfig, split: str, transform: Transform | None) -> ImageFolderDataset | ArrayDataset:
     """The `split` ("train" or "val") of the dataset `cfg.dataset` names, with `transform`
     (e.g. `zoo.data.create_transform(aug, is_training=split == "train")`) applied to each uint8
     HWC RGB image. Logs the class names and counts at INFO level (`describe()` gives them)."""
@@ -556,9 +510,13 @@ def create_dataset(
     if cfg.holdout > 0:  # both splits come from the training images; the own val is never read
         full = _create(cfg, "train", transform)
         rest, held = _stratified_split(np.asarray(full.targets), cfg.holdout, cfg.split_seed)
-        ds: _Base = Subset(full, rest if split == "train" else held,
-                           f"{full.name} less a {cfg.holdout:g} holdout" if split == "train"
-                           else f"{full.name}, {cfg.holdout:g} holdout")
+        ds: _Base = Subset(
+            full,
+            rest if split == "train" else held,
+            f"{full.name} less a {cfg.holdout:g} holdout"
+            if split == "train"
+            else f"{full.name}, {cfg.holdout:g} holdout",
+        )
     else:
         ds = _create(cfg, split, transform)
     logger.info("%s", ds.describe())
@@ -585,9 +543,7 @@ def _create(cfg: DataConfig, split: str, transform: Transform | None) -> ImageFo
                 f"dataset: {cfg.dataset!r} is neither 'mnist5k', 'elpv', 'digits' nor an existing folder"
             )
         if _is_cifar_dir(root):
-            ds = ArrayDataset(
-                *load_cifar(root, split), transform, name=f"{root}/{split}"
-            )
+            ds = ArrayDataset(*load_cifar(root, split), transform, name=f"{root}/{split}")
         else:
             ds = _image_folder(cfg, root, split, transform)
     return ds

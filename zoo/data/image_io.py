@@ -31,7 +31,7 @@ DEFAULT_MAX_PIXELS = 89_478_485  # PIL's Image.MAX_IMAGE_PIXELS default
 # formats only OpenCV reads (PIL's header check covers the rest). Set before cv2 decodes anything.
 os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(DEFAULT_MAX_PIXELS))
 
-import cv2
+import cv2  # noqa: E402 (after the environment variable it reads at import)
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -71,11 +71,7 @@ class BadImageError(Exception):
 
     def __init__(self, code: int, detail: str, path: str = "") -> None:
         self.code, self.detail, self.path = code, detail, path
-        super().__init__(
-            f"{path}: {REASONS[code]}: {detail}"
-            if path
-            else f"{REASONS[code]}: {detail}"
-        )
+        super().__init__(f"{path}: {REASONS[code]}: {detail}" if path else f"{REASONS[code]}: {detail}")
 
     @property
     def reason(self) -> str:
@@ -118,19 +114,11 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
         # 16-bit (or 32-bit int) grey: PIL's convert("RGB") would clip to 255; keep the high byte.
         a = np.asarray(im)
         a = np.asarray(a, dtype=np.int64)
-        a = (
-            (np.clip(a, 0, 65535) >> 8)
-            if (mode != "I" or a.max(initial=0) > 255)
-            else np.clip(a, 0, 255)
-        )
+        a = (np.clip(a, 0, 65535) >> 8) if (mode != "I" or a.max(initial=0) > 255) else np.clip(a, 0, 255)
         # (H, W) -> (H, W, 3)
         arr = np.repeat(a.astype(np.uint8)[:, :, None], 3, axis=2)
     elif mode == "F":
-        a = (
-            np.clip(np.nan_to_num(np.asarray(im, dtype=np.float32)), 0, 255)
-            .round()
-            .astype(np.uint8)
-        )
+        a = np.clip(np.nan_to_num(np.asarray(im, dtype=np.float32)), 0, 255).round().astype(np.uint8)
         arr = np.repeat(a[:, :, None], 3, axis=2)  # (H, W) -> (H, W, 3)
     elif mode in ("P", "PA") and "transparency" in im.info:
         # via RGBA: PIL warns when a palette image with transparency goes straight to RGB
@@ -159,17 +147,13 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
         # OPENCV_IO_MAX_IMAGE_PIXELS; the size check below catches the rest.
         arr = cv2.imdecode(buf, _CV2_FLAGS)
         if arr is None:
-            raise BadImageError(
-                NOT_IMAGE, f"{len(data)} bytes, starting {data[:8]!r}"
-            ) from None
+            raise BadImageError(NOT_IMAGE, f"{len(data)} bytes, starting {data[:8]!r}") from None
         if arr.shape[0] * arr.shape[1] > max_pixels:
-            raise BadImageError(
-                TOO_LARGE, f"{arr.shape[1]}x{arr.shape[0]} > {max_pixels} pixels"
-            ) from None
+            raise BadImageError(TOO_LARGE, f"{arr.shape[1]}x{arr.shape[0]} > {max_pixels} pixels") from None
         if arr.dtype != np.uint8:  # e.g. 16-bit / float formats OpenCV decodes as such
             raise BadImageError(UNSUPPORTED, f"OpenCV decoded {arr.dtype}") from None
         return arr
-    except Exception as e:  # noqa: BLE001 - a known format, a broken header: any parser error
+    except Exception as e:
         raise BadImageError(CORRUPT, f"header: {type(e).__name__}: {e}") from None
     width, height = im.size
     if width < 1 or height < 1:
@@ -179,18 +163,9 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
             TOO_LARGE,
             f"header says {width}x{height} = {width * height} > {max_pixels} pixels",
         )
-    if (
-        im.format in _CV2_FORMATS
-        and im.mode in _CV2_MODES
-        and _looks_complete(im.format, data)
-    ):
+    if im.format in _CV2_FORMATS and im.mode in _CV2_MODES and _looks_complete(im.format, data):
         arr = cv2.imdecode(buf, _CV2_FLAGS)
-        if (
-            arr is not None
-            and arr.shape[:2] == (height, width)
-            and arr.dtype == np.uint8
-            and arr.ndim == 3
-        ):
+        if arr is not None and arr.shape[:2] == (height, width) and arr.dtype == np.uint8 and arr.ndim == 3:
             return arr
     try:
         im.load()  # full decode; raises on truncated data (ImageFile.LOAD_TRUNCATED_IMAGES is False)
@@ -199,23 +174,19 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
         raise
     except Image.DecompressionBombError as e:
         raise BadImageError(TOO_LARGE, str(e)) from None
-    except Exception as e:  # noqa: BLE001 - PIL's decoders raise OSError, SyntaxError,
+    except Exception as e:
         # ValueError, struct.error, EOFError, IndexError, ...: each makes the file a bad file
         raise BadImageError(CORRUPT, f"{type(e).__name__}: {e}") from None
 
 
-def load_image(
-    path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS
-) -> np.ndarray:
+def load_image(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Read and decode an image file to a uint8 (H, W, 3) RGB array, or raise `BadImageError`
     (with `.path` set) naming why it cannot be used."""
     path = os.fspath(path)
     try:
         data = Path(path).read_bytes()
     except OSError as e:
-        raise BadImageError(
-            UNREADABLE, f"{type(e).__name__}: {e.strerror or e}", path
-        ) from None
+        raise BadImageError(UNREADABLE, f"{type(e).__name__}: {e.strerror or e}", path) from None
     try:
         return decode_image(data, max_pixels=max_pixels)
     except BadImageError as e:

@@ -34,9 +34,7 @@ class ZooDataLoader(DataLoader):
             shutdown = getattr(it, "_shutdown_workers", None)
             if shutdown is not None:
                 shutdown()
-                self._iterator = (
-                    None  # persistent workers: start fresh ones if iterated again
-                )
+                self._iterator = None  # persistent workers: start fresh ones if iterated again
             raise
 
 

@@ -16,9 +16,7 @@ class ZooMixup(Mixup):
     with sample n-1-i); here an odd batch mixes its first n-1 samples and keeps the last one
     unmixed (label-smoothed one-hot target). Randomness is timm's: numpy's global generator."""
 
-    def __call__(
-        self, x: torch.Tensor, target: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mix a (B, C, H, W) batch in place; returns it with (B, num_classes) soft targets."""
         if len(x) % 2 == 0:
             return super().__call__(x, target)

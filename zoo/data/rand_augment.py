@@ -47,9 +47,7 @@ __all__ = [
     "parse_rand_augment",
 ]
 
-LEVEL_DENOM = (
-    10.0  # timm's _LEVEL_DENOM: magnitude 10 is the maximum of each op's range
-)
+LEVEL_DENOM = 10.0  # timm's _LEVEL_DENOM: magnitude 10 is the maximum of each op's range
 DEFAULT_FILL = (128, 128, 128)  # timm's _FILL when no image mean is given
 
 # timm.data.auto_augment._RAND_TRANSFORMS / _RAND_INCREASING_TRANSFORMS / _RAND_3A / weights.
@@ -137,35 +135,23 @@ _LEVEL_FNS: dict[str, Callable[[float, bool, OpParams], tuple]] = {
     "SharpnessIncreasing": lambda lv, ng, hp: (_enhance_increasing(lv, ng),),
     "ShearX": lambda lv, ng, hp: (_signed(lv / LEVEL_DENOM * 0.3, ng),),
     "ShearY": lambda lv, ng, hp: (_signed(lv / LEVEL_DENOM * 0.3, ng),),
-    "TranslateX": lambda lv, ng, hp: (
-        _signed(lv / LEVEL_DENOM * float(hp.translate_const), ng),
-    ),
-    "TranslateY": lambda lv, ng, hp: (
-        _signed(lv / LEVEL_DENOM * float(hp.translate_const), ng),
-    ),
-    "TranslateXRel": lambda lv, ng, hp: (
-        _signed(lv / LEVEL_DENOM * hp.translate_pct, ng),
-    ),
-    "TranslateYRel": lambda lv, ng, hp: (
-        _signed(lv / LEVEL_DENOM * hp.translate_pct, ng),
-    ),
+    "TranslateX": lambda lv, ng, hp: (_signed(lv / LEVEL_DENOM * float(hp.translate_const), ng),),
+    "TranslateY": lambda lv, ng, hp: (_signed(lv / LEVEL_DENOM * float(hp.translate_const), ng),),
+    "TranslateXRel": lambda lv, ng, hp: (_signed(lv / LEVEL_DENOM * hp.translate_pct, ng),),
+    "TranslateYRel": lambda lv, ng, hp: (_signed(lv / LEVEL_DENOM * hp.translate_pct, ng),),
     "Desaturate": lambda lv, ng, hp: (_minmax(lv, 0.5, 1.0),),
     "GaussianBlur": lambda lv, ng, hp: (_minmax(lv, 0.1, 2.0),),
 }
 
 
-def level_to_args(
-    name: str, magnitude: float, negate: bool, params: OpParams = OpParams()
-) -> tuple:
+def level_to_args(name: str, magnitude: float, negate: bool, params: OpParams = OpParams()) -> tuple:
     """Arguments of op `name` at `magnitude` (0-10 scale), as timm's LEVEL_TO_ARG computes them;
     `negate` is the outcome of timm's random sign draw (`random.random() > 0.5`) for the ops that
     make one (Rotate, Shear*, Translate*, *Increasing enhancements), ignored by the others."""
     try:
         fn = _LEVEL_FNS[name]
     except KeyError:
-        raise ValueError(
-            f"unknown RandAugment op {name!r}; known: {sorted(_LEVEL_FNS)}"
-        ) from None
+        raise ValueError(f"unknown RandAugment op {name!r}; known: {sorted(_LEVEL_FNS)}") from None
     return fn(magnitude, negate, params)
 
 
@@ -191,10 +177,7 @@ def _per_channel_lut(img: np.ndarray, luts: list[np.ndarray]) -> np.ndarray:
 
 
 def _channel_hists(img: np.ndarray) -> list[np.ndarray]:
-    return [
-        cv2.calcHist([img], [c], None, [256], (0, 256)).ravel()
-        for c in range(img.shape[2])
-    ]
+    return [cv2.calcHist([img], [c], None, [256], (0, 256)).ravel() for c in range(img.shape[2])]
 
 
 def _blend_lut(degenerate: float, factor: float) -> np.ndarray:
@@ -205,30 +188,22 @@ def _blend_lut(degenerate: float, factor: float) -> np.ndarray:
     return np.clip(np.trunc(values), 0, 255).astype(np.uint8)
 
 
-def auto_contrast(
-    img: np.ndarray, fill: tuple = DEFAULT_FILL, interp: int = cv2.INTER_CUBIC
-) -> np.ndarray:
+def auto_contrast(img: np.ndarray, fill: tuple = DEFAULT_FILL, interp: int = cv2.INTER_CUBIC) -> np.ndarray:
     """PIL `ImageOps.autocontrast(img)` (cutoff 0): stretch each channel's [min, max] to [0, 255].
     Own LUT: albumentations' `auto_contrast(method="pil")` rounds where PIL truncates."""
     luts = []
     for c in range(img.shape[2]):
-        lo, hi, _, _ = cv2.minMaxLoc(
-            img[:, :, c] if img.shape[2] == 1 else cv2.extractChannel(img, c)
-        )
+        lo, hi, _, _ = cv2.minMaxLoc(img[:, :, c] if img.shape[2] == 1 else cv2.extractChannel(img, c))
         if hi <= lo:
             luts.append(_IDENTITY_LUT)
             continue
         scale = 255.0 / (hi - lo)
         offset = -lo * scale
-        luts.append(
-            np.clip(np.trunc(np.arange(256) * scale + offset), 0, 255).astype(np.uint8)
-        )
+        luts.append(np.clip(np.trunc(np.arange(256) * scale + offset), 0, 255).astype(np.uint8))
     return _per_channel_lut(img, luts)
 
 
-def equalize(
-    img: np.ndarray, fill: tuple = DEFAULT_FILL, interp: int = cv2.INTER_CUBIC
-) -> np.ndarray:
+def equalize(img: np.ndarray, fill: tuple = DEFAULT_FILL, interp: int = cv2.INTER_CUBIC) -> np.ndarray:
     """PIL `ImageOps.equalize(img)`, per channel. Own LUT: albumentations' `equalize(mode="pil")`
     indexes the cumulative histogram one bin later than PIL does."""
     luts = []
@@ -247,9 +222,7 @@ def equalize(
     return _per_channel_lut(img, luts)
 
 
-def invert(
-    img: np.ndarray, fill: tuple = DEFAULT_FILL, interp: int = cv2.INTER_CUBIC
-) -> np.ndarray:
+def invert(img: np.ndarray, fill: tuple = DEFAULT_FILL, interp: int = cv2.INTER_CUBIC) -> np.ndarray:
     """PIL `ImageOps.invert`: 255 - x (albumentations)."""
     return fpixel.invert(img)
 
@@ -278,9 +251,7 @@ def solarize(
 ) -> np.ndarray:
     """PIL `ImageOps.solarize(img, thresh)`: x >= thresh -> 255 - x. Own LUT: albumentations'
     `solarize` takes a threshold in [0, 1] and compares with `thresh / 255 * 255` in floats."""
-    lut = np.where(_IDENTITY_LUT < thresh, _IDENTITY_LUT, 255 - _IDENTITY_LUT).astype(
-        np.uint8
-    )
+    lut = np.where(_IDENTITY_LUT < thresh, _IDENTITY_LUT, 255 - _IDENTITY_LUT).astype(np.uint8)
     return _lut(img, lut)
 
 
@@ -440,17 +411,15 @@ def _cubic_weights(f: float, a: float = -1.0) -> np.ndarray:
     return np.where(d <= 1.0, near, far).astype(np.float32)
 
 
-def _translate(
-    img: np.ndarray, pixels: float, axis: int, fill: tuple, interp: int
-) -> np.ndarray:
+def _translate(img: np.ndarray, pixels: float, axis: int, fill: tuple, interp: int) -> np.ndarray:
     """Content moves by -`pixels` along `axis` (1 = x, 0 = y): out[i] = in[i + pixels],
     interpolated along that axis only, `fill` where the sample point falls outside the image.
 
     A translation is separable, so instead of a 2-D warp (OpenCV's cubic remap is scalar code and
     costs ~3x its bilinear one) this is one 4-tap (bicubic) or 2-tap (bilinear) 1-D filter on the
     whole image and a shift by the integer part; the taps are PIL's affine bicubic kernel, so it
-    also matches timm to +-1 level where `warpAffine` differs by its kernel. PIL samples the input at i + pixels (pixel-index
-    coordinates, centres at integers), clamps the taps to the image (edge replication) and fills
+    also matches timm to +-1 level where `warpAffine` differs by its kernel. PIL samples the input at
+    i + pixels (pixel-index coordinates, centres at integers), clamps the taps to the image (edge replication) and fills
     where that point lies outside [-0.5, size - 0.5)."""
     size = img.shape[axis]
     base = math.floor(pixels)
@@ -482,9 +451,7 @@ def _translate(
         # (1, k) along x, (k, 1) along y
         kernel = taps.reshape(1, -1) if axis == 1 else taps.reshape(-1, 1)
         point = (anchor, 0) if axis == 1 else (0, anchor)
-        src = cv2.filter2D(
-            src, -1, kernel, anchor=point, borderType=cv2.BORDER_REPLICATE
-        )
+        src = cv2.filter2D(src, -1, kernel, anchor=point, borderType=cv2.BORDER_REPLICATE)
     a, b = lo + base + pad, hi + base + pad
     if axis == 1:
         out[:, lo:hi] = src[:, a:b]
@@ -600,9 +567,7 @@ def parse_rand_augment(config_str: str) -> RandAugmentSpec:
     Unlike timm, an unknown section is an error, not silently ignored."""
     parts = config_str.split("-")
     if parts[0] != "rand":
-        raise ValueError(
-            f"RandAugment config must start with 'rand', got {config_str!r}"
-        )
+        raise ValueError(f"RandAugment config must start with 'rand', got {config_str!r}")
     magnitude, num_layers, prob, mstd, mmax, increasing, choice = (
         LEVEL_DENOM,
         2,
@@ -616,15 +581,11 @@ def parse_rand_augment(config_str: str) -> RandAugmentSpec:
         if section.startswith("t"):
             choice = section[1:]
             if choice not in ("weights", "3a", "3aw"):
-                raise ValueError(
-                    f"unknown RandAugment op set {section!r} in {config_str!r}"
-                )
+                raise ValueError(f"unknown RandAugment op set {section!r} in {config_str!r}")
             continue
         split = re.split(r"(\d.*)", section)
         if len(split) < 2:
-            raise ValueError(
-                f"RandAugment section {section!r} of {config_str!r} has no value"
-            )
+            raise ValueError(f"RandAugment section {section!r} of {config_str!r} has no value")
         key, val = split[:2]
         try:
             if key == "mstd":
@@ -642,15 +603,11 @@ def parse_rand_augment(config_str: str) -> RandAugmentSpec:
             elif key == "p":
                 prob = float(val)
             else:
-                raise ValueError(
-                    f"unknown RandAugment section {section!r} in {config_str!r}"
-                )
+                raise ValueError(f"unknown RandAugment section {section!r} in {config_str!r}")
         except ValueError as e:
             if "unknown" in str(e):
                 raise
-            raise ValueError(
-                f"bad value in RandAugment section {section!r} of {config_str!r}"
-            ) from None
+            raise ValueError(f"bad value in RandAugment section {section!r} of {config_str!r}") from None
     if num_layers < 0 or not (0.0 <= prob <= 1.0) or magnitude < 0 or mstd < 0:
         raise ValueError(f"RandAugment values out of range in {config_str!r}")
     weights = None
@@ -660,9 +617,7 @@ def parse_rand_augment(config_str: str) -> RandAugmentSpec:
         total = float(sum(table.values()))
         weights = tuple(v / total for v in table.values())
         if num_layers > len(ops):
-            raise ValueError(
-                f"weighted RandAugment draws without replacement; n={num_layers} > {len(ops)} ops"
-            )
+            raise ValueError(f"weighted RandAugment draws without replacement; n={num_layers} > {len(ops)} ops")
     elif choice == "3a":
         ops = RAND_3A
     else:
@@ -673,9 +628,7 @@ def parse_rand_augment(config_str: str) -> RandAugmentSpec:
         num_layers=num_layers,
         magnitude=float(magnitude),
         magnitude_std=mstd,
-        magnitude_max=float(
-            mmax or LEVEL_DENOM
-        ),  # timm: `self.magnitude_max or _LEVEL_DENOM`
+        magnitude_max=float(mmax or LEVEL_DENOM),  # timm: `self.magnitude_max or _LEVEL_DENOM`
         prob=prob,
     )
 
@@ -702,9 +655,7 @@ class RandAugment:
         if interpolation != "random" and interpolation not in INTERP_CV2:
             raise ValueError(f"interpolation: unknown {interpolation!r}")
         self.interp = None if interpolation == "random" else INTERP_CV2[interpolation]
-        self._weights = (
-            None if self.spec.weights is None else np.asarray(self.spec.weights)
-        )
+        self._weights = None if self.spec.weights is None else np.asarray(self.spec.weights)
 
     def sample_magnitude(self, rng: np.random.Generator) -> float:
         """One op's magnitude, as timm's AugmentOp draws it."""
@@ -723,20 +674,14 @@ class RandAugment:
         if self._weights is None:
             chosen = rng.integers(0, n_ops, size=s.num_layers)
         else:
-            chosen = rng.choice(
-                n_ops, size=s.num_layers, replace=False, p=self._weights
-            )
+            chosen = rng.choice(n_ops, size=s.num_layers, replace=False, p=self._weights)
         for i in chosen:
             if s.prob < 1.0 and rng.random() > s.prob:
                 continue
             name = s.ops[i]
             magnitude = self.sample_magnitude(rng)
             args = level_to_args(name, magnitude, bool(rng.random() > 0.5), self.params)
-            interp = (
-                self.interp
-                if self.interp is not None
-                else RANDOM_INTERP[int(rng.integers(0, 2))]
-            )
+            interp = self.interp if self.interp is not None else RANDOM_INTERP[int(rng.integers(0, 2))]
             img = OPS[name](img, *args, fill=self.fill, interp=interp)
         return img
 

@@ -51,17 +51,11 @@ def sample_rng(seed: int, epoch: int, position: int) -> np.random.Generator:
     return np.random.default_rng((seed & _SEED_MASK, epoch, position))
 
 
-def epoch_order(
-    n: int, *, seed: int, epoch: int, shuffle: bool, repeats: int = 0
-) -> np.ndarray:
+def epoch_order(n: int, *, seed: int, epoch: int, shuffle: bool, repeats: int = 0) -> np.ndarray:
     """The global (1-process) order of dataset indices for one epoch, length n."""
     if n == 0:
         return np.zeros(0, dtype=np.int64)
-    order = (
-        np.random.default_rng((seed & _SEED_MASK, epoch)).permutation(n)
-        if shuffle
-        else np.arange(n)
-    )
+    order = np.random.default_rng((seed & _SEED_MASK, epoch)).permutation(n) if shuffle else np.arange(n)
     if repeats > 1:
         # each index `repeats` times in a row; the epoch stays n long
         order = np.repeat(order, repeats)[:n]

@@ -56,9 +56,7 @@ def _check(path: str, max_pixels: int) -> BadFile | None:
     return None
 
 
-def scan_folder(
-    path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, jobs: int = 1
-) -> ScanReport:
+def scan_folder(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, jobs: int = 1) -> ScanReport:
     """Decode every image file under `path` (recursive) and report the bad ones. `jobs` > 1
     decodes in threads (the decoders release the GIL)."""
     root = Path(path)
@@ -70,16 +68,12 @@ def scan_folder(
             results = list(pool.map(lambda p: _check(p, max_pixels), files))
     else:
         results = [_check(p, max_pixels) for p in files]
-    return ScanReport(
-        root=str(root), total=len(files), bad=[r for r in results if r is not None]
-    )
+    return ScanReport(root=str(root), total=len(files), bad=[r for r in results if r is not None])
 
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit code (0 clean, 1 bad files found, 2 usage error)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m zoo.data.scan", description=__doc__.split("\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m zoo.data.scan", description=__doc__.split("\n")[0])
     parser.add_argument("folder", help="folder to scan (recursively)")
     parser.add_argument(
         "--max-pixels",

@@ -73,9 +73,7 @@ def _resize(img: np.ndarray, width: int, height: int, interpolation: str) -> np.
         # its fast exact-integer path; it averages k x k blocks.
         dh, dw = h % k, w % k
         img = img[dh // 2 : h - (dh - dh // 2), dw // 2 : w - (dw - dw // 2)]
-        img = fgeometric.resize(
-            img, (img.shape[0] // k, img.shape[1] // k), cv2.INTER_AREA
-        )
+        img = fgeometric.resize(img, (img.shape[0] // k, img.shape[1] // k), cv2.INTER_AREA)
     return fgeometric.resize(img, (height, width), flag)
 
 
@@ -193,9 +191,7 @@ class RandomErasing:
                 if w < img_w and h < img_h:
                     top = int(rng.integers(0, img_h - h + 1))
                     left = int(rng.integers(0, img_w - w + 1))
-                    box = torch.from_numpy(
-                        chw[:, top : top + h, left : left + w]
-                    )  # view
+                    box = torch.from_numpy(chw[:, top : top + h, left : left + w])  # view
                     if self.mode == "const":
                         box.zero_()
                     else:
@@ -228,16 +224,8 @@ class TrainTransform:
             else None
         )
         # As timm: colour jitter only when RandAugment is off.
-        self.color_jitter = (
-            ColorJitter(aug.color_jitter)
-            if aug.color_jitter > 0 and not aug.rand_augment
-            else None
-        )
-        self.erasing = (
-            RandomErasing(aug.re_prob, mode=aug.re_mode, count=aug.re_count)
-            if aug.re_prob > 0
-            else None
-        )
+        self.color_jitter = ColorJitter(aug.color_jitter) if aug.color_jitter > 0 and not aug.rand_augment else None
+        self.erasing = RandomErasing(aug.re_prob, mode=aug.re_mode, count=aug.re_count) if aug.re_prob > 0 else None
         self.luts = _norm_luts(aug.mean, aug.std)
         self.interpolation = aug.interpolation
 
@@ -246,18 +234,12 @@ class TrainTransform:
             return ("bilinear", "bicubic")[int(rng.integers(0, 2))]
         return self.interpolation
 
-    def __call__(
-        self, img: np.ndarray, rng: np.random.Generator | None = None
-    ) -> torch.Tensor:
+    def __call__(self, img: np.ndarray, rng: np.random.Generator | None = None) -> torch.Tensor:
         """uint8 (H, W, 3) RGB -> float32 (3, img_size, img_size) tensor."""
         rng = rng if rng is not None else _fallback_rng()
         a = self.aug
-        top, left, h, w = random_resized_crop_box(
-            img.shape[0], img.shape[1], a.scale, a.ratio, rng
-        )
-        img = _resize(
-            img[top : top + h, left : left + w], self.size, self.size, self._interp(rng)
-        )
+        top, left, h, w = random_resized_crop_box(img.shape[0], img.shape[1], a.scale, a.ratio, rng)
+        img = _resize(img[top : top + h, left : left + w], self.size, self.size, self._interp(rng))
         if a.hflip > 0 and rng.random() < a.hflip:
             img = cv2.flip(img, 1)
         if self.rand_augment is not None:
@@ -284,13 +266,9 @@ class EvalTransform:
         self.size = aug.img_size
         self.scale_size = math.floor(aug.img_size / aug.crop_pct)
         self.luts = _norm_luts(aug.mean, aug.std)
-        self.interpolation = (
-            "bicubic" if aug.interpolation == "random" else aug.interpolation
-        )
+        self.interpolation = "bicubic" if aug.interpolation == "random" else aug.interpolation
 
-    def __call__(
-        self, img: np.ndarray, rng: np.random.Generator | None = None
-    ) -> torch.Tensor:
+    def __call__(self, img: np.ndarray, rng: np.random.Generator | None = None) -> torch.Tensor:
         """uint8 (H, W, 3) RGB -> float32 (3, img_size, img_size) tensor; `rng` is unused."""
         h, w = img.shape[:2]
         s = self.scale_size
@@ -302,9 +280,7 @@ class EvalTransform:
         t = self.size
         top = round((new_h - t) / 2.0)
         left = round((new_w - t) / 2.0)
-        if (
-            top < 0 or left < 0
-        ):  # image smaller than the crop (crop_pct > 1 is refused; rounding)
+        if top < 0 or left < 0:  # image smaller than the crop (crop_pct > 1 is refused; rounding)
             img = _resize(img, max(new_w, t), max(new_h, t), self.interpolation)
             top, left = max(top, 0), max(left, 0)
         img = img[top : top + t, left : left + t]
@@ -314,9 +290,7 @@ class EvalTransform:
         return f"EvalTransform(img_size={self.size}, resize={self.scale_size}, {self.interpolation})"
 
 
-def create_transform(
-    aug: AugmentConfig, is_training: bool
-) -> TrainTransform | EvalTransform:
+def create_transform(aug: AugmentConfig, is_training: bool) -> TrainTransform | EvalTransform:
     """The DeiT train pipeline (`is_training`) or the eval pipeline for `aug`; a callable
     `(img: uint8 HWC RGB ndarray, rng: numpy Generator | None = None) -> CHW float32 tensor`."""
     aug.validate()

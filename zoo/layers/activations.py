@@ -3,6 +3,7 @@
 One module for the activation functions every layer uses (``mlp.py``'s MLPs and GLUs, ``moe.py``'s
 experts, ``mixers.py``'s gated unit), so none of those imports another for them.
 """
+
 from __future__ import annotations
 
 import functools

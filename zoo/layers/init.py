@@ -5,6 +5,7 @@ at std .02 nothing is cut in practice) and zero biases, as timm's ``VisionTransf
 and the official PoolFormer code. Layers call it in ``reset_parameters``; the backbone calls it on
 every linear and convolution, then lets a mixer with an init of its own (``init_weights``) redo it.
 """
+
 from __future__ import annotations
 
 import torch

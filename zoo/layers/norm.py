@@ -4,6 +4,7 @@ Every norm declares the layout it works in: ``"nchw"`` for channels-first maps, 
 token sequences (normalising the last axis). ``create_norm(name, dim, layout)`` builds the right
 one for the stage's layout, so a block never guesses.
 """
+
 from __future__ import annotations
 
 import torch
@@ -76,8 +77,10 @@ def create_norm(name: str, dim: int, layout: str, *, eps: float | None = None) -
     if name == "identity":
         return nn.Identity()
     if name not in NORMS:
-        raise ValueError(f"unknown norm {name!r}; expected one of {sorted([*NORMS, 'identity'])}"
-                         + suggest(name, [*NORMS, "identity"]))
+        raise ValueError(
+            f"unknown norm {name!r}; expected one of {sorted([*NORMS, 'identity'])}"
+            + suggest(name, [*NORMS, "identity"])
+        )
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
     build, default_eps = NORMS[name]

@@ -13,5 +13,13 @@ from .config import DEFAULT_CONFIG, TrainConfig, config_to_yaml, load_config
 from .loop import RunResult, TrainingStopped, run
 from .strict import ConfigError
 
-__all__ = ["DEFAULT_CONFIG", "ConfigError", "RunResult", "TrainConfig", "TrainingStopped", "config_to_yaml",
-           "load_config", "run"]
+__all__ = [
+    "DEFAULT_CONFIG",
+    "ConfigError",
+    "RunResult",
+    "TrainConfig",
+    "TrainingStopped",
+    "config_to_yaml",
+    "load_config",
+    "run",
+]

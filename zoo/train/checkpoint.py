@@ -72,8 +72,9 @@ def _remove(path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def save_checkpoint(accelerator: Accelerator, ckpt_dir: Path, loop_state: dict[str, Any], keep_last: int,
-                    ema: nn.Module | None = None) -> Path:
+def save_checkpoint(
+    accelerator: Accelerator, ckpt_dir: Path, loop_state: dict[str, Any], keep_last: int, ema: nn.Module | None = None
+) -> Path:
     """Every process calls this at the same point; returns the final checkpoint directory.
 
     ``ema`` (the averaged model, e.g. ``ModelEmaV3.module``) is written as ``ema.safetensors``."""
@@ -107,11 +108,15 @@ def load_checkpoint(accelerator: Accelerator, path: Path, ema: nn.Module | None 
 
     state = json.loads((path / LOOP_STATE).read_text())
     if state.get("num_processes", 1) != accelerator.num_processes:
-        raise ConfigError(f"--resume: {path} was written by {state['num_processes']} processes; resume it with "
-                          f"the same number (this run has {accelerator.num_processes}) so data order and RNG match")
+        raise ConfigError(
+            f"--resume: {path} was written by {state['num_processes']} processes; resume it with "
+            f"the same number (this run has {accelerator.num_processes}) so data order and RNG match"
+        )
     if any(path.glob("custom_checkpoint_*.pkl")):
-        raise ConfigError(f"--resume: {path} holds pickled custom state (custom_checkpoint_*.pkl, written by an "
-                          f"older zoo); it is not loaded, as unpickling it can run code: start the run afresh")
+        raise ConfigError(
+            f"--resume: {path} holds pickled custom state (custom_checkpoint_*.pkl, written by an "
+            f"older zoo); it is not loaded, as unpickling it can run code: start the run afresh"
+        )
     if ema is not None and not (path / EMA_STATE).is_file():
         raise ConfigError(f"--resume: {path} has no {EMA_STATE} (was it written with ema.enabled: false?)")
     accelerator.load_state(str(path))
@@ -139,4 +144,3 @@ def export_weights(model: nn.Module, path: Path, metadata: dict[str, str]) -> No
     names from it on load.
     """
     _save_model_atomic(model, path, {k: str(v) for k, v in metadata.items()})
-

@@ -23,7 +23,7 @@ def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...]
     kmax = min(max(ks), logits.shape[-1])
     top = logits.topk(kmax, dim=-1).indices  # (B, kmax)
     hit = top.eq(target[:, None])  # (B, kmax)
-    return [int(hit[:, :min(k, kmax)].any(dim=-1).sum()) for k in ks]
+    return [int(hit[:, : min(k, kmax)].any(dim=-1).sum()) for k in ks]
 
 
 def read_log(path: Path) -> list[dict[str, Any]]:

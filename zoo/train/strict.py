@@ -32,8 +32,9 @@ class ConfigError(ValueError):
     """A config problem, reported as one line (the CLI prints it and exits 2)."""
 
 
-def bounds(*, ge: float | None = None, gt: float | None = None, le: float | None = None,
-           lt: float | None = None) -> dict:
+def bounds(
+    *, ge: float | None = None, gt: float | None = None, le: float | None = None, lt: float | None = None
+) -> dict:
     """Field metadata declaring a numeric range: ``field(default=0.1, metadata=bounds(ge=0, le=1))``."""
     return {"bounds": {"ge": ge, "gt": gt, "le": le, "lt": lt}}
 
@@ -69,8 +70,9 @@ def _suggest_key(word: str, prefix: str, fields: list[str], root: type) -> str:
     leaves: dict[str, str] = {}
     for k in flat_keys(root):
         leaves.setdefault(k.rsplit(".", 1)[-1], k)  # the shallowest key with that leaf name
-    return (suggest(word, fields, shown_as={f: prefix + f for f in fields})
-            or suggest(word.rsplit(".", 1)[-1], leaves, shown_as=leaves))
+    return suggest(word, fields, shown_as={f: prefix + f for f in fields}) or suggest(
+        word.rsplit(".", 1)[-1], leaves, shown_as=leaves
+    )
 
 
 def flat_keys(cls: type, prefix: str = "") -> list[str]:
@@ -102,8 +104,10 @@ def _convert(value: Any, tp: Any, key: str, root: type) -> Any:
         allowed = typing.get_args(tp)
         if value in allowed and type(value) in {type(a) for a in allowed}:
             return value
-        raise ConfigError(f"{key}: {_fmt(value)} is not one of {', '.join(_fmt(a) for a in allowed)}"
-                          + suggest(str(value), [str(a) for a in allowed]))
+        raise ConfigError(
+            f"{key}: {_fmt(value)} is not one of {', '.join(_fmt(a) for a in allowed)}"
+            + suggest(str(value), [str(a) for a in allowed])
+        )
     if origin in (Union, types.UnionType):
         members = typing.get_args(tp)
         # Try exact-type members first, so that `bool | str` keeps `True` a bool.
@@ -114,8 +118,11 @@ def _convert(value: Any, tp: Any, key: str, root: type) -> Any:
             except ConfigError as e:
                 errors.append(e)
         # One member that is a structured type gives the more useful message (e.g. a bad Literal).
-        structured = [e for e, m in zip(errors, members) if m is not type(None)
-                      and (typing.get_origin(m) is Literal or dataclasses.is_dataclass(m))]
+        structured = [
+            e
+            for e, m in zip(errors, members)
+            if m is not type(None) and (typing.get_origin(m) is Literal or dataclasses.is_dataclass(m))
+        ]
         if len(structured) == 1:
             raise structured[0]
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_fmt(value)}")
@@ -158,12 +165,20 @@ def _check_bounds(value: Any, spec: dict, key: str) -> None:
     if value is None or not isinstance(value, (int, float)) or isinstance(value, bool):
         return
     ge, gt, le, lt = spec["ge"], spec["gt"], spec["le"], spec["lt"]
-    ok = ((ge is None or value >= ge) and (gt is None or value > gt)
-          and (le is None or value <= le) and (lt is None or value < lt))
+    ok = (
+        (ge is None or value >= ge)
+        and (gt is None or value > gt)
+        and (le is None or value <= le)
+        and (lt is None or value < lt)
+    )
     if ok:
         return
-    parts = [f">= {ge}" if ge is not None else None, f"> {gt}" if gt is not None else None,
-             f"<= {le}" if le is not None else None, f"< {lt}" if lt is not None else None]
+    parts = [
+        f">= {ge}" if ge is not None else None,
+        f"> {gt}" if gt is not None else None,
+        f"<= {le}" if le is not None else None,
+        f"< {lt}" if lt is not None else None,
+    ]
     rule = " and ".join(p for p in parts if p)
     nearest = None  # only closed bounds have a nearest valid value
     if ge is not None and value < ge:
@@ -188,8 +203,11 @@ def from_dict(cls: type, data: dict | None, *, prefix: str = "", root: type | No
     kwargs = {}
     for name, f in fields.items():
         if name not in data:
-            if dataclasses.is_dataclass(hints[name]) and f.default is dataclasses.MISSING \
-                    and f.default_factory is dataclasses.MISSING:
+            if (
+                dataclasses.is_dataclass(hints[name])
+                and f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING
+            ):
                 kwargs[name] = from_dict(hints[name], {}, prefix=f"{prefix}{name}.", root=root)
             elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise ConfigError(f"missing key '{prefix}{name}'")
@@ -245,7 +263,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             if nxt is None:
                 nxt = node[part] = {}
             if not isinstance(nxt, dict):
-                raise ConfigError(f"override {item!r}: '{'.'.join(parts[:i + 1])}' is a value, not a section")
+                raise ConfigError(f"override {item!r}: '{'.'.join(parts[: i + 1])}' is a value, not a section")
             node = nxt
         node[parts[-1]] = value
     return data
