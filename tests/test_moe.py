@@ -30,31 +30,45 @@ def _expert(m: MoE, e: int, x: torch.Tensor) -> torch.Tensor:
     return F.linear(h, m.fc2_weight[e], m.fc2_bias[e])
 
 
-def _naive(m: MoE, x: torch.Tensor, capacity: int | None) -> tuple[torch.Tensor, dict[str, int]]:
-    """Per-token reference: GShard priority (all first choices, then second, each in token order)."""
+def _naive(m: MoE, x: torch.Tensor, factor: float | None, group_tokens: int | None = None,
+           batch_priority: bool = False) -> tuple[torch.Tensor, dict[str, object]]:
+    """Per-token reference, one routing group (``group_tokens`` consecutive tokens) at a time:
+    capacity ``min(n, ceil(factor * n * k / E))`` per group of ``n`` tokens (``None``: unlimited);
+    GShard priority (all first choices, then second, each in token order -- or, with
+    ``batch_priority``, in order of the token's top-1 probability, highest first)."""
     tokens = x.reshape(-1, DIM)
+    num_tokens = tokens.shape[0]
+    group_tokens = group_tokens or num_tokens
     probs = F.linear(tokens, m.router.weight).softmax(-1)
     gates, experts = probs.topk(m.top_k, dim=-1)
+    top1 = gates[:, 0].clone()
     if m.normalize_top_k and m.top_k > 1:
         gates = gates / gates.sum(-1, keepdim=True)
-    load = [0] * m.num_experts
     routed = torch.bincount(experts.flatten(), minlength=m.num_experts).tolist()
-    kept = set()
-    for r in range(m.top_k):
-        for t in range(tokens.shape[0]):
-            e = int(experts[t, r])
-            if capacity is None or load[e] < capacity:
-                load[e] += 1
-                kept.add((t, r))
+    kept, kept_load = set(), [0] * m.num_experts
+    for g0 in range(0, num_tokens, group_tokens):
+        members = list(range(g0, min(num_tokens, g0 + group_tokens)))
+        n = len(members)
+        capacity = None if factor is None else min(n, math.ceil(factor * n * m.top_k / m.num_experts))
+        if batch_priority:
+            members.sort(key=lambda t: -float(top1[t]))  # Python's sort is stable: ties keep token order
+        load = [0] * m.num_experts
+        for r in range(m.top_k):
+            for t in members:
+                e = int(experts[t, r])
+                if capacity is None or load[e] < capacity:
+                    load[e] += 1
+                    kept.add((t, r))
+        kept_load = [a + b for a, b in zip(kept_load, load, strict=True)]
     every = torch.stack([_expert(m, e, tokens) for e in range(m.num_experts)])  # (E, T, C)
     out = torch.zeros_like(tokens)
-    for t in range(tokens.shape[0]):
+    for t in range(num_tokens):
         for r in range(m.top_k):
             if (t, r) in kept:
                 out[t] += gates[t, r] * every[int(experts[t, r]), t]
-    unrouted = sum(all((t, r) not in kept for r in range(m.top_k)) for t in range(tokens.shape[0]))
-    dropped = m.top_k * tokens.shape[0] - len(kept)
-    stats = {"dropped": dropped, "unrouted": unrouted, "load": load, "routed": routed}
+    unrouted = sum(all((t, r) not in kept for r in range(m.top_k)) for t in range(num_tokens))
+    dropped = m.top_k * num_tokens - len(kept)
+    stats = {"dropped": dropped, "unrouted": unrouted, "load": kept_load, "routed": routed, "kept": kept}
     return out.view(x.shape), stats
 
 
@@ -80,34 +94,60 @@ def test_single_expert_equals_plain_mlp() -> None:
 @pytest.mark.parametrize("capacity_factor", [None, 8.0])
 def test_ample_capacity_equals_naive_gate_weighted_sum(capacity_factor, trim: bool) -> None:
     """``None`` is unlimited (so is ``<= 0``, see test_capacity_formula); 8.0 exceeds any load."""
-    m = _moe(num_experts=4, top_k=2, capacity_factor=capacity_factor, trim_capacity=trim).eval()
-    x = torch.randn(2, 3, 5, DIM)  # (B, H, W, C): all leading dims are tokens
-    expected, stats = _naive(m, x, capacity=None)
+    m = _moe(num_experts=4, top_k=2, capacity_factor=capacity_factor, eval_capacity_factor=capacity_factor,
+             trim_capacity=trim).eval()
+    x = torch.randn(2, 3, 5, DIM)  # (B, H, W, C): all leading dims are tokens, one group an image
+    expected, stats = _naive(m, x, factor=None)
     torch.testing.assert_close(m(x), expected, rtol=1e-5, atol=1e-5)
     assert stats["dropped"] == 0 and int(m.last_stats["dropped_tokens"]) == 0
+    assert m.last_stats["groups"] == 2 and m.last_stats["group_tokens"] == 15
+
+
+def test_eval_drops_nothing_unless_asked() -> None:
+    """Token choice in eval: ``eval_capacity_factor=None`` (default) is unlimited, whatever the
+    training capacity; a number asks for that capacity in eval."""
+    m = _moe(num_experts=4, top_k=2, capacity_factor=0.25).eval()
+    x = torch.randn(3, 20, DIM)
+    expected, _ = _naive(m, x, factor=None)
+    torch.testing.assert_close(m(x), expected, rtol=1e-5, atol=1e-5)
+    assert int(m.last_stats["dropped_tokens"]) == 0 and m.capacity(20) == 20
+    m.train()
+    assert m.capacity(20) == math.ceil(0.25 * 20 * 2 / 4)
+    asked = _moe(num_experts=4, top_k=2, capacity_factor=8.0, eval_capacity_factor=0.25).eval()
+    y = asked(x)
+    expected, stats = _naive(asked, x, factor=0.25, group_tokens=20)
+    assert stats["dropped"] > 0 and int(asked.last_stats["dropped_tokens"]) == stats["dropped"]
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_top1_keeps_raw_probability_as_gate() -> None:
     m = _moe(num_experts=4, top_k=1, capacity_factor=None).eval()
     x = torch.randn(10, DIM)
-    expected, _ = _naive(m, x, capacity=None)
+    expected, _ = _naive(m, x, factor=None)
     torch.testing.assert_close(m(x), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("trim", [True, False])
 @pytest.mark.parametrize("top_k", [1, 2])
-def test_tight_capacity_drops_like_naive_count(top_k: int, trim: bool) -> None:
-    m = _moe(num_experts=4, top_k=top_k, capacity_factor=0.5, trim_capacity=trim).eval()
+@pytest.mark.parametrize("group_size", [None, 1, 3])
+def test_tight_capacity_drops_like_naive_count(top_k: int, trim: bool, group_size) -> None:
+    """A capacity per routing group: the whole call (``None``), each image, or 3 images (the
+    batch of 7 ends with a group of one image, which gets its own smaller capacity)."""
+    m = _moe(num_experts=4, top_k=top_k, capacity_factor=0.5, eval_capacity_factor=0.5, trim_capacity=trim,
+             group_size=group_size).eval()
     with torch.no_grad():  # crowd expert 0 so that whole tokens get dropped, not only 2nd choices
         m.router.weight[0] = m.router.weight[0] * 0.1 + 0.5
-    x = torch.randn(40, DIM).abs()  # positive inputs so expert 0's row dominates
-    num_tokens = x.shape[0]
-    capacity = math.ceil(0.5 * num_tokens * top_k / 4)
-    assert m.capacity(num_tokens) == capacity
+    x = torch.randn(7, 6, DIM).abs()  # positive inputs so expert 0's row dominates
+    num_tokens = 42
+    group_tokens = {None: 42, 1: 6, 3: 18}[group_size]
+    assert m.group_tokens(x.shape) == group_tokens
+    capacity = math.ceil(0.5 * group_tokens * top_k / 4)
+    assert m.capacity(group_tokens) == capacity
     y = m(x)
-    expected, stats = _naive(m, x, capacity=capacity)
+    expected, stats = _naive(m, x, factor=0.5, group_tokens=group_tokens)
     s = m.last_stats
     assert stats["dropped"] > 0 and stats["unrouted"] > 0, "test must exercise drops"
+    assert s["groups"] == -(-num_tokens // group_tokens) and s["capacity"] == capacity
     assert int(s["dropped_tokens"]) == stats["dropped"]
     assert int(s["unrouted_tokens"]) == stats["unrouted"]
     assert s["expert_counts"].tolist() == stats["routed"]
@@ -115,18 +155,30 @@ def test_tight_capacity_drops_like_naive_count(top_k: int, trim: bool) -> None:
     assert float(s["dropped_fraction"]) == pytest.approx(stats["dropped"] / (top_k * num_tokens))
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
     # tokens dropped by every expert come out as exact zeros (the block's residual carries them)
-    dropped_rows = (expected == 0).all(dim=-1)
+    dropped_rows = (expected.reshape(-1, DIM) == 0).all(dim=-1)
     assert int(dropped_rows.sum()) == stats["unrouted"]
-    assert torch.count_nonzero(y[dropped_rows]) == 0
+    assert torch.count_nonzero(y.reshape(-1, DIM)[dropped_rows]) == 0
 
 
 def test_capacity_formula() -> None:
     m = MoE(DIM, hidden_dim=HIDDEN, num_experts=4, top_k=2, capacity_factor=1.2, eval_capacity_factor=2.0)
     assert m.train().capacity(197) == math.ceil(1.2 * 197 * 2 / 4)
     assert m.eval().capacity(197) == math.ceil(2.0 * 197 * 2 / 4)
+    assert MoE(DIM, hidden_dim=HIDDEN).eval().capacity(197) == 197  # eval: drops nothing unless asked
     assert MoE(DIM, hidden_dim=HIDDEN, capacity_factor=None).capacity(197) == 197
     assert MoE(DIM, hidden_dim=HIDDEN, capacity_factor=0.0).capacity(197) == 197
     assert MoE(DIM, hidden_dim=HIDDEN, capacity_factor=100.0).capacity(197) == 197  # never above T
+    ec = MoE(DIM, hidden_dim=HIDDEN, router="expert_choice", capacity_factor=1.0)
+    assert ec.train().capacity(64) == ec.eval().capacity(64) == 32  # its capacity is its routing
+
+
+def test_group_tokens_follow_the_image_axis() -> None:
+    m = MoE(DIM, hidden_dim=HIDDEN)
+    assert m.group_tokens((5, 7, DIM)) == 7 and m.group_tokens((5, 2, 3, DIM)) == 6  # one image
+    assert m.group_tokens((40, DIM)) == 40  # a 2-D input is one image
+    assert MoE(DIM, hidden_dim=HIDDEN, group_size=4).group_tokens((5, 7, DIM)) == 28
+    assert MoE(DIM, hidden_dim=HIDDEN, group_size=8).group_tokens((5, 7, DIM)) == 35  # never above T
+    assert MoE(DIM, hidden_dim=HIDDEN, group_size=None).group_tokens((5, 7, DIM)) == 35
 
 
 def test_balance_and_z_loss_match_formula_and_gradients_reach_everything() -> None:
@@ -245,9 +297,12 @@ def test_bf16_autocast_on_cpu() -> None:
     assert m.router.weight.grad is not None and m.fc1_weight.grad is not None
 
 
-def test_torch_compile_fullgraph_matches_eager() -> None:
-    m = _moe(capacity_factor=0.75, router_noise=0.0).train()
-    x = torch.randn(2, 16, DIM)
+@pytest.mark.parametrize("routing", [{}, {"batch_priority": True}, {"router": "expert_choice"}, {"group_size": 3},
+                                     {"group_size": None}], ids=["default", "bpr", "expert_choice", "groups_of_3",
+                                                                 "one_group"])
+def test_torch_compile_fullgraph_matches_eager(routing) -> None:
+    m = _moe(capacity_factor=0.75, router_noise=0.0, **routing).train()
+    x = torch.randn(5, 16, DIM)  # with groups of 3 images, the last group holds 2
     eager = m(x)
     eager_aux = collect_aux_loss(m)
     compiled = torch.compile(m, backend="aot_eager", fullgraph=True)
@@ -267,12 +322,17 @@ def test_registered_and_validates_arguments() -> None:
     assert m(torch.randn(5, DIM)).shape == (5, DIM)
 
 
-@pytest.mark.parametrize("capacity_factor", [0.5, 1.2, None])
+@pytest.mark.parametrize(("capacity_factor", "group_size", "batch_priority"), [
+    (0.5, 1, False), (0.5, 1, True), (0.5, 3, False), (0.5, None, False), (1.2, 1, False), (None, 1, False),
+])
 @pytest.mark.parametrize("how", ["jit.trace", "torch.export"])
-def test_exported_moe_matches_eager_at_another_batch_size(capacity_factor, how: str) -> None:
+def test_exported_moe_matches_eager_at_another_batch_size(capacity_factor, group_size, batch_priority,
+                                                           how: str) -> None:
     """Traced/exported programs take the traceable path: same drops and outputs as the indexed
-    eager path, for a batch size other than the one traced (capacity follows the token count)."""
-    m = _moe(num_experts=4, top_k=2, capacity_factor=capacity_factor).eval()
+    eager path, for a batch size other than the one traced (groups and capacities follow the
+    token count; with ``group_size=3`` the batch of 5 ends with a group of 2 images)."""
+    m = _moe(num_experts=4, top_k=2, capacity_factor=capacity_factor, eval_capacity_factor=capacity_factor,
+             group_size=group_size, batch_priority=batch_priority).eval()
     example = torch.randn(2, 16, DIM)
     if how == "jit.trace":
         program = torch.jit.trace(m, example)

@@ -1,23 +1,38 @@
-"""MoE layer speed vs a dense FFN of the same ACTIVE FLOPs, forward + backward, on the CPU.
+"""MoE layers against a dense FFN of the same ACTIVE FLOPs, forward + backward, every router.
 
-Reference: a dense ``Mlp(dim, hidden_dim=top_k * hidden)``, so every token does the same
-multiply-adds as its ``top_k`` experts (the router, ``dim x E``, is left out of the count;
-it is under 1% here). The MoE is timed twice, same module and weights: with its buffer
-trimmed to the largest expert load (the eager CPU default) and padded to the full capacity
-(what ``torch.compile`` or ``trim_capacity=False`` runs). All run in training mode on the same
-input (router noise on, training capacity factor), after warm-up; the variants are timed in
-turn inside each repeat (the order rotates every repeat) and the median of the repeats is
-reported. The ratio is tokens/s over the dense layer's, measured in this one run; absolute
-numbers are noise on a shared machine, and so are the ratios when the load average printed
-with them is well above the thread count.
+Two settings, each with its own reference: 4 experts top-2 (WideNet's, GShard's) and 64 experts
+top-1 (Switch's regime, where per-expert overhead shows: many experts, few tokens each). In each,
+the reference is a dense ``Mlp(dim, hidden_dim=top_k * hidden)``, so every token does the same
+multiply-adds as its ``top_k`` experts (the router, ``dim x E``, is left out of the count; it is
+under 2% here), and the rows are:
 
-    python -m zoo.bench moe [--batch 8 --tokens 197 --dim 384 --hidden 1536 ...]
+- ``token_choice``: :class:`zoo.layers.moe.MoE`, default routing (one group an image, capacity
+  factor 1.2, buffer trimmed to the largest expert load: the eager CPU default);
+- ``token_choice + BPR``: the same with ``batch_priority=True``;
+- ``expert_choice``: ``router="expert_choice"`` at the capacity factor whose per-image capacity
+  is ``floor(top_k * N / E)`` (``N`` tokens an image), so its experts take ``top_k`` tokens'
+  worth per token (or a fraction of a token fewer): the dense layer's FLOPs;
+- ``soft_moe``: :class:`zoo.layers.soft_moe.SoftMoE` with ``round(top_k * N / E)`` slots per
+  expert, so as many slot rows as the top-k assignments; its three token-slot products (logits,
+  dispatch, combine) add ``1.5 * N / hidden`` to the expert FLOPs (19% here), which it pays.
+
+Every MoE router has its rows rescaled to one norm (see ``_balanced_router_``).
+
+All run in training mode (router noise on) on the same input, a ``(batch, tokens, dim)`` tensor
+of unit-scale activations that requires grad (as inside a network), after warm-up; the layers
+are timed in turn inside each repeat (the order rotates every repeat) and the median of the
+repeats is reported. ratio = tokens/s over the dense layer's, measured in this one run; absolute
+numbers are noise on a shared machine, and so are the ratios when the load average printed with
+them is well above the thread count.
+
+    python -m zoo.bench moe [--settings 4e_top2,64e_top1] [--batch B --dim C --hidden H ...]
     python -m zoo.bench.moe ...
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import time
@@ -27,118 +42,181 @@ from torch import nn
 
 from zoo.layers.mlp import Mlp
 from zoo.layers.moe import MoE, collect_aux_loss
+from zoo.layers.soft_moe import SoftMoE
 
-__all__ = ["main"]
+__all__ = ["SETTINGS", "main"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    experts: int
+    top_k: int
+    batch: int  # images per step
+    dim: int
+    hidden: int  # hidden width of EACH expert
+
+
+# The same experts in both (ViT-S width, 384 / 1536). 64 experts top-1 take a bigger batch: at 8
+# images an expert would multiply ~25 rows a step, where a bmm runs far below one big matmul (its
+# weight-gradient products have only that many rows to sum over); at 128 images each expert gets
+# ~400 rows (measured on 1 thread: ~0.7 of the dense rate at 64 images, ~0.85 at 128). A Switch
+# layer's experts see thousands of tokens a step.
+SETTINGS = {
+    "4e_top2": Setting(experts=4, top_k=2, batch=8, dim=384, hidden=1536),
+    "64e_top1": Setting(experts=64, top_k=1, batch=128, dim=384, hidden=1536),
+}
+ROUTERS = ("token_choice", "token_choice_bpr", "expert_choice", "soft_moe")
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m zoo.bench moe", description=__doc__.split("\n\n")[0])
-    p.add_argument("--batch", type=int, default=8, help="images per batch (DeiT-S: 32+; 8 is CPU-sized)")
+    p.add_argument("--settings", default=",".join(SETTINGS),
+                   help=f"comma-separated, from {', '.join(SETTINGS)} (each: experts, top-k, batch, dim, hidden)")
+    p.add_argument("--batch", type=int, default=None, help="images per step, every setting (default: the setting's)")
     p.add_argument("--tokens", type=int, default=197, help="tokens per image (ViT-S/16 at 224: 197)")
-    p.add_argument("--dim", type=int, default=384)
-    p.add_argument("--hidden", type=int, default=1536, help="hidden width of each expert")
-    p.add_argument("--experts", type=int, default=4)
-    p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--capacity-factor", type=float, default=1.2, help="<= 0: unlimited")
+    p.add_argument("--dim", type=int, default=None, help="width, every setting (default: the setting's)")
+    p.add_argument("--hidden", type=int, default=None, help="hidden width of each expert (default: the setting's)")
+    p.add_argument("--capacity-factor", type=float, default=1.2, help="token choice's; <= 0: unlimited")
+    p.add_argument("--padded", action="store_true",
+                   help="also time token choice padded to its full capacity (what torch.compile runs)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: usable CPU cores)")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    unknown = [s for s in args.settings.split(",") if s not in SETTINGS]
+    if unknown:
+        p.error(f"--settings: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(SETTINGS)}")
+    return args
 
 
 def _step(layer: nn.Module, x: torch.Tensor) -> None:
-    """One training step's worth of work for ``layer``: forward, loss, backward."""
+    """One training step's worth of work for ``layer``: forward, loss, backward (to the input too)."""
     y = layer(x)
     loss = y.square().mean() + collect_aux_loss(layer)  # collect also clears for the next step
     loss.backward()
     layer.zero_grad(set_to_none=True)
+    x.grad = None
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parse(argv)
-    threads = args.threads or len(os.sched_getaffinity(0))
-    torch.set_num_threads(threads)
+def _balanced_router_(moe: MoE) -> MoE:
+    """Rescale the router's rows to one norm. A random router favours the experts whose rows
+    happen to be longer (on isotropic input the longest row wins most often: at 64 experts the
+    busiest got 2.8x the idlest's tokens), an imbalance the balance loss removes in training;
+    with equal norms every expert is equally likely, as under a trained, balanced router."""
+    with torch.no_grad():
+        w = moe.router.weight
+        w.mul_(w.norm(dim=1).mean() / w.norm(dim=1, keepdim=True))
+    return moe
+
+
+def _layers(s: Setting, tokens: int, capacity_factor: float, padded: bool) -> dict[str, tuple[str, nn.Module]]:
+    moe = dict(hidden_dim=s.hidden, num_experts=s.experts, top_k=s.top_k)
+    # Expert choice takes ceil(factor * N * k / E) tokens of an image per expert: the factor whose
+    # capacity is floor(k * N / E), so that it never does more than the dense layer's FLOPs (1.0
+    # would round 197 / 64 = 3.08 up to 4 tokens: 30% more). Soft MoE: as many slots as assignments.
+    ec_capacity = max(1, s.top_k * tokens // s.experts)
+    ec_factor = ec_capacity * s.experts / (s.top_k * tokens)
+    slots = max(1, round(s.top_k * tokens / s.experts))
+    cf = capacity_factor
+    layers = {
+        "dense": (f"dense Mlp (hidden {s.top_k * s.hidden})", Mlp(s.dim, hidden_dim=s.top_k * s.hidden)),
+        "token_choice": (f"token_choice, capacity {cf}", MoE(s.dim, capacity_factor=cf, **moe)),
+        "token_choice_bpr": (f"token_choice + BPR, capacity {cf}",
+                             MoE(s.dim, capacity_factor=cf, batch_priority=True, **moe)),
+        "expert_choice": (f"expert_choice, capacity {ec_factor:.3g} ({ec_capacity}/image)",
+                          MoE(s.dim, router="expert_choice", capacity_factor=ec_factor, **moe)),
+        "soft_moe": (f"soft_moe, {slots} slots/expert",
+                     SoftMoE(s.dim, hidden_dim=s.hidden, num_experts=s.experts, slots_per_expert=slots)),
+    }
+    if padded:
+        layers["token_choice_padded"] = (f"token_choice, capacity {cf}, padded",
+                                         MoE(s.dim, capacity_factor=cf, trim_capacity=False, **moe))
+    for _, layer in layers.values():
+        if isinstance(layer, MoE):
+            _balanced_router_(layer)
+    return {name: (label, layer.train()) for name, (label, layer) in layers.items()}
+
+
+def _measure(s: Setting, args: argparse.Namespace) -> list[tuple[str, ...]]:
     torch.manual_seed(args.seed)
-
-    num_tokens = args.batch * args.tokens
-    dense_hidden = args.top_k * args.hidden
-    moe = MoE(
-        args.dim,
-        hidden_dim=args.hidden,
-        num_experts=args.experts,
-        top_k=args.top_k,
-        capacity_factor=args.capacity_factor,
-    ).train()
-    dense = Mlp(args.dim, hidden_dim=dense_hidden).train()
-    # Input like a pre-norm block's: unit-scale activations.
-    x = torch.randn(args.batch, args.tokens, args.dim)
-
-    # The MoE twice, same module and weights: buffers trimmed to the largest expert load (the
-    # default, eager mode) and padded to the full capacity (what torch.compile runs).
-    variants = {"dense": (dense, None), "moe_trim": (moe, True), "moe_pad": (moe, False)}
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    dropped: dict[str, list[float]] = {name: [] for name in variants}
-    rows_done: dict[str, list[int]] = {name: [] for name in variants}
+    layers = _layers(s, args.tokens, args.capacity_factor, args.padded)
+    # Like a pre-norm block's input: unit scale, and requiring grad, as inside a network (every
+    # layer but the first backpropagates to its input; Soft MoE's slots and the MoEs' buffers
+    # need that gradient anyway, which a leaf input would let the dense layer skip).
+    x = torch.randn(s.batch, args.tokens, s.dim, requires_grad=True)
+    num_tokens = s.batch * args.tokens
+    times: dict[str, list[float]] = {name: [] for name in layers}
+    rows: dict[str, list[int]] = {name: [] for name in layers}
+    dropped: dict[str, list[float]] = {name: [] for name in layers}
 
     def run(name: str) -> float:
-        layer, trim = variants[name]
-        if trim is not None:
-            moe.trim_capacity = trim
+        layer = layers[name][1]
         t0 = time.perf_counter()
         _step(layer, x)
         elapsed = time.perf_counter() - t0
-        if trim is not None:
-            dropped[name].append(float(moe.last_stats["dropped_fraction"]))
-            rows_done[name].append(args.experts * moe.last_stats["slots"])
+        if isinstance(layer, MoE):
+            rows[name].append(s.experts * layer.last_stats["slots"])
+            dropped[name].append(float(layer.last_stats["unrouted_tokens"]) / num_tokens)
+        elif isinstance(layer, SoftMoE):
+            rows[name].append(layer.num_slots * s.batch)
+        else:
+            rows[name].append(num_tokens)
         return elapsed
 
-    names = list(variants)
-    load_before = os.getloadavg()[0]
+    names = list(layers)
     for _ in range(args.warmup):
         for name in names:
             run(name)
     for r in range(args.repeats):
-        # Interleave the variants; rotate the order each repeat so none always runs first.
+        # Interleave the layers; rotate the order each repeat so none always runs first.
         for name in names[r % len(names):] + names[: r % len(names)]:
             times[name].append(run(name))
-
-    load_after = os.getloadavg()[0]
-    med = {name: statistics.median(ts) for name, ts in times.items()}
-    tps = {name: num_tokens / t for name, t in med.items()}
-    flops = 2 * num_tokens * args.dim * dense_hidden * 2  # fwd: 2 linears, 2 flops per multiply-add
-
-    print(
-        f"MoE vs dense FFN of equal active FLOPs, forward+backward, training mode, CPU, "
-        f"torch {torch.__version__}, torch threads={torch.get_num_threads()}"
-    )
-    print(
-        f"tokens={num_tokens} (batch {args.batch} x {args.tokens}), dim={args.dim}, "
-        f"{args.experts} experts x hidden {args.hidden}, top_k={args.top_k}, "
-        f"capacity_factor={args.capacity_factor} -> {moe.capacity(num_tokens)} slots/expert; "
-        f"dense hidden={dense_hidden}; fwd active GFLOP={flops / 1e9:.2f}; "
-        f"warmup {args.warmup}, median of {args.repeats} interleaved repeats"
-    )
-    labels = {
-        "dense": f"dense Mlp (hidden {dense_hidden})",
-        "moe_trim": f"MoE {args.experts}e top-{args.top_k}, trimmed buffer",
-        "moe_pad": f"MoE {args.experts}e top-{args.top_k}, padded to capacity",
-    }
-    table = [("layer", "tokens/s", "ms/step", "ratio", "rows x width per linear", "dropped")]
+    tps = {name: num_tokens / statistics.median(ts) for name, ts in times.items()}
+    width = {name: s.top_k * s.hidden if name == "dense" else s.hidden for name in layers}
+    table = []
     for name in names:
-        is_moe = name != "dense"
         table.append((
-            labels[name],
+            f"{s.experts}e top-{s.top_k}",
+            layers[name][0],
             f"{tps[name]:.0f}",
-            f"{1e3 * med[name]:.1f}",
+            f"{1e3 * statistics.median(times[name]):.1f}",
             f"{tps[name] / tps['dense']:.3f}",
-            f"{statistics.median(rows_done[name]):.0f} x {args.hidden}" if is_moe
-            else f"{num_tokens} x {dense_hidden}",
-            f"{statistics.mean(dropped[name]):.2%}" if is_moe else "-",
+            f"{statistics.median(rows[name]):.0f} x {width[name]}",
+            f"{statistics.mean(dropped[name]):.2%}" if dropped[name] else "-",
         ))
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    from zoo.machine import describe
+
+    args = _parse(argv)
+    threads = args.threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    settings = {}
+    for key in args.settings.split(","):
+        s = SETTINGS[key]
+        settings[key] = dataclasses.replace(s, batch=args.batch or s.batch, dim=args.dim or s.dim,
+                                            hidden=args.hidden or s.hidden)
+
+    print(f"MoE routers vs a dense FFN of equal active FLOPs, forward+backward, training mode, CPU, "
+          f"torch {torch.__version__}, torch threads={torch.get_num_threads()}")
+    print(f"machine: {describe().summary()}")
+    for key, s in settings.items():
+        print(f"{key}: {s.experts} experts x hidden {s.hidden}, top_k={s.top_k}, dim={s.dim}, "
+              f"{s.batch} images x {args.tokens} tokens = {s.batch * args.tokens} tokens a step; "
+              f"dense hidden {s.top_k * s.hidden}")
+    print(f"warmup {args.warmup}, median of {args.repeats} interleaved repeats")
+    load_before = os.getloadavg()[0]
+    table = [("setting", "layer", "tokens/s", "ms/step", "ratio", "rows x width per linear", "unrouted")]
+    for s in settings.values():
+        table.extend(_measure(s, args))
+    load_after = os.getloadavg()[0]
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
-        cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)]
+        cells = [c.ljust(w) for c, w in zip(row[:2], widths[:2], strict=True)]
+        cells += [c.rjust(w) for c, w in zip(row[2:], widths[2:], strict=True)]
         print("  ".join(cells))
     print(
         f"1-min load average {load_before:.2f} before, {load_after:.2f} after, on "
@@ -146,8 +224,9 @@ def main(argv: list[str] | None = None) -> int:
         f"cores, which slows the MoE's many small parallel ops more than the dense matmuls"
     )
     print(
-        f"ratio = tokens/s over the dense row's; MoE rows = experts x buffer slots, of which "
-        f"{args.top_k * num_tokens} routed assignments are real (the rest is capacity padding)"
+        "ratio = tokens/s over the dense row's of the same setting; rows = what each linear "
+        "multiplied: MoE buffer rows (experts x slots, padding included), Soft MoE slots, dense "
+        "tokens; unrouted = tokens no expert kept (the residual carries them)"
     )
     return 0
 

@@ -16,7 +16,9 @@ Names in the registry:
 ``geglu``                 :class:`GluMlp` with GELU gate (Shazeer 2020)
 ``reglu``                 :class:`GluMlp` with ReLU gate (Shazeer 2020)
 ``squared_relu_glu``      :class:`GluMlp` with squared-ReLU gate (Primer's activation, GLU form)
-``moe``                   :class:`zoo.layers.moe.MoE` (Switch-style mixture of experts)
+``moe``                   :class:`zoo.layers.moe.MoE` (routed mixture of experts: token or expert choice,
+                          routing groups of one image by default)
+``soft_moe``              :class:`zoo.layers.soft_moe.SoftMoE` (Soft MoE: soft slots, nothing dropped)
 ``identity``              :class:`IdentityChannelMixer` (no channel mixing, no parameters)
 ========================  ===================================================================
 
@@ -53,6 +55,7 @@ from .activations import get_act
 from .fused import GeluMlpFunction, fused_backward_allowed
 from .init import trunc_normal_init_
 from .moe import MoE
+from .soft_moe import SoftMoE
 
 __all__ = [
     "CHANNEL_MIXERS",
@@ -190,6 +193,7 @@ CHANNEL_MIXERS: dict[str, Callable[..., nn.Module]] = {
     "reglu": functools.partial(GluMlp, act="relu"),
     "squared_relu_glu": functools.partial(GluMlp, act="squared_relu"),
     "moe": MoE,
+    "soft_moe": SoftMoE,
     "identity": IdentityChannelMixer,
 }
 # Alias -> the entry it names. An alias is resolved before anything else, so it takes the same
