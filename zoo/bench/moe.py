@@ -209,15 +209,15 @@ def main(argv: list[str] | None = None) -> int:
               f"dense hidden {s.top_k * s.hidden}")
     print(f"warmup {args.warmup}, median of {args.repeats} interleaved repeats")
     load_before = os.getloadavg()[0]
-    table = [("setting", "layer", "tokens/s", "ms/step", "ratio", "rows x width per linear", "unrouted")]
-    for s in settings.values():
+    for s in settings.values():  # each setting's table as soon as it is measured
+        table = [("setting", "layer", "tokens/s", "ms/step", "ratio", "rows x width per linear", "unrouted")]
         table.extend(_measure(s, args))
+        widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+        for row in table:
+            cells = [c.ljust(w) for c, w in zip(row[:2], widths[:2], strict=True)]
+            cells += [c.rjust(w) for c, w in zip(row[2:], widths[2:], strict=True)]
+            print("  ".join(cells), flush=True)
     load_after = os.getloadavg()[0]
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    for row in table:
-        cells = [c.ljust(w) for c, w in zip(row[:2], widths[:2], strict=True)]
-        cells += [c.rjust(w) for c, w in zip(row[2:], widths[2:], strict=True)]
-        print("  ".join(cells))
     print(
         f"1-min load average {load_before:.2f} before, {load_after:.2f} after, on "
         f"{os.cpu_count()} CPUs: well above the thread count means other processes shared the "
