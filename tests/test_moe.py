@@ -30,8 +30,9 @@ def _expert(m: MoE, e: int, x: torch.Tensor) -> torch.Tensor:
     return F.linear(h, m.fc2_weight[e], m.fc2_bias[e])
 
 
-def _naive(m: MoE, x: torch.Tensor, factor: float | None, group_tokens: int | None = None,
-           batch_priority: bool = False) -> tuple[torch.Tensor, dict[str, object]]:
+def _naive(
+    m: MoE, x: torch.Tensor, factor: float | None, group_tokens: int | None = None, batch_priority: bool = False
+) -> tuple[torch.Tensor, dict[str, object]]:
     """Per-token reference, one routing group (``group_tokens`` consecutive tokens) at a time:
     capacity ``min(n, ceil(factor * n * k / E))`` per group of ``n`` tokens (``None``: unlimited);
     GShard priority (all first choices, then second, each in token order -- or, with
@@ -94,8 +95,13 @@ def test_single_expert_equals_plain_mlp() -> None:
 @pytest.mark.parametrize("capacity_factor", [None, 8.0])
 def test_ample_capacity_equals_naive_gate_weighted_sum(capacity_factor, trim: bool) -> None:
     """``None`` is unlimited (so is ``<= 0``, see test_capacity_formula); 8.0 exceeds any load."""
-    m = _moe(num_experts=4, top_k=2, capacity_factor=capacity_factor, eval_capacity_factor=capacity_factor,
-             trim_capacity=trim).eval()
+    m = _moe(
+        num_experts=4,
+        top_k=2,
+        capacity_factor=capacity_factor,
+        eval_capacity_factor=capacity_factor,
+        trim_capacity=trim,
+    ).eval()
     x = torch.randn(2, 3, 5, DIM)  # (B, H, W, C): all leading dims are tokens, one group an image
     expected, stats = _naive(m, x, factor=None)
     torch.testing.assert_close(m(x), expected, rtol=1e-5, atol=1e-5)
@@ -133,8 +139,14 @@ def test_top1_keeps_raw_probability_as_gate() -> None:
 def test_tight_capacity_drops_like_naive_count(top_k: int, trim: bool, group_size) -> None:
     """A capacity per routing group: the whole call (``None``), each image, or 3 images (the
     batch of 7 ends with a group of one image, which gets its own smaller capacity)."""
-    m = _moe(num_experts=4, top_k=top_k, capacity_factor=0.5, eval_capacity_factor=0.5, trim_capacity=trim,
-             group_size=group_size).eval()
+    m = _moe(
+        num_experts=4,
+        top_k=top_k,
+        capacity_factor=0.5,
+        eval_capacity_factor=0.5,
+        trim_capacity=trim,
+        group_size=group_size,
+    ).eval()
     with torch.no_grad():  # crowd expert 0 so that whole tokens get dropped, not only 2nd choices
         m.router.weight[0] = m.router.weight[0] * 0.1 + 0.5
     x = torch.randn(7, 6, DIM).abs()  # positive inputs so expert 0's row dominates
@@ -297,9 +309,11 @@ def test_bf16_autocast_on_cpu() -> None:
     assert m.router.weight.grad is not None and m.fc1_weight.grad is not None
 
 
-@pytest.mark.parametrize("routing", [{}, {"batch_priority": True}, {"router": "expert_choice"}, {"group_size": 3},
-                                     {"group_size": None}], ids=["default", "bpr", "expert_choice", "groups_of_3",
-                                                                 "one_group"])
+@pytest.mark.parametrize(
+    "routing",
+    [{}, {"batch_priority": True}, {"router": "expert_choice"}, {"group_size": 3}, {"group_size": None}],
+    ids=["default", "bpr", "expert_choice", "groups_of_3", "one_group"],
+)
 def test_torch_compile_fullgraph_matches_eager(routing) -> None:
     m = _moe(capacity_factor=0.75, router_noise=0.0, **routing).train()
     x = torch.randn(5, 16, DIM)  # with groups of 3 images, the last group holds 2
@@ -322,17 +336,32 @@ def test_registered_and_validates_arguments() -> None:
     assert m(torch.randn(5, DIM)).shape == (5, DIM)
 
 
-@pytest.mark.parametrize(("capacity_factor", "group_size", "batch_priority"), [
-    (0.5, 1, False), (0.5, 1, True), (0.5, 3, False), (0.5, None, False), (1.2, 1, False), (None, 1, False),
-])
+@pytest.mark.parametrize(
+    ("capacity_factor", "group_size", "batch_priority"),
+    [
+        (0.5, 1, False),
+        (0.5, 1, True),
+        (0.5, 3, False),
+        (0.5, None, False),
+        (1.2, 1, False),
+        (None, 1, False),
+    ],
+)
 @pytest.mark.parametrize("how", ["jit.trace", "torch.export"])
-def test_exported_moe_matches_eager_at_another_batch_size(capacity_factor, group_size, batch_priority,
-                                                           how: str) -> None:
+def test_exported_moe_matches_eager_at_another_batch_size(
+    capacity_factor, group_size, batch_priority, how: str
+) -> None:
     """Traced/exported programs take the traceable path: same drops and outputs as the indexed
     eager path, for a batch size other than the one traced (groups and capacities follow the
     token count; with ``group_size=3`` the batch of 5 ends with a group of 2 images)."""
-    m = _moe(num_experts=4, top_k=2, capacity_factor=capacity_factor, eval_capacity_factor=capacity_factor,
-             group_size=group_size, batch_priority=batch_priority).eval()
+    m = _moe(
+        num_experts=4,
+        top_k=2,
+        capacity_factor=capacity_factor,
+        eval_capacity_factor=capacity_factor,
+        group_size=group_size,
+        batch_priority=batch_priority,
+    ).eval()
     example = torch.randn(2, 16, DIM)
     if how == "jit.trace":
         program = torch.jit.trace(m, example)

@@ -30,6 +30,7 @@ def _crowded(**kw) -> MoE:
 
 # ---- routing groups ---------------------------------------------------------------------------------
 
+
 def test_an_images_output_depends_on_its_group_only() -> None:
     """Eval capacity asked for (drops happen): per image by default, per 3 images with
     ``group_size=3``; the whole call with ``group_size=None`` couples every image."""
@@ -48,6 +49,7 @@ def test_an_images_output_depends_on_its_group_only() -> None:
 
 
 # ---- Batch Priority Routing -------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_batch_priority_routing_matches_naive_and_serves_confident_tokens_first(top_k: int) -> None:
@@ -83,8 +85,10 @@ def test_batch_priority_is_the_same_function_without_drops() -> None:
 
 # ---- expert choice ----------------------------------------------------------------------------------
 
-def _naive_expert_choice(m: MoE, x: torch.Tensor, factor: float, group_tokens: int
-                         ) -> tuple[torch.Tensor, list[list[list[int]]]]:
+
+def _naive_expert_choice(
+    m: MoE, x: torch.Tensor, factor: float, group_tokens: int
+) -> tuple[torch.Tensor, list[list[list[int]]]]:
     """Per expert and group: its ``C = min(n, ceil(factor * n * k / E))`` most probable tokens."""
     tokens = x.reshape(-1, DIM)
     probs = F.linear(tokens, m.router.weight).softmax(-1)
@@ -104,8 +108,9 @@ def _naive_expert_choice(m: MoE, x: torch.Tensor, factor: float, group_tokens: i
 
 @pytest.mark.parametrize(("group_size", "group_tokens"), [(1, 6), (3, 18), (None, 42)])
 @pytest.mark.parametrize("factor", [0.5, 1.0])
-def test_expert_choice_matches_naive_and_takes_exactly_its_capacity(group_size, group_tokens: int,
-                                                                    factor: float) -> None:
+def test_expert_choice_matches_naive_and_takes_exactly_its_capacity(
+    group_size, group_tokens: int, factor: float
+) -> None:
     """7 images of 6 tokens; with ``group_size=3`` the last group is one image, with a smaller
     capacity of its own. Each expert takes exactly ``C`` tokens of every group."""
     m = _moe(router="expert_choice", num_experts=4, top_k=2, capacity_factor=factor, group_size=group_size).eval()
@@ -140,6 +145,7 @@ def test_expert_choice_trains_with_z_loss_only_and_its_capacity_holds_in_eval() 
 
 
 # ---- Soft MoE ---------------------------------------------------------------------------------------
+
 
 def _soft(**kw) -> SoftMoE:
     torch.manual_seed(0)
@@ -204,17 +210,21 @@ def test_soft_moe_compiles_fullgraph_to_the_same_function() -> None:
 
 # ---- options: explicit names, one-line errors naming them --------------------------------------------
 
-@pytest.mark.parametrize(("ctor", "kw", "named"), [
-    (MoE, {"router": "expert_choise"}, "router"),
-    (MoE, {"group_size": 0}, "group_size"),
-    (MoE, {"group_size": 2.5}, "group_size"),
-    (MoE, {"batch_priority": True, "router": "expert_choice"}, "batch_priority"),
-    (MoE, {"router": "expert_choice", "capacity_factor": None}, "capacity_factor"),
-    (MoE, {"router": "expert_choice", "eval_capacity_factor": 0.0}, "eval_capacity_factor"),
-    (MoE, {"capacity_factor": "1.2"}, "capacity_factor"),
-    (SoftMoE, {"slots_per_expert": 0}, "slots_per_expert"),
-    (SoftMoE, {"num_experts": 1.5}, "num_experts"),
-])
+
+@pytest.mark.parametrize(
+    ("ctor", "kw", "named"),
+    [
+        (MoE, {"router": "expert_choise"}, "router"),
+        (MoE, {"group_size": 0}, "group_size"),
+        (MoE, {"group_size": 2.5}, "group_size"),
+        (MoE, {"batch_priority": True, "router": "expert_choice"}, "batch_priority"),
+        (MoE, {"router": "expert_choice", "capacity_factor": None}, "capacity_factor"),
+        (MoE, {"router": "expert_choice", "eval_capacity_factor": 0.0}, "eval_capacity_factor"),
+        (MoE, {"capacity_factor": "1.2"}, "capacity_factor"),
+        (SoftMoE, {"slots_per_expert": 0}, "slots_per_expert"),
+        (SoftMoE, {"num_experts": 1.5}, "num_experts"),
+    ],
+)
 def test_bad_options_are_one_line_errors_naming_the_option(ctor, kw, named: str) -> None:
     with pytest.raises(ValueError) as info:
         ctor(DIM, hidden_dim=HIDDEN, **kw)
@@ -227,6 +237,7 @@ def test_bad_options_are_one_line_errors_naming_the_option(ctor, kw, named: str)
 
 
 # ---- traced and exported programs at another batch size ----------------------------------------------
+
 
 @pytest.mark.parametrize("how", ["jit.trace", "torch.export"])
 @pytest.mark.parametrize("which", ["expert_choice", "soft_moe"])
@@ -257,16 +268,22 @@ ROUTER_MODELS = {
     "widenet_bpr": ("zoo_widenet_mini_32", {"channel_options": {**MOE_OPTIONS, "batch_priority": True}}),
     "widenet_expert_choice": ("zoo_widenet_mini_32", {"channel_options": {**MOE_OPTIONS, "router": "expert_choice"}}),
     "poolformer_moe": ("zoo_poolformer_mini_32", {"channel_mixer": "moe"}),
-    "poolformer_moe_bpr": ("zoo_poolformer_mini_32",
-                           {"channel_mixer": "moe", "channel_options": {"batch_priority": True}}),
-    "poolformer_moe_expert_choice": ("zoo_poolformer_mini_32",
-                                     {"channel_mixer": "moe", "channel_options": {"router": "expert_choice"}}),
+    "poolformer_moe_bpr": (
+        "zoo_poolformer_mini_32",
+        {"channel_mixer": "moe", "channel_options": {"batch_priority": True}},
+    ),
+    "poolformer_moe_expert_choice": (
+        "zoo_poolformer_mini_32",
+        {"channel_mixer": "moe", "channel_options": {"router": "expert_choice"}},
+    ),
     "poolformer_soft_moe": ("zoo_poolformer_mini_32", {"channel_mixer": "soft_moe"}),
     "widenet_soft_moe": ("zoo_widenet_mini_32", {"channel_mixer": "soft_moe"}),
     # a capacity asked for in eval: drops happen, still within each image
     "widenet_eval_capacity": ("zoo_widenet_mini_32", {"channel_options": {**MOE_OPTIONS, "eval_capacity_factor": 1.0}}),
-    "widenet_bpr_eval_capacity": ("zoo_widenet_mini_32", {"channel_options": {
-        **MOE_OPTIONS, "batch_priority": True, "eval_capacity_factor": 1.0}}),
+    "widenet_bpr_eval_capacity": (
+        "zoo_widenet_mini_32",
+        {"channel_options": {**MOE_OPTIONS, "batch_priority": True, "eval_capacity_factor": 1.0}},
+    ),
 }
 
 
@@ -302,16 +319,21 @@ def test_eval_logits_of_an_image_are_the_same_alone_and_in_a_batch_of_64_others(
 
 def test_the_batch_coupled_routing_would_fail_that_test() -> None:
     """The check has teeth: one routing group for the whole batch, with an eval capacity."""
-    model = _model("zoo_widenet_mini_32", {"channel_options": {
-        **MOE_OPTIONS, "group_size": None, "eval_capacity_factor": 1.0}})
+    model = _model(
+        "zoo_widenet_mini_32", {"channel_options": {**MOE_OPTIONS, "group_size": None, "eval_capacity_factor": 1.0}}
+    )
     alone, in_batch = _alone_and_in_batch(model)
     assert (alone - in_batch).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize(("case", "fmt"), [
-    ("widenet_expert_choice", "exported"), ("widenet_bpr_eval_capacity", "torchscript"),
-    ("poolformer_soft_moe", "exported"),
-])
+@pytest.mark.parametrize(
+    ("case", "fmt"),
+    [
+        ("widenet_expert_choice", "exported"),
+        ("widenet_bpr_eval_capacity", "torchscript"),
+        ("poolformer_soft_moe", "exported"),
+    ],
+)
 def test_models_with_each_router_export_at_another_batch_size(case: str, fmt: str, tmp_path) -> None:
     """The default router's round trip, in all three formats, is test_pretrained_io's
     test_export_round_trip (every shipped family); the layers' own in both formats are above."""

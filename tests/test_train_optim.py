@@ -29,15 +29,20 @@ NAMES = list(typing.get_args(typing.get_type_hints(OptimConfig)["name"]))
 
 
 def _stage(dim: int) -> str:
-    return (f"{{depth: 1, dim: {dim}, embed: {{kernel: 3, stride: 2, padding: 1}}, token_mixer: pooling, "
-            f"mixer_options: {{pool_size: 3}}, channel_mixer: mlp, mlp_ratio: 2.0, norm: groupnorm1, "
-            f"layer_scale: 1.0}}")  # not 1e-5: SGD would move norm2 by less than a float32 ulp
+    return (
+        f"{{depth: 1, dim: {dim}, embed: {{kernel: 3, stride: 2, padding: 1}}, token_mixer: pooling, "
+        f"mixer_options: {{pool_size: 3}}, channel_mixer: mlp, mlp_ratio: 2.0, norm: groupnorm1, "
+        f"layer_scale: 1.0}}"
+    )  # not 1e-5: SGD would move norm2 by less than a float32 ulp
 
 
 TINY_MODEL = f"model.spec={{stages: [{_stage(16)}, {_stage(32)}]}}"
 # Preconditioners refreshed every 2nd step, so that the refresh after the resume reads restored state.
-EXTRA = {"soap": ["optim.precondition_frequency=2"], "shampoo": ["optim.precondition_frequency=2"],
-         "kron": ["optim.precondition_frequency=2"]}
+EXTRA = {
+    "soap": ["optim.precondition_frequency=2"],
+    "shampoo": ["optim.precondition_frequency=2"],
+    "kron": ["optim.precondition_frequency=2"],
+}
 
 
 def test_the_table_is_the_config_literal():
@@ -75,14 +80,22 @@ def test_builds_from_config_and_trains(name):
 def test_resume_is_bit_identical(tmp_path, name):
     """4 steps in one go == 2 steps, checkpoint, a new run() resuming for the other 2 (96 images:
     6 steps an epoch, so both stops fall mid-epoch)."""
-    common = [f"optim.name={name}", "optim.lr=1e-2", TINY_MODEL, *EXTRA.get(name, []), "train.precision=fp32",
-              "train.num_threads=1", "train.limit_train=96", "train.limit_val=16", "train.batch_size=16",
-              "train.epochs=1"]
+    common = [
+        f"optim.name={name}",
+        "optim.lr=1e-2",
+        TINY_MODEL,
+        *EXTRA.get(name, []),
+        "train.precision=fp32",
+        "train.num_threads=1",
+        "train.limit_train=96",
+        "train.limit_val=16",
+        "train.batch_size=16",
+        "train.epochs=1",
+    ]
     ref = run(_cfg(tmp_path, *common, "train.max_steps=4", name="ref"))
     first = run(_cfg(tmp_path, *common, "train.max_steps=2", "checkpoint.every_steps=2", name="split"))
     assert first.steps == 2
-    resumed = run(_cfg(tmp_path, *common, "train.max_steps=4", "checkpoint.every_steps=2", name="split"),
-                  resume="auto")
+    resumed = run(_cfg(tmp_path, *common, "train.max_steps=4", "checkpoint.every_steps=2", name="split"), resume="auto")
     assert ref.steps == resumed.steps == 4
     losses = [s["loss"] for s in _steps(ref.run_dir)]
     assert len(set(losses)) > 1 and all(not s["skipped"] for s in _steps(ref.run_dir))
@@ -148,12 +161,15 @@ def test_unknown_name_is_one_line_naming_the_nearest():
     assert "\n" not in msg and msg.startswith("optim.name: 'sopa' is not one of") and "(did you mean 'soap'?)" in msg
 
 
-@pytest.mark.parametrize("override, name, users", [
-    ("optim.betas=[0.9, 0.95]", "lion", "adamw, lamb, muon"),
-    ("optim.momentum=0.8", "adamw", "sgd, kron"),
-    ("optim.precondition_frequency=5", "adamw", "kron, soap, shampoo"),
-    ("optim.nesterov=false", "muon", "sgd"),
-])
+@pytest.mark.parametrize(
+    "override, name, users",
+    [
+        ("optim.betas=[0.9, 0.95]", "lion", "adamw, lamb, muon"),
+        ("optim.momentum=0.8", "adamw", "sgd, kron"),
+        ("optim.precondition_frequency=5", "adamw", "kron, soap, shampoo"),
+        ("optim.nesterov=false", "muon", "sgd"),
+    ],
+)
 def test_a_field_the_optimizer_does_not_read_is_an_error(override, name, users):
     with pytest.raises(ConfigError) as e:
         load_config(None, [f"optim.name={name}", override])
@@ -182,8 +198,7 @@ def test_layer_decay_groups_follow_the_group_matcher(model_name):
         opt = create_optimizer(model, cfg)
         seen = [names[id(p)] for g in opt.param_groups for p in g["params"]]
         assert sorted(seen) == sorted(names.values()), f"{name}: each parameter in exactly one group"
-        scales[name] = {names[id(p)]: (g["lr_scale"], g["weight_decay"]) for g in opt.param_groups
-                        for p in g["params"]}
+        scales[name] = {names[id(p)]: (g["lr_scale"], g["weight_decay"]) for g in opt.param_groups for p in g["params"]}
     assert scales["adamw"] == scales["sm3"] == scales["muon"]
     for n, p in model.named_parameters():
         lr_scale, wd = scales["adamw"][n]
@@ -199,5 +214,5 @@ def test_layer_decay_groups_follow_the_group_matcher(model_name):
     assert layer_of["stages.0.embed.proj.weight"] == 0
     print(f"\n{model_name}: layer_decay=0.65, {num_layers} layers (group_matcher)")
     for i in reversed(range(num_layers)):
-        members = sorted({".".join(n.split(".")[:4 if ".blocks." in n else 3]) for n in by_layer[i]})
+        members = sorted({".".join(n.split(".")[: 4 if ".blocks." in n else 3]) for n in by_layer[i]})
         print(f"  layer {i}: lr_scale {layer_scale[i]:.4f}  {len(by_layer[i]):2d} params  {', '.join(members)}")

@@ -3,6 +3,7 @@
 The exported program is loaded back and run on a fresh input; its output must match eager
 PyTorch to ``--atol`` (default 1e-4), otherwise the command fails (exit 1) and says by how much.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,16 @@ def export(model: torch.nn.Module, x: torch.Tensor, fmt: str, path: Path) -> Non
     batch = torch.export.Dim("batch", min=1, max=4096)
     with torch.no_grad():
         if fmt == "onnx":
-            torch.onnx.export(model, (x,), str(path), dynamo=True, verbose=False,
-                              input_names=["images"], output_names=["logits"], dynamic_shapes=({0: batch},))
+            torch.onnx.export(
+                model,
+                (x,),
+                str(path),
+                dynamo=True,
+                verbose=False,
+                input_names=["images"],
+                output_names=["logits"],
+                dynamic_shapes=({0: batch},),
+            )
         elif fmt == "torchscript":
             torch.jit.save(torch.jit.trace(model, x), str(path))  # traced graphs are shape-generic
         elif fmt == "exported":
@@ -43,8 +52,16 @@ def run_exported(path: Path, fmt: str, x: torch.Tensor) -> torch.Tensor:
     return torch.export.load(str(path)).module()(x)
 
 
-def export_and_check(model: torch.nn.Module, fmt: str, path: Path, *, img_size: int, in_chans: int = 3,
-                     batch: int = 2, atol: float = 1e-4) -> float:
+def export_and_check(
+    model: torch.nn.Module,
+    fmt: str,
+    path: Path,
+    *,
+    img_size: int,
+    in_chans: int = 3,
+    batch: int = 2,
+    atol: float = 1e-4,
+) -> float:
     """Export, reload, compare with eager on a new input of another batch size; returns the max
     abs difference."""
     model = model.eval()
@@ -85,8 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     except AssertionError as e:
         print(f"zoo.export: {e}", file=sys.stderr)
         return 1
-    print(f"exported {args.name} as {args.format} to {out}; max |exported - eager| = {diff:.2e} on a "
-          f"{img_size}x{img_size} batch")
+    print(
+        f"exported {args.name} as {args.format} to {out}; max |exported - eager| = {diff:.2e} on a "
+        f"{img_size}x{img_size} batch"
+    )
     return 0
 
 

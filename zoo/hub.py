@@ -9,6 +9,7 @@ the weights into a model of your choosing (re-initialising the head for another 
 Folders written before this layout (``overrides`` instead of ``model_args``) still load.
 Both files are written atomically: a crash leaves the previous save intact.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -47,15 +48,26 @@ def save_pretrained(model: nn.Module, directory: str | Path, *, metadata: dict[s
     directory.mkdir(parents=True, exist_ok=True)
     name = getattr(model, "name", None) or model.pretrained_cfg.get("architecture")
     # where the weights came from is not where they are now: timm drops these on export too
-    cfg = {k: v for k, v in model.pretrained_cfg.items()
-           if v is not None and k not in ("architecture", "file", "url", "hf_hub_id", "source", "state_dict")}
+    cfg = {
+        k: v
+        for k, v in model.pretrained_cfg.items()
+        if v is not None and k not in ("architecture", "file", "url", "hf_hub_id", "source", "state_dict")
+    }
     cfg["num_classes"] = model.num_classes
     # user metadata is nested so that it can never overwrite the keys the loaders read
-    config = {"architecture": name, "num_classes": model.num_classes, "num_features": model.num_features,
-              "pretrained_cfg": cfg, "model_args": _overrides(model), "metadata": metadata or {}}
+    config = {
+        "architecture": name,
+        "num_classes": model.num_classes,
+        "num_features": model.num_features,
+        "pretrained_cfg": cfg,
+        "model_args": _overrides(model),
+        "metadata": metadata or {},
+    }
     text = json.dumps(config, indent=2, default=str) + "\n"
     # save_model (not save_file) because weight-shared blocks alias tensors, which safetensors stores once.
-    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_model(model, str(tmp), metadata={"architecture": str(name)}))
+    atomic_write(
+        directory / WEIGHTS_NAME, lambda tmp: save_model(model, str(tmp), metadata={"architecture": str(name)})
+    )
     atomic_write_text(directory / CONFIG_NAME, text)
     return directory
 
@@ -76,8 +88,10 @@ def read_config(directory: str | Path) -> dict[str, Any]:
     import timm
 
     if config["architecture"] not in BASELINES and not timm.is_model(config["architecture"]):
-        raise CheckpointError(f"{path}: unknown architecture {config['architecture']!r} (import the package "
-                              "that registers it; zoo registers zoo_* and its ResNet baselines)")
+        raise CheckpointError(
+            f"{path}: unknown architecture {config['architecture']!r} (import the package "
+            "that registers it; zoo registers zoo_* and its ResNet baselines)"
+        )
     return {**config, "model_args": args}
 
 

@@ -70,15 +70,21 @@ ROUTERS = ("token_choice", "token_choice_bpr", "expert_choice", "soft_moe")
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m zoo.bench moe", description=__doc__.split("\n\n")[0])
-    p.add_argument("--settings", default=",".join(SETTINGS),
-                   help=f"comma-separated, from {', '.join(SETTINGS)} (each: experts, top-k, batch, dim, hidden)")
+    p.add_argument(
+        "--settings",
+        default=",".join(SETTINGS),
+        help=f"comma-separated, from {', '.join(SETTINGS)} (each: experts, top-k, batch, dim, hidden)",
+    )
     p.add_argument("--batch", type=int, default=None, help="images per step, every setting (default: the setting's)")
     p.add_argument("--tokens", type=int, default=197, help="tokens per image (ViT-S/16 at 224: 197)")
     p.add_argument("--dim", type=int, default=None, help="width, every setting (default: the setting's)")
     p.add_argument("--hidden", type=int, default=None, help="hidden width of each expert (default: the setting's)")
     p.add_argument("--capacity-factor", type=float, default=1.2, help="token choice's; <= 0: unlimited")
-    p.add_argument("--padded", action="store_true",
-                   help="also time token choice padded to its full capacity (what torch.compile runs)")
+    p.add_argument(
+        "--padded",
+        action="store_true",
+        help="also time token choice padded to its full capacity (what torch.compile runs)",
+    )
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: usable CPU cores)")
@@ -122,16 +128,24 @@ def _layers(s: Setting, tokens: int, capacity_factor: float, padded: bool) -> di
     layers = {
         "dense": (f"dense Mlp (hidden {s.top_k * s.hidden})", Mlp(s.dim, hidden_dim=s.top_k * s.hidden)),
         "token_choice": (f"token_choice, capacity {cf}", MoE(s.dim, capacity_factor=cf, **moe)),
-        "token_choice_bpr": (f"token_choice + BPR, capacity {cf}",
-                             MoE(s.dim, capacity_factor=cf, batch_priority=True, **moe)),
-        "expert_choice": (f"expert_choice, capacity {ec_factor:.3g} ({ec_capacity}/image)",
-                          MoE(s.dim, router="expert_choice", capacity_factor=ec_factor, **moe)),
-        "soft_moe": (f"soft_moe, {slots} slots/expert",
-                     SoftMoE(s.dim, hidden_dim=s.hidden, num_experts=s.experts, slots_per_expert=slots)),
+        "token_choice_bpr": (
+            f"token_choice + BPR, capacity {cf}",
+            MoE(s.dim, capacity_factor=cf, batch_priority=True, **moe),
+        ),
+        "expert_choice": (
+            f"expert_choice, capacity {ec_factor:.3g} ({ec_capacity}/image)",
+            MoE(s.dim, router="expert_choice", capacity_factor=ec_factor, **moe),
+        ),
+        "soft_moe": (
+            f"soft_moe, {slots} slots/expert",
+            SoftMoE(s.dim, hidden_dim=s.hidden, num_experts=s.experts, slots_per_expert=slots),
+        ),
     }
     if padded:
-        layers["token_choice_padded"] = (f"token_choice, capacity {cf}, padded",
-                                         MoE(s.dim, capacity_factor=cf, trim_capacity=False, **moe))
+        layers["token_choice_padded"] = (
+            f"token_choice, capacity {cf}, padded",
+            MoE(s.dim, capacity_factor=cf, trim_capacity=False, **moe),
+        )
     for _, layer in layers.values():
         if isinstance(layer, MoE):
             _balanced_router_(layer)
@@ -170,21 +184,23 @@ def _measure(s: Setting, args: argparse.Namespace) -> list[tuple[str, ...]]:
             run(name)
     for r in range(args.repeats):
         # Interleave the layers; rotate the order each repeat so none always runs first.
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             times[name].append(run(name))
     tps = {name: num_tokens / statistics.median(ts) for name, ts in times.items()}
     width = {name: s.top_k * s.hidden if name == "dense" else s.hidden for name in layers}
     table = []
     for name in names:
-        table.append((
-            f"{s.experts}e top-{s.top_k}",
-            layers[name][0],
-            f"{tps[name]:.0f}",
-            f"{1e3 * statistics.median(times[name]):.1f}",
-            f"{tps[name] / tps['dense']:.3f}",
-            f"{statistics.median(rows[name]):.0f} x {width[name]}",
-            f"{statistics.mean(dropped[name]):.2%}" if dropped[name] else "-",
-        ))
+        table.append(
+            (
+                f"{s.experts}e top-{s.top_k}",
+                layers[name][0],
+                f"{tps[name]:.0f}",
+                f"{1e3 * statistics.median(times[name]):.1f}",
+                f"{tps[name] / tps['dense']:.3f}",
+                f"{statistics.median(rows[name]):.0f} x {width[name]}",
+                f"{statistics.mean(dropped[name]):.2%}" if dropped[name] else "-",
+            )
+        )
     return table
 
 
@@ -197,16 +213,21 @@ def main(argv: list[str] | None = None) -> int:
     settings = {}
     for key in args.settings.split(","):
         s = SETTINGS[key]
-        settings[key] = dataclasses.replace(s, batch=args.batch or s.batch, dim=args.dim or s.dim,
-                                            hidden=args.hidden or s.hidden)
+        settings[key] = dataclasses.replace(
+            s, batch=args.batch or s.batch, dim=args.dim or s.dim, hidden=args.hidden or s.hidden
+        )
 
-    print(f"MoE routers vs a dense FFN of equal active FLOPs, forward+backward, training mode, CPU, "
-          f"torch {torch.__version__}, torch threads={torch.get_num_threads()}")
+    print(
+        f"MoE routers vs a dense FFN of equal active FLOPs, forward+backward, training mode, CPU, "
+        f"torch {torch.__version__}, torch threads={torch.get_num_threads()}"
+    )
     print(f"machine: {describe().summary()}")
     for key, s in settings.items():
-        print(f"{key}: {s.experts} experts x hidden {s.hidden}, top_k={s.top_k}, dim={s.dim}, "
-              f"{s.batch} images x {args.tokens} tokens = {s.batch * args.tokens} tokens a step; "
-              f"dense hidden {s.top_k * s.hidden}")
+        print(
+            f"{key}: {s.experts} experts x hidden {s.hidden}, top_k={s.top_k}, dim={s.dim}, "
+            f"{s.batch} images x {args.tokens} tokens = {s.batch * args.tokens} tokens a step; "
+            f"dense hidden {s.top_k * s.hidden}"
+        )
     print(f"warmup {args.warmup}, median of {args.repeats} interleaved repeats")
     load_before = os.getloadavg()[0]
     for s in settings.values():  # each setting's table as soon as it is measured

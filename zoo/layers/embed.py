@@ -1,4 +1,5 @@
 """Patch / token embeddings: the strided convolution that opens every stage."""
+
 from __future__ import annotations
 
 import torch
@@ -15,8 +16,17 @@ class ConvEmbed(nn.Module):
     the stage decides whether to flatten it into tokens.
     """
 
-    def __init__(self, in_dim: int, dim: int, *, kernel: int, stride: int, padding: int,
-                 norm: str = "identity", bias: bool = True):
+    def __init__(
+        self,
+        in_dim: int,
+        dim: int,
+        *,
+        kernel: int,
+        stride: int,
+        padding: int,
+        norm: str = "identity",
+        bias: bool = True,
+    ):
         super().__init__()
         self.kernel, self.stride, self.padding = kernel, stride, padding
         self.proj = nn.Conv2d(in_dim, dim, kernel_size=kernel, stride=stride, padding=padding, bias=bias)

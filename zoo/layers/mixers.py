@@ -18,6 +18,7 @@ Registered: ``pooling`` (PoolFormer), ``attention`` (ViT/DeiT), ``conv_attention
 convolutional projection; depthwise or per-head groups), ``token_shift`` (ShiftViT),
 ``spatial_gating`` (gMLP's whole gated unit), ``identity``.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -42,8 +43,10 @@ def register_token_mixer(name: str) -> Callable[[type[nn.Module]], type[nn.Modul
     def add(cls: type[nn.Module]) -> type[nn.Module]:
         layout = getattr(cls, "layout", None)
         if layout not in ("nchw", "nlc", "any"):
-            raise TypeError(f"token mixer {name!r} ({cls.__name__}) must declare a class attribute layout = "
-                            f"'nchw', 'nlc' or 'any', got {layout!r}")
+            raise TypeError(
+                f"token mixer {name!r} ({cls.__name__}) must declare a class attribute layout = "
+                f"'nchw', 'nlc' or 'any', got {layout!r}"
+            )
         TOKEN_MIXERS[name] = cls
         return cls
 
@@ -56,8 +59,9 @@ def token_mixer_layout(name: str) -> str:
 
 def _mixer_class(name: str) -> type[nn.Module]:
     if name not in TOKEN_MIXERS:
-        raise ValueError(f"unknown token mixer {name!r}; expected one of {sorted(TOKEN_MIXERS)}"
-                         + suggest(name, TOKEN_MIXERS))
+        raise ValueError(
+            f"unknown token mixer {name!r}; expected one of {sorted(TOKEN_MIXERS)}" + suggest(name, TOKEN_MIXERS)
+        )
     return TOKEN_MIXERS[name]
 
 
@@ -69,8 +73,9 @@ def create_token_mixer(name: str, dim: int, options: dict, context: dict) -> nn.
     unknown = set(options) - accepted
     if unknown:
         bad = min(unknown)
-        raise TypeError(f"token mixer {name!r} has no option {bad!r}; it accepts {sorted(accepted)}"
-                        + suggest(bad, accepted))
+        raise TypeError(
+            f"token mixer {name!r} has no option {bad!r}; it accepts {sorted(accepted)}" + suggest(bad, accepted)
+        )
     needed = {k: context[k] for k in getattr(cls, "stage_context", ())}
     return cls(dim, **options, **needed)
 
@@ -86,8 +91,10 @@ def resolve_num_heads(mixer: str, dim: int, num_heads: int | None, head_dim: int
             raise ValueError(f"{mixer}: head_dim must be a positive int, got {head_dim!r}")
         num_heads = max(1, dim // head_dim)
         if dim % num_heads:
-            raise ValueError(f"{mixer}: dim {dim} is not divisible by the {num_heads} heads that head_dim "
-                             f"{head_dim} gives; pass num_heads (a divisor of {dim})")
+            raise ValueError(
+                f"{mixer}: dim {dim} is not divisible by the {num_heads} heads that head_dim "
+                f"{head_dim} gives; pass num_heads (a divisor of {dim})"
+            )
         return num_heads
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
         raise ValueError(f"{mixer}: num_heads must be a positive int, got {num_heads!r}")
@@ -134,8 +141,17 @@ class Attention(nn.Module):
 
     layout = "nlc"
 
-    def __init__(self, dim: int, *, num_heads: int | None = None, head_dim: int = 32, qkv_bias: bool = True,
-                 attn_drop: float = 0.0, proj_drop: float = 0.0, fused_attn: bool | None = None):
+    def __init__(
+        self,
+        dim: int,
+        *,
+        num_heads: int | None = None,
+        head_dim: int = 32,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        fused_attn: bool | None = None,
+    ):
         super().__init__()
         num_heads = resolve_num_heads("attention", dim, num_heads, head_dim)
         self.num_heads = num_heads
@@ -188,8 +204,9 @@ class ConvProjection(nn.Module):
 
     def __init__(self, dim: int, *, kernel: int, stride: int, groups: int):
         super().__init__()
-        self.conv = nn.Conv2d(dim, dim, kernel_size=kernel, stride=stride, padding=kernel // 2, groups=groups,
-                              bias=False)
+        self.conv = nn.Conv2d(
+            dim, dim, kernel_size=kernel, stride=stride, padding=kernel // 2, groups=groups, bias=False
+        )
         self.bn = nn.BatchNorm2d(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -228,16 +245,29 @@ class ConvAttention(nn.Module):
     layout = "nlc"
     stage_context = ("num_prefix_tokens",)
 
-    def __init__(self, dim: int, *, num_heads: int | None = None, head_dim: int = 32,
-                 groups: Literal["depthwise", "heads"] | int = "depthwise",
-                 kernel: int = 3, stride_q: int = 1, stride_kv: int = 2, qkv_bias: bool = True,
-                 scale: Literal["head_dim", "dim"] = "head_dim", attn_drop: float = 0.0, proj_drop: float = 0.0,
-                 num_prefix_tokens: int = 0):
+    def __init__(
+        self,
+        dim: int,
+        *,
+        num_heads: int | None = None,
+        head_dim: int = 32,
+        groups: Literal["depthwise", "heads"] | int = "depthwise",
+        kernel: int = 3,
+        stride_q: int = 1,
+        stride_kv: int = 2,
+        qkv_bias: bool = True,
+        scale: Literal["head_dim", "dim"] = "head_dim",
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        num_prefix_tokens: int = 0,
+    ):
         super().__init__()
         num_heads = resolve_num_heads("conv_attention", dim, num_heads, head_dim)
         if stride_q != 1:
-            raise ValueError(f"conv_attention: stride_q must be 1 (got {stride_q}): a block adds the mixer's "
-                             "output to its input, so the queries must keep every token")
+            raise ValueError(
+                f"conv_attention: stride_q must be 1 (got {stride_q}): a block adds the mixer's "
+                "output to its input, so the queries must keep every token"
+            )
         if groups == "depthwise":
             n_groups = dim
         elif groups == "heads":
@@ -245,8 +275,10 @@ class ConvAttention(nn.Module):
         elif isinstance(groups, int) and not isinstance(groups, bool) and groups > 0 and dim % groups == 0:
             n_groups = groups
         else:
-            raise ValueError(f"conv_attention: groups must be 'depthwise', 'heads' or a positive divisor of "
-                             f"dim {dim}, got {groups!r}")
+            raise ValueError(
+                f"conv_attention: groups must be 'depthwise', 'heads' or a positive divisor of "
+                f"dim {dim}, got {groups!r}"
+            )
         if scale not in ("head_dim", "dim"):
             raise ValueError(f"conv_attention: scale must be 'head_dim' or 'dim', got {scale!r}")
         self.num_heads = num_heads
@@ -277,8 +309,9 @@ class ConvAttention(nn.Module):
         q = self._heads(self.proj_q(q))  # (B, heads, N, hd)
         k = self._heads(self.proj_k(k))  # (B, heads, Nkv, hd)
         v = self._heads(self.proj_v(v))  # (B, heads, Nkv, hd)
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0,
-                                           scale=self.scale)  # (B, heads, N, hd)
+        x = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale
+        )  # (B, heads, N, hd)
         x = x.transpose(1, 2).reshape(B, N, C)  # (B, heads, N, hd) -> (B, N, C)
         return self.proj_drop(self.proj(x))
 
@@ -335,8 +368,16 @@ class SpatialGating(nn.Module):
     layout = "nlc"
     stage_context = ("num_tokens",)
 
-    def __init__(self, dim: int, *, num_tokens: int, ffn_ratio: float = 6.0, act: str = "gelu",
-                 gate_norm_eps: float = 1e-5, drop: float = 0.0):
+    def __init__(
+        self,
+        dim: int,
+        *,
+        num_tokens: int,
+        ffn_ratio: float = 6.0,
+        act: str = "gelu",
+        gate_norm_eps: float = 1e-5,
+        drop: float = 0.0,
+    ):
         super().__init__()
         hidden = int(dim * ffn_ratio)
         if hidden % 2:
@@ -356,17 +397,32 @@ class SpatialGating(nn.Module):
         nn.init.ones_(self.proj.bias)
 
     def _can_fuse(self, x: torch.Tensor) -> bool:
-        return (type(self.act) is nn.GELU and (self.drop1.p == 0 or not self.training)
-                and fused_backward_allowed(x, self.fc1, self.act, self.drop1, self.norm, self.proj, self.fc2))
+        return (
+            type(self.act) is nn.GELU
+            and (self.drop1.p == 0 or not self.training)
+            and fused_backward_allowed(x, self.fc1, self.act, self.drop1, self.norm, self.proj, self.fc2)
+        )
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         if x.shape[1] != self.num_tokens:
-            raise ValueError(f"spatial_gating is built for {self.num_tokens} tokens, the input has {x.shape[1]}: "
-                             "create the model with the img_size you feed it")
+            raise ValueError(
+                f"spatial_gating is built for {self.num_tokens} tokens, the input has {x.shape[1]}: "
+                "create the model with the img_size you feed it"
+            )
         if self._can_fuse(x):  # training: the same ops, a backward that reuses their memory
-            x = SpatialGatingFunction.apply(x, self.fc1.weight, self.fc1.bias, self.norm.weight, self.norm.bias,
-                                            self.proj.weight, self.proj.bias, self.fc2.weight, self.fc2.bias,
-                                            self.norm.eps, self.act.approximate)  # (B, N, C) -> (B, N, C)
+            x = SpatialGatingFunction.apply(
+                x,
+                self.fc1.weight,
+                self.fc1.bias,
+                self.norm.weight,
+                self.norm.bias,
+                self.proj.weight,
+                self.proj.bias,
+                self.fc2.weight,
+                self.fc2.bias,
+                self.norm.eps,
+                self.act.approximate,
+            )  # (B, N, C) -> (B, N, C)
             return self.drop2(x)
         x = self.drop1(self.act(self.fc1(x)))  # (B, N, C) -> (B, N, hidden)
         u, v = x.chunk(2, dim=-1)  # 2 x (B, N, hidden/2)

@@ -113,13 +113,18 @@ class Mlp(nn.Module):
         """Whether this forward (on tokens or on maps) may take ``GeluMlpFunction``: a GELU MLP
         without dropout between its layers (or in eval), where ``fused_backward_allowed`` says the
         plain ops need not run."""
-        return (type(self.act) is nn.GELU and self.fc1_branches == 1 and (self.drop1.p == 0 or not self.training)
-                and fused_backward_allowed(x, self.fc1, self.act, self.drop1, self.fc2))
+        return (
+            type(self.act) is nn.GELU
+            and self.fc1_branches == 1
+            and (self.drop1.p == 0 or not self.training)
+            and fused_backward_allowed(x, self.fc1, self.act, self.drop1, self.fc2)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._can_fuse(x):
-            x = GeluMlpFunction.apply(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
-                                      self.act.approximate, False)  # on tokens: (..., dim) -> (..., dim)
+            x = GeluMlpFunction.apply(
+                x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, self.act.approximate, False
+            )  # on tokens: (..., dim) -> (..., dim)
             return self.drop2(x)
         x = self.fc1(x)  # (..., dim) -> (..., branches * hidden_dim)
         x = self.drop1(self.activate(x, -1))
@@ -135,8 +140,9 @@ class Mlp(nn.Module):
         (``zoo_poolformer_s12`` row).
         """
         if self._can_fuse(x):
-            x = GeluMlpFunction.apply(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
-                                      self.act.approximate, True)  # on_map: (B, dim, H, W) -> (B, dim, H, W)
+            x = GeluMlpFunction.apply(
+                x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, self.act.approximate, True
+            )  # on_map: (B, dim, H, W) -> (B, dim, H, W)
             return self.drop2(x)
         x = F.conv2d(x, self.fc1.weight[:, :, None, None], self.fc1.bias)  # (B, dim, H, W) -> (B, br*hidden, H, W)
         x = self.drop1(self.activate(x, 1))
@@ -212,9 +218,7 @@ def _options_of(ctor: Callable[..., nn.Module]) -> list[str]:
     return [
         p.name
         for p in params
-        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
-        and p.name not in _COMMON_ARGS
-        and p.name not in fixed
+        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name not in _COMMON_ARGS and p.name not in fixed
     ]
 
 
@@ -245,7 +249,10 @@ def create_channel_mixer(
         raise TypeError(
             f"channel mixer {name!r} got unknown option(s) {', '.join(map(repr, unknown))}; "
             f"valid options: {', '.join(valid) if valid else '(none)'}"
-            + ("; dim, hidden_dim, bias and drop are arguments, not options"
-               if any(k in _COMMON_ARGS for k in unknown) else "")
+            + (
+                "; dim, hidden_dim, bias and drop are arguments, not options"
+                if any(k in _COMMON_ARGS for k in unknown)
+                else ""
+            )
         )
     return ctor(dim, hidden_dim=hidden_dim, bias=bias, drop=drop, **options)

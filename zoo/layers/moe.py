@@ -57,8 +57,16 @@ __all__ = ["ROUTERS", "MoE", "collect_aux_loss", "expert_mlp", "moe_modules", "r
 ROUTERS = ("token_choice", "expert_choice")
 
 
-def expert_mlp(buf: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor | None, fc2_weight: torch.Tensor,
-               fc2_bias: torch.Tensor | None, act: nn.Module, drop1: nn.Module, drop2: nn.Module) -> torch.Tensor:
+def expert_mlp(
+    buf: torch.Tensor,
+    fc1_weight: torch.Tensor,
+    fc1_bias: torch.Tensor | None,
+    fc2_weight: torch.Tensor,
+    fc2_bias: torch.Tensor | None,
+    act: nn.Module,
+    drop1: nn.Module,
+    drop2: nn.Module,
+) -> torch.Tensor:
     """``E`` feed-forward experts on their buffers at once: ``(E, S, C) -> (E, S, C)``, one
     ``baddbmm`` per linear, weights stacked in ``nn.Linear``'s (out, in) layout per expert:
     ``fc1_weight (E, H, C)``, ``fc2_weight (E, C, H)``.
@@ -198,24 +206,31 @@ class MoE(nn.Module):
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
         if router not in ROUTERS:
-            raise ValueError(f"router must be one of {', '.join(map(repr, ROUTERS))}, got {router!r}"
-                             f"{suggest(str(router), ROUTERS)}")
-        if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)
-                                       or group_size < 1):
-            raise ValueError(f"group_size must be a number of images >= 1, or None for the whole call; "
-                             f"got {group_size!r}")
+            raise ValueError(
+                f"router must be one of {', '.join(map(repr, ROUTERS))}, got {router!r}{suggest(str(router), ROUTERS)}"
+            )
+        if group_size is not None and (
+            isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1
+        ):
+            raise ValueError(
+                f"group_size must be a number of images >= 1, or None for the whole call; got {group_size!r}"
+            )
         if not isinstance(batch_priority, bool):
             raise ValueError(f"batch_priority must be True or False, got {batch_priority!r}")
         if batch_priority and router != "token_choice":
-            raise ValueError(f"batch_priority applies to router='token_choice' only (an expert-choice expert "
-                             f"ranks tokens itself), got router={router!r}")
+            raise ValueError(
+                f"batch_priority applies to router='token_choice' only (an expert-choice expert "
+                f"ranks tokens itself), got router={router!r}"
+            )
         for name, value in (("capacity_factor", capacity_factor), ("eval_capacity_factor", eval_capacity_factor)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise ValueError(f"{name} must be a number or None, got {value!r}")
             unlimited = (value is not None and value <= 0) or (name == "capacity_factor" and value is None)
             if router == "expert_choice" and unlimited:
-                raise ValueError(f"{name} must be > 0 for router='expert_choice' (each expert takes "
-                                 f"capacity_factor * top_k * T_g / num_experts tokens of a group), got {value!r}")
+                raise ValueError(
+                    f"{name} must be > 0 for router='expert_choice' (each expert takes "
+                    f"capacity_factor * top_k * T_g / num_experts tokens of a group), got {value!r}"
+                )
         self.dim = dim
         self.hidden_dim = hidden_dim
         self.num_experts = num_experts
@@ -360,8 +375,9 @@ class MoE(nn.Module):
         with gate 0, which adds exactly zero to the output and to every gradient."""
         buf = x_flat.index_select(0, slot_token)  # (E*S, C), kept tokens grouped by expert
         buf = buf.view(self.num_experts, -1, self.dim)  # (E*S, C) -> (E, S, C)
-        out = expert_mlp(buf, self.fc1_weight, self.fc1_bias, self.fc2_weight, self.fc2_bias,
-                         self.act, self.drop1, self.drop2)  # (E, S, C)
+        out = expert_mlp(
+            buf, self.fc1_weight, self.fc1_bias, self.fc2_weight, self.fc2_bias, self.act, self.drop1, self.drop2
+        )  # (E, S, C)
         # gate in the compute dtype (bf16 under autocast), then (E, S, C) -> (E*S, C), slot-major
         out = (out * slot_gate.to(out.dtype).view(self.num_experts, -1, 1)).reshape(-1, self.dim)
         return torch.zeros_like(x_flat, dtype=out.dtype).index_add_(0, slot_token, out)  # (T, C)
@@ -373,8 +389,9 @@ class MoE(nn.Module):
             return self.trim_capacity
         return unlimited or device.type == "cpu"
 
-    def _route_token_choice(self, probs: torch.Tensor, group_tokens: int
-                            ) -> tuple[torch.Tensor, torch.Tensor, dict[str, object]]:
+    def _route_token_choice(
+        self, probs: torch.Tensor, group_tokens: int
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, object]]:
         """Top-k token choice with a capacity per (expert, group): the slot table and stats."""
         num_tokens, num_experts = probs.shape
         top_k = self.top_k
@@ -461,8 +478,9 @@ class MoE(nn.Module):
         }
         return slot_token, slot_gate, stats
 
-    def _route_expert_choice(self, probs: torch.Tensor, group_tokens: int
-                             ) -> tuple[torch.Tensor, torch.Tensor, dict[str, object]]:
+    def _route_expert_choice(
+        self, probs: torch.Tensor, group_tokens: int
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, object]]:
         """Expert choice: each expert takes the ``capacity(T_g)`` tokens of each group with the
         highest probability for it, gated by that probability. Shape-polymorphic (traceable)
         when every group is full, e.g. one image per group."""
@@ -481,7 +499,7 @@ class MoE(nn.Module):
         valid = None
         if pad and self.capacity(group_tokens - pad) < capacity:  # the short last group takes fewer
             valid = torch.ones_like(token, dtype=torch.bool)
-            valid[-1, :, self.capacity(group_tokens - pad):] = False
+            valid[-1, :, self.capacity(group_tokens - pad) :] = False
             token = torch.where(valid, token, 0)
             gate = torch.where(valid, gate, 0.0)
         slot_token = token.permute(1, 0, 2).reshape(-1)  # (G, E, C) -> (E, G, C) -> (E*G*C,), expert-major
@@ -493,8 +511,12 @@ class MoE(nn.Module):
         else:
             kept = valid.sum(dim=(0, 2))  # (E,)
         # a taken token has a positive probability; an empty slot (token 0, gate 0) counts nothing
-        taken = torch.zeros(num_tokens, dtype=torch.long, device=device).index_add_(
-            0, slot_token, (slot_gate.view(-1) > 0).long()) > 0  # (T,)
+        taken = (
+            torch.zeros(num_tokens, dtype=torch.long, device=device).index_add_(
+                0, slot_token, (slot_gate.view(-1) > 0).long()
+            )
+            > 0
+        )  # (T,)
         stats = {
             "groups": num_groups,
             "group_tokens": group_tokens,
@@ -521,8 +543,10 @@ class MoE(nn.Module):
         per_image = len(shape) >= 3
         if self.router_type == "expert_choice":
             if self.group_size != 1 or not per_image:
-                raise RuntimeError("MoE(router='expert_choice') traces with group_size=1 on (B, ..., dim) "
-                                   f"input only, got group_size={self.group_size} and shape {tuple(shape)}")
+                raise RuntimeError(
+                    "MoE(router='expert_choice') traces with group_size=1 on (B, ..., dim) "
+                    f"input only, got group_size={self.group_size} and shape {tuple(shape)}"
+                )
             slot_token, slot_gate, _ = self._route_expert_choice(probs, self.group_tokens(shape))
             return self._run_experts(x_flat, slot_token, slot_gate)
 

@@ -107,15 +107,17 @@ class SoftMoE(nn.Module):
         return self.num_experts * self.slots_per_expert
 
     def reset_parameters(self) -> None:
-        nn.init.normal_(self.slot_embed, std=self.dim ** -0.5)
+        nn.init.normal_(self.slot_embed, std=self.dim**-0.5)
         if self.scale is not None:
             nn.init.ones_(self.scale)
         trunc_normal_init_(self.fc1_weight, self.fc1_bias)
         trunc_normal_init_(self.fc2_weight, self.fc2_bias)
 
     def extra_repr(self) -> str:
-        return (f"dim={self.dim}, hidden_dim={self.hidden_dim}, num_experts={self.num_experts}, "
-                f"slots_per_expert={self.slots_per_expert}, normalize={self.normalize}")
+        return (
+            f"dim={self.dim}, hidden_dim={self.hidden_dim}, num_experts={self.num_experts}, "
+            f"slots_per_expert={self.slots_per_expert}, normalize={self.normalize}"
+        )
 
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token-slot logits ``(B, N, dim) -> (B, N, S)``, fp32 even under autocast."""
@@ -137,8 +139,9 @@ class SoftMoE(nn.Module):
         slots = torch.matmul(dispatch.transpose(1, 2).to(tokens.dtype), tokens)
         # (B, S, C) -> (B, E, p, C) -> (E, B, p, C) -> (E, B*p, C): every expert's slots of every image
         buf = slots.view(-1, num_experts, slots_per_expert, self.dim).transpose(0, 1).reshape(num_experts, -1, self.dim)
-        out = expert_mlp(buf, self.fc1_weight, self.fc1_bias, self.fc2_weight, self.fc2_bias,
-                         self.act, self.drop1, self.drop2)  # (E, B*p, C)
+        out = expert_mlp(
+            buf, self.fc1_weight, self.fc1_bias, self.fc2_weight, self.fc2_bias, self.act, self.drop1, self.drop2
+        )  # (E, B*p, C)
         # (E, B*p, C) -> (E, B, p, C) -> (B, E, p, C) -> (B, S, C)
         out = out.view(num_experts, -1, slots_per_expert, self.dim).transpose(0, 1).reshape(-1, num_slots, self.dim)
         y = torch.matmul(combine.to(out.dtype), out)  # (B, N, S) @ (B, S, C) -> (B, N, C)

@@ -35,6 +35,7 @@ from .strict import ConfigError, apply_overrides, bounds, from_dict, to_dict
 
 __all__ = [
     "DEFAULT_CONFIG",
+    "EXECUTION_KEYS",
     "CheckpointConfig",
     "DebugConfig",
     "DistillConfig",
@@ -46,11 +47,10 @@ __all__ = [
     "OptimConfig",
     "ScheduleConfig",
     "TrainConfig",
-    "EXECUTION_KEYS",
     "changed_keys",
-    "recipe_changes",
     "config_to_yaml",
     "load_config",
+    "recipe_changes",
 ]
 
 # `python train_vision.py` with no --config trains this (a small zoo model on MNIST-5k).
@@ -132,8 +132,10 @@ class OptimConfig:
         for key in per_optimizer_fields():
             if key not in OPTIMIZERS[self.name].reads and getattr(self, key) != defaults[key]:
                 users = [n for n, spec in OPTIMIZERS.items() if key in spec.reads]
-                raise ValueError(f"{key}: optim.name {self.name!r} does not use it (read by {', '.join(users)}); "
-                                 f"leave it at its default {shown(defaults[key])}")
+                raise ValueError(
+                    f"{key}: optim.name {self.name!r} does not use it (read by {', '.join(users)}); "
+                    f"leave it at its default {shown(defaults[key])}"
+                )
 
 
 @dataclass(frozen=True)
@@ -169,8 +171,9 @@ class DistillConfig:
 
     def validate(self) -> None:
         if self.type != "none" and not (self.teacher and self.teacher_checkpoint):
-            raise ValueError(f"teacher: distill.type {self.type!r} needs distill.teacher and "
-                             "distill.teacher_checkpoint")
+            raise ValueError(
+                f"teacher: distill.type {self.type!r} needs distill.teacher and distill.teacher_checkpoint"
+            )
 
 
 @dataclass(frozen=True)
@@ -243,7 +246,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     if base is not None:
         if not isinstance(base, str):
             raise ConfigError(f"base: expected a file name, got {base!r}")
-        data = _merge(_read_yaml(path.parent / base, seen + (path.resolve(),)), data)
+        data = _merge(_read_yaml(path.parent / base, (*seen, path.resolve())), data)
     return data
 
 
@@ -282,4 +285,3 @@ def changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
 def config_to_yaml(cfg: TrainConfig) -> str:
     """The resolved config as YAML (``load_config`` reads it back to an equal config)."""
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
-

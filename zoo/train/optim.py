@@ -79,8 +79,17 @@ from torch import nn
 from .config import OptimConfig, TrainConfig
 from .strict import ConfigError
 
-__all__ = ["MUON_LR_SCALE", "OPTIMIZERS", "CombinedOptimizer", "OptimizerSpec", "create_optimizer", "lr_at",
-           "muon_param_sets", "peak_lr", "per_optimizer_fields"]
+__all__ = [
+    "MUON_LR_SCALE",
+    "OPTIMIZERS",
+    "CombinedOptimizer",
+    "OptimizerSpec",
+    "create_optimizer",
+    "lr_at",
+    "muon_param_sets",
+    "peak_lr",
+    "per_optimizer_fields",
+]
 
 
 def peak_lr(cfg: TrainConfig) -> float:
@@ -98,9 +107,18 @@ Factory = Callable[[nn.Module, float, OptimConfig, dict[str, Any]], torch.optim.
 
 def _timm(opt: str) -> Factory:
     """timm's factory, which applies DeiT's rule itself (``filter_bias_and_bn``)."""
+
     def build(model: nn.Module, lr: float, o: OptimConfig, kwargs: dict[str, Any]) -> torch.optim.Optimizer:
-        return create_optimizer_v2(model, opt=opt, lr=lr, weight_decay=o.weight_decay,
-                                   filter_bias_and_bn=o.no_decay_on_1d, layer_decay=o.layer_decay, **kwargs)
+        return create_optimizer_v2(
+            model,
+            opt=opt,
+            lr=lr,
+            weight_decay=o.weight_decay,
+            filter_bias_and_bn=o.no_decay_on_1d,
+            layer_decay=o.layer_decay,
+            **kwargs,
+        )
+
     return build
 
 
@@ -123,11 +141,19 @@ def _decay_groups(model: nn.Module, o: OptimConfig) -> list[dict[str, Any]]:
     ``create_optimizer_v2`` builds them from a model (same calls, same arguments)."""
     no_weight_decay = getattr(model, "no_weight_decay", lambda: set())()
     if o.layer_decay is not None:
-        return param_groups_layer_decay(model, weight_decay=o.weight_decay, layer_decay=o.layer_decay,
-                                        no_weight_decay_list=no_weight_decay,
-                                        weight_decay_exclude_1d=o.no_decay_on_1d)
-    return param_groups_weight_decay(model, weight_decay=o.weight_decay, weight_decay_exclude_1d=o.no_decay_on_1d,
-                                     no_weight_decay_list=no_weight_decay)
+        return param_groups_layer_decay(
+            model,
+            weight_decay=o.weight_decay,
+            layer_decay=o.layer_decay,
+            no_weight_decay_list=no_weight_decay,
+            weight_decay_exclude_1d=o.no_decay_on_1d,
+        )
+    return param_groups_weight_decay(
+        model,
+        weight_decay=o.weight_decay,
+        weight_decay_exclude_1d=o.no_decay_on_1d,
+        no_weight_decay_list=no_weight_decay,
+    )
 
 
 def _load(path: str) -> type:
@@ -147,9 +173,11 @@ def _checked_kwargs(cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
 
 def _grouped(path: str) -> Factory:
     """A class from another library, given timm's weight-decay param groups."""
+
     def build(model: nn.Module, lr: float, o: OptimConfig, kwargs: dict[str, Any]) -> torch.optim.Optimizer:
         cls = _load(path)
         return cls(_decay_groups(model, o), lr=lr, **_checked_kwargs(cls, kwargs))
+
     return build
 
 
@@ -170,8 +198,9 @@ def _sm3(model: nn.Module, lr: float, o: OptimConfig, kwargs: dict[str, Any]) ->
             for g in self.param_groups:
                 for p in g["params"]:
                     if p.grad is not None:
-                        self.apply_weight_decay(p, p.grad, g["lr"], g["weight_decay"], weight_decouple=True,
-                                                fixed_decay=False)
+                        self.apply_weight_decay(
+                            p, p.grad, g["lr"], g["weight_decay"], weight_decouple=True, fixed_decay=False
+                        )
             super().step()
             return loss
 
@@ -197,8 +226,10 @@ def muon_param_sets(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Param
 def _muon(model: nn.Module, lr: float, o: OptimConfig, kwargs: dict[str, Any]) -> torch.optim.Optimizer:
     muon_ids = {id(p) for p in muon_param_sets(model)[0]}
     if not muon_ids:
-        raise ConfigError(f"optim.name: muon needs 2-D weight matrices in the zoo backbone's blocks; "
-                          f"{type(model).__name__} has none (use another optimizer for it)")
+        raise ConfigError(
+            f"optim.name: muon needs 2-D weight matrices in the zoo backbone's blocks; "
+            f"{type(model).__name__} has none (use another optimizer for it)"
+        )
     muon_groups, adamw_groups = [], []
     for g in _decay_groups(model, o):  # DeiT's rule (and layer decay) first, then the split: both halves keep it
         mats = [p for p in g["params"] if id(p) in muon_ids]
@@ -279,6 +310,7 @@ class CombinedOptimizer(torch.optim.Optimizer):
 # ---------------------------------------------------------------------------------------------
 # The catalogue
 
+
 def _kw(name: str, convert: Callable[[Any], Any] = lambda v: v) -> Callable[[Any], dict[str, Any]]:
     return lambda v: {name: convert(v)}
 
@@ -306,61 +338,93 @@ class OptimizerSpec:
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     "adamw": OptimizerSpec(
-        _timm("adamw"), {}, reads=_BETAS_EPS,
+        _timm("adamw"),
+        {},
+        reads=_BETAS_EPS,
         source="torch.optim.AdamW via timm; Loshchilov & Hutter 2019. optim.betas (0.9, 0.999) and optim.eps "
-               "1e-8 default to torch's defaults, which DeiT uses"),
+        "1e-8 default to torch's defaults, which DeiT uses",
+    ),
     "sgd": OptimizerSpec(
-        _timm("sgd"), {}, reads={"momentum": _kw("momentum"), "nesterov": _kw("nesterov")},
+        _timm("sgd"),
+        {},
+        reads={"momentum": _kw("momentum"), "nesterov": _kw("nesterov")},
         source="torch.optim.SGD via timm ('sgd' = Nesterov); optim.momentum 0.9 and optim.nesterov true "
-               "default to timm's factory defaults (momentum 0.9, nesterov for 'sgd')"),
+        "default to timm's factory defaults (momentum 0.9, nesterov for 'sgd')",
+    ),
     "lamb": OptimizerSpec(
-        _timm("lamb"), {}, reads=_BETAS_EPS,
+        _timm("lamb"),
+        {},
+        reads=_BETAS_EPS,
         source="timm.optim.Lamb; You et al. 2020. betas (0.9, 0.999) as timm; optim.eps defaults to 1e-8 "
-               "(timm's Lamb default is 1e-6, which configs/rsb_a3_resnet50_imagenet.yaml sets)"),
+        "(timm's Lamb default is 1e-6, which configs/rsb_a3_resnet50_imagenet.yaml sets)",
+    ),
     "lion": OptimizerSpec(
-        _timm("lion"), {"betas": (0.9, 0.99)},
+        _timm("lion"),
+        {"betas": (0.9, 0.99)},
         source="timm.optim.Lion; Chen et al. 2023 ('Symbolic Discovery of Optimization Algorithms'): "
-               "betas (0.9, 0.99), the paper's default and timm's. The paper advises an lr 3-10x lower and "
-               "a weight decay 3-10x higher than AdamW's"),
+        "betas (0.9, 0.99), the paper's default and timm's. The paper advises an lr 3-10x lower and "
+        "a weight decay 3-10x higher than AdamW's",
+    ),
     "kron": OptimizerSpec(
-        _kron, {"deterministic": True},
-        reads={"momentum": _kw("momentum"),
-               "precondition_frequency": _kw("preconditioner_update_probability", _every)},
+        _kron,
+        {"deterministic": True},
+        reads={"momentum": _kw("momentum"), "precondition_frequency": _kw("preconditioner_update_probability", _every)},
         source="timm.optim.Kron (PSGD-Kron; Li 2015/2018, Evan Walters' kron_torch). momentum 0.9 (timm's), "
-               "precond_lr 0.1, precond_init_scale 1.0, max_size_triangular 2048: timm's defaults; "
-               "preconditioner update probability: timm's schedule (every step for 500 steps, annealed to 0.03 "
-               "by ~4000) unless optim.precondition_frequency N (every N-th step). deterministic: see above"),
+        "precond_lr 0.1, precond_init_scale 1.0, max_size_triangular 2048: timm's defaults; "
+        "preconditioner update probability: timm's schedule (every step for 500 steps, annealed to 0.03 "
+        "by ~4000) unless optim.precondition_frequency N (every N-th step). deterministic: see above",
+    ),
     "soap": OptimizerSpec(
         _grouped("pytorch_optimizer.SOAP"),
-        {"betas": (0.95, 0.95), "shampoo_beta": None, "eps": 1e-8, "precondition_frequency": 10,
-         "max_precondition_dim": 10000, "merge_dims": False, "precondition_1d": False, "correct_bias": True},
+        {
+            "betas": (0.95, 0.95),
+            "shampoo_beta": None,
+            "eps": 1e-8,
+            "precondition_frequency": 10,
+            "max_precondition_dim": 10000,
+            "merge_dims": False,
+            "precondition_1d": False,
+            "correct_bias": True,
+        },
         reads={"precondition_frequency": _kw("precondition_frequency")},
         source="pytorch_optimizer.SOAP; Vyas et al. 2024 ('SOAP: Improving and Stabilizing Shampoo using Adam', "
-               "official README: betas (0.95, 0.95), precondition_frequency 10), pytorch-optimizer's defaults "
-               "likewise (shampoo_beta None = beta2, eps 1e-8, max_precondition_dim 10000, no dimension "
-               "merging, 1-d params Adam in the original basis); decoupled weight decay"),
+        "official README: betas (0.95, 0.95), precondition_frequency 10), pytorch-optimizer's defaults "
+        "likewise (shampoo_beta None = beta2, eps 1e-8, max_precondition_dim 10000, no dimension "
+        "merging, 1-d params Adam in the original basis); decoupled weight decay",
+    ),
     "shampoo": OptimizerSpec(
         _grouped("pytorch_optimizer.Shampoo"),
         {"momentum": 0.0, "preconditioning_compute_steps": 1, "matrix_eps": 1e-6, "weight_decouple": True},
         reads={"precondition_frequency": _kw("preconditioning_compute_steps")},
         source="pytorch_optimizer.Shampoo; Gupta, Koren & Singer 2018 ('Shampoo: Preconditioned Stochastic Tensor "
-               "Optimization'): statistics initialised to 1e-6 * I, inverse roots recomputed every step, no "
-               "momentum: pytorch-optimizer's defaults. weight_decouple True (the library's default is L2) so "
-               "that optim.weight_decay is decoupled decay as for adamw, lion, soap and muon"),
+        "Optimization'): statistics initialised to 1e-6 * I, inverse roots recomputed every step, no "
+        "momentum: pytorch-optimizer's defaults. weight_decouple True (the library's default is L2) so "
+        "that optim.weight_decay is decoupled decay as for adamw, lion, soap and muon",
+    ),
     "sm3": OptimizerSpec(
-        _sm3, {"momentum": 0.0, "beta": 0.0, "eps": 1e-30},
+        _sm3,
+        {"momentum": 0.0, "beta": 0.0, "eps": 1e-30},
         source="pytorch_optimizer.SM3; Anil, Gupta, Koren & Singer 2019 ('Memory-Efficient Adaptive "
-               "Optimization'): momentum 0, beta 0 (accumulated squares, as AdaGrad), eps 1e-30: "
-               "pytorch-optimizer's defaults; plus decoupled weight decay (_sm3). SM3, like "
-               "AdaGrad, wants a larger lr than AdamW (the library's default is 0.1)"),
+        "Optimization'): momentum 0, beta 0 (accumulated squares, as AdaGrad), eps 1e-30: "
+        "pytorch-optimizer's defaults; plus decoupled weight decay (_sm3). SM3, like "
+        "AdaGrad, wants a larger lr than AdamW (the library's default is 0.1)",
+    ),
     "muon": OptimizerSpec(
-        _muon, {"momentum": 0.95, "nesterov": True, "ns_steps": 5, "ns_coefficients": (3.4445, -4.7750, 2.0315),
-                "eps": 1e-7, "adjust_lr_fn": "match_rms_adamw"},
+        _muon,
+        {
+            "momentum": 0.95,
+            "nesterov": True,
+            "ns_steps": 5,
+            "ns_coefficients": (3.4445, -4.7750, 2.0315),
+            "eps": 1e-7,
+            "adjust_lr_fn": "match_rms_adamw",
+        },
         reads={"betas": _kw("adamw_betas", tuple), "eps": _kw("adamw_eps")},
         source="torch.optim.Muon + torch.optim.AdamW. Muon: Keller Jordan 2024 (kellerjordan.github.io/posts/muon): "
-               "momentum 0.95, Nesterov, 5 Newton-Schulz steps with coefficients (3.4445, -4.7750, 2.0315), "
-               "= torch's defaults; Moonlight's lr matching (adjust_lr_fn 'match_rms_adamw', lr_scale 1.0). "
-               "The AdamW part reads optim.betas and optim.eps, as adamw does"),
+        "momentum 0.95, Nesterov, 5 Newton-Schulz steps with coefficients (3.4445, -4.7750, 2.0315), "
+        "= torch's defaults; Moonlight's lr matching (adjust_lr_fn 'match_rms_adamw', lr_scale 1.0). "
+        "The AdamW part reads optim.betas and optim.eps, as adamw does",
+    ),
 }
 
 
