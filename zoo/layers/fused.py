@@ -17,6 +17,7 @@ scripting or compiling (those record the plain ops), or hooks on the parts. A se
 recomputes what the first overwrote; a backward with ``create_graph=True`` recomputes the plain
 ops and differentiates them. ``FUSED_BACKWARD = False`` turns all of it off.
 """
+
 from __future__ import annotations
 
 import functools
@@ -30,19 +31,26 @@ FUSED_BACKWARD = True
 
 def fused_backward_allowed(x: torch.Tensor, *parts: nn.Module) -> bool:
     """Whether a forward over ``x`` may replace the plain ops of ``parts`` with a fused Function."""
-    return (FUSED_BACKWARD and torch.is_grad_enabled()
-            # a symbolic trace (FX) records the plain ops; torch.func transforms (grad, vmap,
-            # functional_call's wrapped tensors) need Functions with a vmap rule, which these
-            # Functions, writing over their saved tensors, cannot give: both fall back to plain ops
-            and not torch.fx._symbolic_trace.is_fx_symbolic_tracing()
-            and torch._C._functorch.maybe_current_level() is None
-            and x.dtype in (torch.float32, torch.float64)  # half types: per-image partial sums would round
-            and (x.requires_grad or any(p.requires_grad for m in parts for p in m.parameters()))
-            and not torch.is_autocast_enabled(x.device.type)
-            and not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling())
-            and not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-                        for m in parts)
-            and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks))
+    return (
+        FUSED_BACKWARD
+        and torch.is_grad_enabled()
+        # a symbolic trace (FX) records the plain ops; torch.func transforms (grad, vmap,
+        # functional_call's wrapped tensors) need Functions with a vmap rule, which these
+        # Functions, writing over their saved tensors, cannot give: both fall back to plain ops
+        and not torch.fx._symbolic_trace.is_fx_symbolic_tracing()
+        and torch._C._functorch.maybe_current_level() is None
+        and x.dtype in (torch.float32, torch.float64)  # half types: per-image partial sums would round
+        and (x.requires_grad or any(p.requires_grad for m in parts for p in m.parameters()))
+        # meta tensors (timm's model tests, shape inference) compute nothing to save; the plain
+        # ops give the shapes, and autocast has no state for that device type to ask about
+        and x.device.type != "meta"
+        and not (torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type))
+        and not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling())
+        and not any(
+            m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks for m in parts
+        )
+        and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+    )
 
 
 def _recomputed_grads(ctx, inputs: tuple, outputs_fn, grad_out: torch.Tensor) -> tuple:
@@ -130,8 +138,18 @@ def _conv1x1_backward(grad_out, x, weight, bias, mask) -> tuple:
     """The gradients of ``_conv1x1(x, weight, bias)`` that ``mask`` asks for (the op autograd's own
     convolution backward calls); the weight's back in the linear layout."""
     grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
-        grad_out, x, weight[:, :, None, None], None if bias is None else [weight.shape[0]],
-        [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [mask[0], mask[1], mask[2] and bias is not None])
+        grad_out,
+        x,
+        weight[:, :, None, None],
+        None if bias is None else [weight.shape[0]],
+        [1, 1],
+        [0, 0],
+        [1, 1],
+        False,
+        [0, 0],
+        1,
+        [mask[0], mask[1], mask[2] and bias is not None],
+    )
     return grad_x, None if grad_w is None else grad_w.view_as(weight), grad_b
 
 
@@ -192,7 +210,8 @@ class SpatialGatingFunction(torch.autograd.Function):
         grad_bp = grad_pt.sum((0, 2)) if need[6] else None
         grad_vn = torch.matmul(wp.t(), grad_pt)  # (N, N) @ (B, N, D) -> (B, N, D)
         grad_v, grad_ln_w, grad_ln_b = torch.ops.aten.native_layer_norm_backward(
-            grad_vn, v, [D], mean, rstd, ln_w, ln_b, [True, need[3], need[4]])
+            grad_vn, v, [D], mean, rstd, ln_w, ln_b, [True, need[3], need[4]]
+        )
         v.copy_(grad_v)  # d loss / d v, over v: a now holds d loss / d gelu output
         h2, a2 = h.view(B * N, 2 * D), a.view(B * N, 2 * D)  # (B, N, 2D) -> (B*N, 2D)
         torch.ops.aten.gelu_backward.grad_input(a2, h2, approximate=ctx.approximate, grad_input=a2)  # d / d h

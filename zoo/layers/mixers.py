@@ -409,21 +409,25 @@ class SpatialGating(nn.Module):
                 f"spatial_gating is built for {self.num_tokens} tokens, the input has {x.shape[1]}: "
                 "create the model with the img_size you feed it"
             )
-        if self._can_fuse(x):  # training: the same ops, a backward that reuses their memory
-            x = SpatialGatingFunction.apply(
-                x,
-                self.fc1.weight,
-                self.fc1.bias,
-                self.norm.weight,
-                self.norm.bias,
-                self.proj.weight,
-                self.proj.bias,
-                self.fc2.weight,
-                self.fc2.bias,
-                self.norm.eps,
-                self.act.approximate,
-            )  # (B, N, C) -> (B, N, C)
-            return self.drop2(x)
+        # Training: the same ops, a backward that reuses their memory. TorchScript (this module is a
+        # leaf of timm's FX trace, which may then be scripted) cannot compile the Function and skips
+        # the branch only when torch.jit.is_scripting() is its whole condition, hence two ifs.
+        if not torch.jit.is_scripting():
+            if self._can_fuse(x):
+                x = SpatialGatingFunction.apply(
+                    x,
+                    self.fc1.weight,
+                    self.fc1.bias,
+                    self.norm.weight,
+                    self.norm.bias,
+                    self.proj.weight,
+                    self.proj.bias,
+                    self.fc2.weight,
+                    self.fc2.bias,
+                    self.norm.eps,
+                    self.act.approximate,
+                )  # (B, N, C) -> (B, N, C)
+                return self.drop2(x)
         x = self.drop1(self.act(self.fc1(x)))  # (B, N, C) -> (B, N, hidden)
         u, v = x.chunk(2, dim=-1)  # 2 x (B, N, hidden/2)
         v = self.norm(v)

@@ -11,8 +11,10 @@ blocks in the layout its token mixer declares: channels-first maps (kept in chan
 so the channel mixer is a plain matmul, no copy) or token sequences with optional class /
 distillation tokens and a learned position embedding. The model speaks timm's interface.
 """
-from __future__ import annotations
 
+# No ``from __future__ import annotations`` here: an FX trace of ZooModel (torchvision's feature
+# extraction, timm's fx tests) copies forward's annotations into its generated code, and a string
+# annotation there is a name TorchScript cannot resolve when that GraphModule is scripted.
 import dataclasses
 import math
 from collections.abc import Container, Sequence
@@ -68,17 +70,20 @@ def channels_last_on_cpu(x: torch.Tensor) -> torch.Tensor:
 
 
 @register_notrace_function
-def pos_embed_at(pos_embed: torch.Tensor, grid: tuple[int, int], new_grid: tuple[int, int],
-                  num_prefix_tokens: int, dynamic: bool) -> torch.Tensor:
+def pos_embed_at(
+    pos_embed: torch.Tensor, grid: tuple[int, int], new_grid: tuple[int, int], num_prefix_tokens: int, dynamic: bool
+) -> torch.Tensor:
     """The position embedding for a ``new_grid`` of patch tokens: as built, or interpolated when the
     model was created with ``dynamic_img_size=True``. (FX-wrapped: it compares sizes of the input.)"""
     new_grid = (int(new_grid[0]), int(new_grid[1]))
     if new_grid == tuple(grid):
         return pos_embed
     if not dynamic:
-        raise ValueError(f"this model's position embedding is built for a {grid[0]}x{grid[1]} token grid, the input "
-                         f"gives {new_grid[0]}x{new_grid[1]}: create the model with the img_size you feed it, or "
-                         "with dynamic_img_size=True (the embedding is then interpolated per input)")
+        raise ValueError(
+            f"this model's position embedding is built for a {grid[0]}x{grid[1]} token grid, the input "
+            f"gives {new_grid[0]}x{new_grid[1]}: create the model with the img_size you feed it, or "
+            "with dynamic_img_size=True (the embedding is then interpolated per input)"
+        )
     return resample_abs_pos_embed(pos_embed, list(new_grid), num_prefix_tokens=num_prefix_tokens)
 
 
@@ -88,8 +93,10 @@ def check_input(x: torch.Tensor, name: str, in_chans: int, min_size: int) -> Non
     if x.ndim != 4:
         raise ValueError(f"{name} expects a 4-d batch (B, {in_chans}, H, W), got shape {tuple(x.shape)}")
     if x.shape[1] != in_chans:
-        raise ValueError(f"{name} expects {in_chans} input channels, got {x.shape[1]} "
-                         f"(input shape {tuple(x.shape)}); create it with in_chans={x.shape[1]}")
+        raise ValueError(
+            f"{name} expects {in_chans} input channels, got {x.shape[1]} "
+            f"(input shape {tuple(x.shape)}); create it with in_chans={x.shape[1]}"
+        )
     if min(x.shape[-2:]) < min_size:
         raise ValueError(f"{name} needs images of at least {min_size}x{min_size}, got {x.shape[-2]}x{x.shape[-1]}")
 
@@ -115,8 +122,17 @@ class Block(nn.Module):
     branch and has no second norm.
     """
 
-    def __init__(self, dim: int, *, token_mixer: nn.Module, channel_mixer: nn.Module | None, norm: str,
-                 layout: str, layer_scale: float | None, drop_path: float):
+    def __init__(
+        self,
+        dim: int,
+        *,
+        token_mixer: nn.Module,
+        channel_mixer: nn.Module | None,
+        norm: str,
+        layout: str,
+        layer_scale: float | None,
+        drop_path: float,
+    ):
         super().__init__()
         self.layout = layout
         self.norm1 = create_norm(norm, dim, layout)
@@ -148,20 +164,35 @@ class Block(nn.Module):
 class Stage(nn.Module):
     """An embedding convolution, optional prefix tokens and position embedding, then blocks."""
 
-    def __init__(self, spec: StageSpec, in_dim: int, *, in_size: tuple[int, int], drop_path: Sequence[float],
-                 dynamic_img_size: bool = False):
+    def __init__(
+        self,
+        spec: StageSpec,
+        in_dim: int,
+        *,
+        in_size: tuple[int, int],
+        drop_path: Sequence[float],
+        dynamic_img_size: bool = False,
+    ):
         super().__init__()
         self.spec = spec
         dim = spec.dim
-        self.embed = ConvEmbed(in_dim, dim, kernel=spec.embed.kernel, stride=spec.embed.stride,
-                               padding=spec.embed.padding, norm=spec.embed.norm)
+        self.embed = ConvEmbed(
+            in_dim,
+            dim,
+            kernel=spec.embed.kernel,
+            stride=spec.embed.stride,
+            padding=spec.embed.padding,
+            norm=spec.embed.norm,
+        )
         layout = token_mixer_layout(spec.token_mixer)
         has_tokens = spec.num_prefix_tokens > 0 or spec.pos_embed
         if layout == "any":
             layout = "nlc" if has_tokens else "nchw"
         if layout == "nchw" and has_tokens:
-            raise ValueError(f"token mixer {spec.token_mixer!r} works on maps; it cannot run in a stage "
-                             "with class tokens or a position embedding")
+            raise ValueError(
+                f"token mixer {spec.token_mixer!r} works on maps; it cannot run in a stage "
+                "with class tokens or a position embedding"
+            )
         self.layout = layout
         self.num_prefix_tokens = spec.num_prefix_tokens
         self.grid = (self.embed.out_size(in_size[0]), self.embed.out_size(in_size[1]))  # the position embedding's
@@ -175,20 +206,30 @@ class Stage(nn.Module):
         context = {"num_tokens": num_tokens, "num_prefix_tokens": self.num_prefix_tokens, "grid": self.grid}
         hidden = int(dim * spec.mlp_ratio)
         groups = math.ceil(spec.depth / spec.share_group)
-        token_mixers = [create_token_mixer(spec.token_mixer, dim, dict(spec.mixer_options), context)
-                        for _ in range(groups)]
+        token_mixers = [
+            create_token_mixer(spec.token_mixer, dim, dict(spec.mixer_options), context) for _ in range(groups)
+        ]
         if spec.channel_mixer == NO_CHANNEL_MIXER:
             if spec.channel_options:
                 raise ValueError(f"channel_mixer 'none' takes no channel_options, got {dict(spec.channel_options)}")
             channel_mixers = [None] * groups
         else:
-            channel_mixers = [create_channel_mixer(spec.channel_mixer, dim, hidden_dim=hidden,
-                                                   options=dict(spec.channel_options)) for _ in range(groups)]
+            channel_mixers = [
+                create_channel_mixer(spec.channel_mixer, dim, hidden_dim=hidden, options=dict(spec.channel_options))
+                for _ in range(groups)
+            ]
         self.blocks = nn.ModuleList(
-            Block(dim, token_mixer=token_mixers[i // spec.share_group],
-                  channel_mixer=channel_mixers[i // spec.share_group], norm=spec.norm, layout=layout,
-                  layer_scale=spec.layer_scale, drop_path=drop_path[i])
-            for i in range(spec.depth))
+            Block(
+                dim,
+                token_mixer=token_mixers[i // spec.share_group],
+                channel_mixer=channel_mixers[i // spec.share_group],
+                norm=spec.norm,
+                layout=layout,
+                layer_scale=spec.layer_scale,
+                drop_path=drop_path[i],
+            )
+            for i in range(spec.depth)
+        )
         self.grad_checkpointing = False
 
     def embed_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -209,7 +250,7 @@ class Stage(nn.Module):
         """Stage output as an NCHW map of the patch tokens (prefix tokens dropped)."""
         if self.layout == "nchw":
             return x
-        x = x[:, self.num_prefix_tokens:]
+        x = x[:, self.num_prefix_tokens :]
         return x.transpose(1, 2).reshape(x.shape[0], -1, *grid)  # (B, H*W, C) -> (B, C, H, W)
 
     def run_blocks(self, x: torch.Tensor, grid: tuple[int, int], blocks: Sequence[Block] | None = None):
@@ -227,12 +268,17 @@ class Stage(nn.Module):
 
 def drop_path_rates(spec: ModelSpec) -> list[float]:
     """Each block's stochastic-depth rate: one linear ramp over all blocks, or one per stage."""
+
     def ramp(end: float, n: int) -> list[float]:
         return torch.linspace(0, end, n, device="cpu").tolist()  # device: also under a meta default device
 
     if spec.drop_path_stages is None:
         return ramp(spec.drop_path_rate, sum(s.depth for s in spec.stages))
-    return [r for s, f in zip(spec.stages, spec.drop_path_stages, strict=True) for r in ramp(spec.drop_path_rate * f, s.depth)]
+    return [
+        r
+        for s, f in zip(spec.stages, spec.drop_path_stages, strict=True)
+        for r in ramp(spec.drop_path_rate * f, s.depth)
+    ]
 
 
 class ZooModel(nn.Module):
@@ -256,16 +302,23 @@ class ZooModel(nn.Module):
         if spec.distilled and not last.dist_token:
             raise ValueError(f"{name}: distilled=True needs a distillation token in the last stage")
         if spec.dynamic_img_size and any(_per_token_weights(s) for s in spec.stages):
-            raise ValueError(f"{name}: dynamic_img_size=True, but its token mixer has weights per token "
-                             "position (built for one token count): create it with the img_size you feed it")
+            raise ValueError(
+                f"{name}: dynamic_img_size=True, but its token mixer has weights per token "
+                "position (built for one token count): create it with the img_size you feed it"
+            )
 
         rates = drop_path_rates(spec)
         stages, feature_info = [], []
         in_dim, size, reduction, start = spec.in_chans, (spec.img_size, spec.img_size), 1, 0
         for i, s in enumerate(spec.stages):
             try:
-                stage = Stage(s, in_dim, in_size=size, drop_path=rates[start:start + s.depth],
-                              dynamic_img_size=spec.dynamic_img_size)
+                stage = Stage(
+                    s,
+                    in_dim,
+                    in_size=size,
+                    drop_path=rates[start : start + s.depth],
+                    dynamic_img_size=spec.dynamic_img_size,
+                )
             except (ValueError, TypeError, KeyError) as e:
                 prefixed = _prefixed(e, f"{name}: stages[{i}]: ")
                 if prefixed is e:
@@ -277,8 +330,10 @@ class ZooModel(nn.Module):
             if len(spec.stages) > 1:
                 feature_info.append({"num_chs": s.dim, "reduction": reduction, "module": f"stages.{i}"})
         if len(spec.stages) == 1:
-            feature_info = [{"num_chs": last.dim, "reduction": reduction, "module": f"stages.0.blocks.{j}"}
-                            for j in range(last.depth)]
+            feature_info = [
+                {"num_chs": last.dim, "reduction": reduction, "module": f"stages.0.blocks.{j}"}
+                for j in range(last.depth)
+            ]
         self.stages = nn.ModuleList(stages)
         self.feature_info = feature_info
         self.num_features = self.head_hidden_size = last.dim
@@ -336,6 +391,11 @@ class ZooModel(nn.Module):
     def _check_input(self, x: torch.Tensor) -> None:
         check_input(x, self.name, self.in_chans, self.min_input_size)
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        """``torch.jit.script`` calls this first (on every submodule): refuse in one line, before
+        TorchScript fails somewhere deep in a layer with a page of compiler output."""
+        raise RuntimeError(script_refusal(self.name))
+
     def _reset_aux_loss(self) -> None:
         """A forward starts with no pending MoE losses (see ``zoo.layers.moe.collect_aux_loss``), so
         an uncollected eval or benchmark forward never leaks into the next training step."""
@@ -368,7 +428,9 @@ class ZooModel(nn.Module):
         tokens = r"(?:embed|cls_token|dist_token|pos_embed)"
         return {
             "stem": rf"^stages\.0\.{tokens}",
-            "blocks": [(r"^stages\.(\d+)", None)] if coarse else [
+            "blocks": [(r"^stages\.(\d+)", None)]
+            if coarse
+            else [
                 (rf"^stages\.(\d+)\.{tokens}", (0,)),
                 (r"^stages\.(\d+)\.blocks\.(\d+)", None),
                 (r"^norm\.", (99999,)),
@@ -400,19 +462,29 @@ class ZooModel(nn.Module):
                 _init_weights(head)
                 head.train(self.training)
 
-    @torch.jit.ignore
-    def set_input_size(self, img_size: int | tuple[int, int] | None = None, patch_size: None = None) -> None:
+    @property
+    def set_input_size(self):
+        """timm's ``set_input_size(img_size=None, patch_size=None)``, on the models that can change
+        size. A model with weights per token position (gMLP's spatial gating) has none, as timm's
+        gMLP has none: timm's tests and tools call the method wherever it exists and expect it to
+        work, so ``hasattr(model, "set_input_size")`` is how a model says it can resize."""
+        if any(_per_token_weights(st.spec) for st in self.stages):
+            # (nn.Module.__getattr__ then raises "'ZooModel' object has no attribute 'set_input_size'")
+            raise AttributeError(
+                f"{self.name}: its token mixer has weights per token position (built for "
+                "one token count), so it has no set_input_size: create it with the img_size you need"
+            )
+        return self._set_input_size
+
+    def _set_input_size(self, img_size: int | tuple[int, int] | None = None, patch_size: None = None) -> None:
         """Rebuild for another input size (timm's ``set_input_size``): position embeddings are
-        resampled to the new grid, keeping their ``requires_grad``. A model with per-token weights
-        (gMLP) cannot change size; ``patch_size`` is not supported (patches are convolutions here)."""
+        resampled to the new grid, keeping their ``requires_grad``; ``patch_size`` is not
+        supported (patches are convolutions here)."""
         if patch_size is not None:
             raise ValueError(f"{self.name}: set_input_size(patch_size=...) is not supported; create another model")
         if img_size is None:
             return
         size = (img_size, img_size) if isinstance(img_size, int) else (int(img_size[0]), int(img_size[1]))
-        if any(_per_token_weights(st.spec) for st in self.stages):
-            raise ValueError(f"{self.name}: its token mixer has weights per token position; "
-                             "it cannot change input size")
         for stage in self.stages:
             grid = (stage.embed.out_size(size[0]), stage.embed.out_size(size[1]))
             if stage.pos_embed is not None and grid != stage.grid:
@@ -443,7 +515,7 @@ class ZooModel(nn.Module):
         else:
             if pool == "token":
                 return x[:, 0]
-            x, dims = x[:, self.num_prefix_tokens:], (1,)  # (B, N, C) -> (B, C), patch tokens only
+            x, dims = x[:, self.num_prefix_tokens :], (1,)  # (B, N, C) -> (B, C), patch tokens only
         if pool == "avg":
             return x.mean(dims)
         if pool == "max":
@@ -481,8 +553,14 @@ class ZooModel(nn.Module):
             return [(0, j) for j in range(len(self.stages[0].blocks))]
         return [(i, len(s.blocks) - 1) for i, s in enumerate(self.stages)]
 
-    def _run_stages(self, x: torch.Tensor, taps: Container[tuple[int, int]] = (), *, norm_taps: bool = False,
-                    stop: tuple[int, int | None] | None = None) -> tuple[torch.Tensor, list[tuple[torch.Tensor, int]]]:
+    def _run_stages(
+        self,
+        x: torch.Tensor,
+        taps: Container[tuple[int, int]] = (),
+        *,
+        norm_taps: bool = False,
+        stop: tuple[int, int | None] | None = None,
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, int]]]:
         """The stage walk: each stage embeds the previous one's output (as an NCHW map) and runs its
         blocks. Returns the last block's output and, at each (stage, block) of ``taps``, that block's
         output as it is (tokens or map; through the final norm where ``norm_taps`` and the norm's
@@ -491,11 +569,11 @@ class ZooModel(nn.Module):
         last_stage, last_block = (len(self.stages) - 1, None) if stop is None else stop
         intermediates = []
         grid = self.stages[0].grid  # each stage's output grid, set by the loop before it is read
-        for i, stage in enumerate(self.stages[:last_stage + 1]):
+        for i, stage in enumerate(self.stages[: last_stage + 1]):
             if i:
                 x = self.stages[i - 1].to_map(x, grid)
             x, grid = stage.embed_tokens(x)
-            blocks = stage.blocks if i < last_stage or last_block is None else stage.blocks[:last_block + 1]
+            blocks = stage.blocks if i < last_stage or last_block is None else stage.blocks[: last_block + 1]
             for j, block in enumerate(blocks):
                 x = stage.run_blocks(x, grid, [block])
                 if (i, j) in taps:
@@ -507,18 +585,25 @@ class ZooModel(nn.Module):
         """A tap in timm's ``output_fmt``: NCHW maps or NLC tokens (patch tokens only), with the
         stage's prefix tokens (B, prefix, C) beside it when ``return_prefix_tokens``."""
         stage = self.stages[i]
-        prefix = y[:, :stage.num_prefix_tokens] if stage.layout == "nlc" else y.new_zeros(y.shape[0], 0, y.shape[1])
+        prefix = y[:, : stage.num_prefix_tokens] if stage.layout == "nlc" else y.new_zeros(y.shape[0], 0, y.shape[1])
         if output_fmt == "NCHW":
             out = stage.to_map(y, grid)
         elif stage.layout == "nlc":
-            out = y[:, stage.num_prefix_tokens:]
+            out = y[:, stage.num_prefix_tokens :]
         else:
             out = y.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, H*W, C)
         return (out, prefix) if return_prefix_tokens else out
 
-    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None,
-                              return_prefix_tokens: bool = False, norm: bool = False, stop_early: bool = False,
-                              output_fmt: str = "NCHW", intermediates_only: bool = False):
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ):
         """timm's feature API: the taps selected by ``indices`` as maps (B, C, H, W) or, with
         ``output_fmt="NLC"``, tokens (B, H*W, C); ``return_prefix_tokens`` pairs each with the class /
         distillation tokens of its stage (an empty (B, 0, C) where the stage has none)."""
@@ -542,14 +627,15 @@ class ZooModel(nn.Module):
             x = self.norm(x)
         return x, intermediates
 
-    def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> list[int]:
+    def prune_intermediate_layers(
+        self, indices: int | Sequence[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
         """Drop the stages/blocks after the last wanted tap (timm's features_only uses this)."""
         taps = self._taps()
         take, max_index = feature_take_indices(len(taps), indices)
         stage_idx, block_idx = taps[max_index]
-        self.stages = self.stages[:stage_idx + 1]
-        self.stages[-1].blocks = self.stages[-1].blocks[:block_idx + 1]
+        self.stages = self.stages[: stage_idx + 1]
+        self.stages[-1].blocks = self.stages[-1].blocks[: block_idx + 1]
         self.num_features = self.head_hidden_size = self.stages[-1].spec.dim
         if self._norm_stage is not None and stage_idx < self._norm_stage:
             # the final norm belongs to a removed stage (another width): nothing is left for it to norm
@@ -568,9 +654,29 @@ def _prefixed(error: Exception, prefix: str) -> Exception:
     message = str(error)
     try:
         new = type(error)(prefix + message)
-    except Exception:  # noqa: BLE001 - an exception type with another constructor: keep it as is
+    except Exception:  # an exception type with another constructor: keep it as is
         return error
     return new
+
+
+def script_refusal(name: str) -> str:
+    """Why a zoo model cannot be ``torch.jit.script``-ed, and what to use instead (one line).
+
+    The blocks train through ``torch.autograd.Function`` subclasses (``zoo/layers/fused.py``, the
+    GELU MLP and gMLP's gated unit), which TorchScript cannot compile, and their forward reads the
+    model's ``ModelSpec`` and the FX-wrapped shape helpers, Python objects it cannot type; torch
+    itself deprecates ``torch.jit.script`` for ``torch.export``. Tracing records the ops one input
+    runs (the fused Functions fall back to plain ops under tracing/export), which is every op here:
+    no zoo forward branches on tensor values. timm's own suite excludes zoo models from its
+    ``test_model_forward_torchscript`` for this reason (``tests/timm_suite/patch_suite.py``). An FX
+    trace of the model (timm's leaf modules and wrapped functions, no ZooModel left in it) does
+    script, for every family but WideNet, whose MoE stays a leaf (``tests/test_timm_habits.py``)."""
+    return (
+        f"{name}: torch.jit.script is not supported for zoo models (their blocks train through "
+        "torch.autograd.Function and read Python spec objects, which TorchScript cannot compile); use "
+        "torch.jit.trace(model.eval(), example), torch.export.export(model, (example,)) or "
+        f"`python -m zoo.export {name} --format torchscript|exported|onnx` (checked against eager)"
+    )
 
 
 def _init_weights(m: nn.Module) -> None:
@@ -606,19 +712,40 @@ def spec_pretrained_cfg(spec: ModelSpec, name: str) -> dict:
     for s in spec.stages:
         e = s.embed
         size = tuple((n + 2 * e.padding - e.kernel) // e.stride + 1 for n in size)
-    fixed = ((any(s.pos_embed for s in spec.stages) and not spec.dynamic_img_size)
-             or any(_per_token_weights(s) for s in spec.stages))
+    fixed = (any(s.pos_embed for s in spec.stages) and not spec.dynamic_img_size) or any(
+        _per_token_weights(s) for s in spec.stages
+    )
     return {
-        "url": None, "file": None, "hf_hub_id": None, "source": None, "architecture": name, "tag": None,
-        "custom_load": False, "input_size": (spec.in_chans, spec.img_size, spec.img_size), "test_input_size": None,
-        "min_input_size": None, "fixed_input_size": bool(fixed), "interpolation": spec.interpolation,
-        "crop_pct": spec.crop_pct, "test_crop_pct": None, "crop_mode": "center", "mean": tuple(spec.mean),
-        "std": tuple(spec.std), "num_classes": spec.num_classes, "label_offset": None, "label_names": None,
-        "pool_size": size, "first_conv": "stages.0.embed.proj",
-        "classifier": ("head", "head_dist") if spec.distilled else "head", "license": "apache-2.0",
-        "description": None, "origin_url": next((w for w in spec.paper.split() if w.startswith("https://")), None),
-        "paper_name": None, "paper_ids": spec.paper or None,
-        "notes": None, "paper": spec.paper,
+        "url": None,
+        "file": None,
+        "hf_hub_id": None,
+        "source": None,
+        "architecture": name,
+        "tag": None,
+        "custom_load": False,
+        "input_size": (spec.in_chans, spec.img_size, spec.img_size),
+        "test_input_size": None,
+        "min_input_size": None,
+        "fixed_input_size": bool(fixed),
+        "interpolation": spec.interpolation,
+        "crop_pct": spec.crop_pct,
+        "test_crop_pct": None,
+        "crop_mode": "center",
+        "mean": tuple(spec.mean),
+        "std": tuple(spec.std),
+        "num_classes": spec.num_classes,
+        "label_offset": None,
+        "label_names": None,
+        "pool_size": size,
+        "first_conv": "stages.0.embed.proj",
+        "classifier": ("head", "head_dist") if spec.distilled else "head",
+        "license": "apache-2.0",
+        "description": None,
+        "origin_url": next((w for w in spec.paper.split() if w.startswith("https://")), None),
+        "paper_name": None,
+        "paper_ids": spec.paper or None,
+        "notes": None,
+        "paper": spec.paper,
     }
 
 

@@ -9,6 +9,7 @@ the stage has ``channel_mixer="none"``. LayerNorm eps 1e-6 for the block and fin
 pretrained=<file>)``. The token projection fixes the token count: create the model with the
 ``img_size`` you feed it.
 """
+
 from __future__ import annotations
 
 from .pretrained import Layout, register_layout
@@ -18,12 +19,29 @@ from .specs import EmbedSpec, ModelSpec, StageSpec
 PAPER = "gMLP, https://arxiv.org/abs/2105.08050"
 
 
-def gmlp(dim: int, depth: int = 30, *, patch: int = 16, ffn_ratio: float = 6.0, img_size: int = 224,
-         crop_pct: float = 0.875) -> ModelSpec:
-    stage = StageSpec(depth=depth, dim=dim, embed=EmbedSpec(patch, patch, 0), token_mixer="spatial_gating",
-                      mixer_options={"ffn_ratio": ffn_ratio}, channel_mixer="none", norm="layernorm")
-    return ModelSpec(stages=(stage,), img_size=img_size, global_pool="avg", head_norm="layernorm",
-                     head_norm_on="map", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=crop_pct, paper=PAPER)
+def gmlp(
+    dim: int, depth: int = 30, *, patch: int = 16, ffn_ratio: float = 6.0, img_size: int = 224, crop_pct: float = 0.875
+) -> ModelSpec:
+    stage = StageSpec(
+        depth=depth,
+        dim=dim,
+        embed=EmbedSpec(patch, patch, 0),
+        token_mixer="spatial_gating",
+        mixer_options={"ffn_ratio": ffn_ratio},
+        channel_mixer="none",
+        norm="layernorm",
+    )
+    return ModelSpec(
+        stages=(stage,),
+        img_size=img_size,
+        global_pool="avg",
+        head_norm="layernorm",
+        head_norm_on="map",
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        crop_pct=crop_pct,
+        paper=PAPER,
+    )
 
 
 VARIANTS = {
@@ -38,13 +56,15 @@ for _name, _spec in VARIANTS.items():
 
 # timm's MlpMixer with SpatialGatingBlock: stem.proj, blocks.i.norm, blocks.i.mlp_channels.{fc1, gate.norm,
 # gate.proj, fc2}, norm, head.
-register_layout(Layout(
-    name="timm-gmlp",
-    detect=lambda sd: "stem.proj.weight" in sd and any(".mlp_channels.gate.proj." in k for k in sd),
-    rules=(
-        (r"^stem\.proj\.", "stages.0.embed.proj."),
-        (r"^blocks\.(\d+)\.norm\.", r"stages.0.blocks.\1.norm1."),
-        (r"^blocks\.(\d+)\.mlp_channels\.gate\.", r"stages.0.blocks.\1.token_mixer."),
-        (r"^blocks\.(\d+)\.mlp_channels\.", r"stages.0.blocks.\1.token_mixer."),
-    ),
-))
+register_layout(
+    Layout(
+        name="timm-gmlp",
+        detect=lambda sd: "stem.proj.weight" in sd and any(".mlp_channels.gate.proj." in k for k in sd),
+        rules=(
+            (r"^stem\.proj\.", "stages.0.embed.proj."),
+            (r"^blocks\.(\d+)\.norm\.", r"stages.0.blocks.\1.norm1."),
+            (r"^blocks\.(\d+)\.mlp_channels\.gate\.", r"stages.0.blocks.\1.token_mixer."),
+            (r"^blocks\.(\d+)\.mlp_channels\.", r"stages.0.blocks.\1.token_mixer."),
+        ),
+    )
+)

@@ -5,6 +5,7 @@ regular expressions that the family files register (``register_layout``). Loadin
 what a user may legitimately change (class count, input channels, position-embedding grid) and
 refuses everything else with a one-line error naming the keys.
 """
+
 from __future__ import annotations
 
 import json
@@ -70,7 +71,7 @@ def read_state_dict(path: str | Path) -> StateDict:
             raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is reported the same way
+    except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: refused or unreadable torch checkpoint (weights_only load: {first})") from None
     for key in ("model", "state_dict", "model_ema", "module"):
@@ -110,8 +111,9 @@ def to_zoo_layout(state: StateDict, model: nn.Module) -> tuple[StateDict, str]:
 def _is_pointwise_pair(src: torch.Size, dst: torch.Size) -> bool:
     """A 1x1 convolution weight (O, I, 1, 1) and a linear weight (O, I), either way round: the one
     reshape a checkpoint's tensor may get. Anything else of the right size is another tensor."""
-    return ((len(src) == 4 and len(dst) == 2 and tuple(src) == (*dst, 1, 1))
-            or (len(src) == 2 and len(dst) == 4 and tuple(dst) == (*src, 1, 1)))
+    return (len(src) == 4 and len(dst) == 2 and tuple(src) == (*dst, 1, 1)) or (
+        len(src) == 2 and len(dst) == 4 and tuple(dst) == (*src, 1, 1)
+    )
 
 
 def _fill_shared(state: StateDict, model: nn.Module, source: str = "checkpoint") -> None:
@@ -131,7 +133,8 @@ def _fill_shared(state: StateDict, model: nn.Module, source: str = "checkpoint")
                 arch = getattr(model, "name", type(model).__name__)
                 raise CheckpointError(
                     f"{source}: {have[0]} and {other} differ, but {arch} shares one tensor under both names: "
-                    f"the checkpoint is not weight-shared like the model (check share_group)")
+                    f"the checkpoint is not weight-shared like the model (check share_group)"
+                )
         for n in names:
             if n not in state and have:
                 state[n] = state[have[0]]
@@ -144,20 +147,26 @@ def _adapt(state: StateDict, model: nn.Module, source: str) -> None:
     heads = (classifier,) if isinstance(classifier, str) else tuple(classifier)
     # A model without a classifier (num_classes=0: its head is Identity) takes the backbone only,
     # as timm does: the checkpoint's classifier keys are dropped, with one warning.
-    dropped = [k for head in heads if f"{head}.weight" not in own
-               for k in (f"{head}.weight", f"{head}.bias") if k in state]
+    dropped = [
+        k for head in heads if f"{head}.weight" not in own for k in (f"{head}.weight", f"{head}.bias") if k in state
+    ]
     if dropped:
         for k in dropped:
             del state[k]
-        warnings.warn(f"{source}: the model has no classifier (num_classes=0): ignored the checkpoint's "
-                      f"{', '.join(dropped)}", stacklevel=4)
+        warnings.warn(
+            f"{source}: the model has no classifier (num_classes=0): ignored the checkpoint's {', '.join(dropped)}",
+            stacklevel=4,
+        )
     for head in heads:
         w = f"{head}.weight"
         # only the class count may differ; another feature width is another architecture (reported below)
         if w in state and w in own and state[w].shape[1:] == own[w].shape[1:] and state[w].shape != own[w].shape:
-            warnings.warn(f"{source}: classifier {head!r} has {state[w].shape[0]} classes, the model "
-                          f"{own[w].shape[0]}: "
-                          "re-initialised it", stacklevel=4)
+            warnings.warn(
+                f"{source}: classifier {head!r} has {state[w].shape[0]} classes, the model "
+                f"{own[w].shape[0]}: "
+                "re-initialised it",
+                stacklevel=4,
+            )
             for k in (w, f"{head}.bias"):
                 state.pop(k, None)
                 if k in own:
@@ -182,8 +191,11 @@ def _mismatch_message(model: nn.Module, state: StateDict) -> str | None:
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
-              if k in state and state[k].shape != own[k].shape]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
     parts = []
     for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrongly shaped", shapes)):
         if keys:
@@ -239,8 +251,10 @@ def read_manifest(weights_dir: Path | None = None) -> dict[str, dict]:
 def shipped_entry(name: str) -> dict:
     """The manifest entry for ``name``; a one-line error naming the names that have weights."""
     if not (WEIGHTS_DIR / MANIFEST_NAME).is_file():
-        raise CheckpointError(f"{WEIGHTS_DIR / MANIFEST_NAME}: not found; pretrained=True reads the weights/ folder of a "
-                              "source checkout (pip install -e .) or the folder named by ZOO_WEIGHTS")
+        raise CheckpointError(
+            f"{WEIGHTS_DIR / MANIFEST_NAME}: not found; pretrained=True reads the weights/ folder of a "
+            "source checkout (pip install -e .) or the folder named by ZOO_WEIGHTS"
+        )
     manifest = read_manifest()
     if name not in manifest:
         have = ", ".join(sorted(manifest)) or "none yet"
@@ -258,5 +272,7 @@ def shipped_weights(name: str) -> Path:
         raise CheckpointError(f"{path}: listed in {WEIGHTS_DIR / MANIFEST_NAME} for {name!r} but missing")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     if digest != entry["sha256"]:
-        raise CheckpointError(f"{path}: sha256 {digest[:12]}... does not match the manifest's {entry['sha256'][:12]}...")
+        raise CheckpointError(
+            f"{path}: sha256 {digest[:12]}... does not match the manifest's {entry['sha256'][:12]}..."
+        )
     return path

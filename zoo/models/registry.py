@@ -4,6 +4,7 @@ Each zoo model is registered twice from one spec: in our table (for ``zoo.list_m
 strict overrides) and in timm's registry (so ``timm.create_model('zoo_...')`` works after
 ``import zoo``). ResNet baselines are timm's own models, created unchanged.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -72,9 +73,17 @@ def register(name: str, spec: ModelSpec, module: str) -> None:
         raise ValueError(f"zoo model names start with 'zoo_' so timm's own are never overwritten: {name!r}")
     _SPECS[name] = spec
 
-    def entry_point(pretrained: bool | str = False, *, pretrained_cfg=None, pretrained_cfg_overlay=None,
-                    cache_dir=None, pretrained_model_args=None, device=None, dtype=None,
-                    **overrides: Any) -> nn.Module:
+    def entry_point(
+        pretrained: bool | str = False,
+        *,
+        pretrained_cfg=None,
+        pretrained_cfg_overlay=None,
+        cache_dir=None,
+        pretrained_model_args=None,
+        device=None,
+        dtype=None,
+        **overrides: Any,
+    ) -> nn.Module:
         # timm's create_model passes its pretrained_cfg plumbing: a tag ("mnist5k" from
         # "zoo_x.mnist5k"), or a local-dir folder's cfg whose model_args timm has already merged
         # into the overrides. zoo takes weights only from local files (no network): a hub id or URL
@@ -83,11 +92,15 @@ def register(name: str, spec: ModelSpec, module: str) -> None:
         overlay = {k: v for k, v in (pretrained_cfg_overlay or {}).items() if v is not None}
         remote = sorted(set(overlay) - {"file"})
         if remote:
-            raise ValueError(f"pretrained_cfg_overlay: {', '.join(remote)} not supported; zoo loads local files "
-                             f"only: pretrained_cfg_overlay=dict(file=PATH) or pretrained=PATH")
+            raise ValueError(
+                f"pretrained_cfg_overlay: {', '.join(remote)} not supported; zoo loads local files "
+                f"only: pretrained_cfg_overlay=dict(file=PATH) or pretrained=PATH"
+            )
         if cfg.get("hf_hub_id") or cfg.get("url"):
-            raise ValueError(f"{name}: pretrained_cfg names a hub id / URL; zoo loads local files only "
-                             "(timm.create_model('local-dir:PATH'), pretrained=PATH or a registered tag)")
+            raise ValueError(
+                f"{name}: pretrained_cfg names a hub id / URL; zoo loads local files only "
+                "(timm.create_model('local-dir:PATH'), pretrained=PATH or a registered tag)"
+            )
         if cfg.get("source") == "local-dir":
             for key, value in (cfg.get("overrides") or {}).items():  # a folder saved before timm's layout
                 overrides.setdefault(key, value)
@@ -131,8 +144,9 @@ def _resolve_cfg(name: str, pretrained_cfg: Any) -> dict:
         return pretrained_cfg.to_dict(remove_source=False, remove_null=True)
     if isinstance(pretrained_cfg, dict):
         return dict(pretrained_cfg)
-    raise TypeError(f"{name}: pretrained_cfg must be a tag, a dict or a PretrainedCfg, "
-                    f"got {type(pretrained_cfg).__name__}")
+    raise TypeError(
+        f"{name}: pretrained_cfg must be a tag, a dict or a PretrainedCfg, got {type(pretrained_cfg).__name__}"
+    )
 
 
 def get_spec(name: str) -> ModelSpec:
@@ -165,10 +179,17 @@ def unknown_model(name: str) -> ValueError:
     return ValueError(f"unknown model {name!r}{hint}")
 
 
-def create_model(name: str, pretrained: bool | str | Path = False, *, features_only: bool = False,
-                 out_indices: int | Sequence[int] | None = None, feature_cls: str | None = None,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                 **overrides: Any) -> nn.Module:
+def create_model(
+    name: str,
+    pretrained: bool | str | Path = False,
+    *,
+    features_only: bool = False,
+    out_indices: int | Sequence[int] | None = None,
+    feature_cls: str | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    **overrides: Any,
+) -> nn.Module:
     """Create a zoo model or a ResNet baseline.
 
     Args:
@@ -185,8 +206,10 @@ def create_model(name: str, pretrained: bool | str | Path = False, *, features_o
             Unknown keys are errors.
     """
     if feature_cls not in (None, "getter"):
-        raise ValueError(f"{name}: feature_cls={feature_cls!r}: zoo models give features through "
-                         "forward_intermediates only (feature_cls='getter' or None)")
+        raise ValueError(
+            f"{name}: feature_cls={feature_cls!r}: zoo models give features through "
+            "forward_intermediates only (feature_cls='getter' or None)"
+        )
     entry = None
     if pretrained is True:  # like timm: the shipped weights' class count and channels unless overridden
         from .pretrained import shipped_entry

@@ -4,6 +4,7 @@ A family file (poolformer.py, vit.py, ...) is a handful of these specs and one-l
 entry points; swapping any component for an ablation is ``dataclasses.replace`` on a spec, or a
 ``key=value`` override through ``zoo.create_model`` / a YAML config.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,8 +26,9 @@ def _check_int(owner: str, field_name: str, value: Any, minimum: int) -> None:
         raise ValueError(f"{owner}.{field_name}={value!r}: expected an int >= {minimum}")
 
 
-def _check_float(owner: str, field_name: str, value: Any, low: float, high: float | None, *,
-                 low_open: bool = False) -> None:
+def _check_float(
+    owner: str, field_name: str, value: Any, low: float, high: float | None, *, low_open: bool = False
+) -> None:
     """``value`` must be a real number in [low, high) (or (low, ...) when ``low_open``)."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     if ok:
@@ -79,7 +81,7 @@ class StageSpec:
         _check_int("StageSpec", "share_group", self.share_group, 1)
         _check_float("StageSpec", "mlp_ratio", self.mlp_ratio, 0.0, None, low_open=True)
         if not isinstance(self.embed, EmbedSpec):
-            raise ValueError(f"StageSpec.embed={self.embed!r}: expected an EmbedSpec")  # noqa: TRY004 - spec errors are ValueErrors
+            raise ValueError(f"StageSpec.embed={self.embed!r}: expected an EmbedSpec")
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -119,25 +121,27 @@ class ModelSpec:
             raise ValueError(f"ModelSpec.stages={self.stages!r}: expected a non-empty tuple of StageSpec")
         for i, stage in enumerate(self.stages):
             if not isinstance(stage, StageSpec):
-                raise ValueError(f"ModelSpec.stages[{i}]={stage!r}: expected a StageSpec")  # noqa: TRY004
+                raise ValueError(f"ModelSpec.stages[{i}]={stage!r}: expected a StageSpec")
         _check_int("ModelSpec", "num_classes", self.num_classes, 0)
         _check_int("ModelSpec", "in_chans", self.in_chans, 1)
         _check_int("ModelSpec", "img_size", self.img_size, 1)
         if self.global_pool not in GLOBAL_POOLS:
             raise ValueError(f"ModelSpec.global_pool={self.global_pool!r}: expected one of {list(GLOBAL_POOLS)}")
         if self.head_norm_on not in HEAD_NORM_PLACES:
-            raise ValueError(f"ModelSpec.head_norm_on={self.head_norm_on!r}: expected one of "
-                             f"{list(HEAD_NORM_PLACES)}")
+            raise ValueError(f"ModelSpec.head_norm_on={self.head_norm_on!r}: expected one of {list(HEAD_NORM_PLACES)}")
         _check_float("ModelSpec", "drop_rate", self.drop_rate, 0.0, 1.0)
         _check_float("ModelSpec", "drop_path_rate", self.drop_path_rate, 0.0, 1.0)
         if self.drop_path_stages is not None:
             if not isinstance(self.drop_path_stages, tuple) or len(self.drop_path_stages) != len(self.stages):
-                raise ValueError(f"ModelSpec.drop_path_stages={self.drop_path_stages!r}: expected a tuple of "
-                                 f"{len(self.stages)} factors, one per stage, or None")
+                raise ValueError(
+                    f"ModelSpec.drop_path_stages={self.drop_path_stages!r}: expected a tuple of "
+                    f"{len(self.stages)} factors, one per stage, or None"
+                )
             for i, factor in enumerate(self.drop_path_stages):
                 _check_float("ModelSpec", f"drop_path_stages[{i}]", factor, 0.0, None)
-                _check_float("ModelSpec", f"drop_path_stages[{i}] x drop_path_rate", factor * self.drop_path_rate,
-                             0.0, 1.0)
+                _check_float(
+                    "ModelSpec", f"drop_path_stages[{i}] x drop_path_rate", factor * self.drop_path_rate, 0.0, 1.0
+                )
 
 
 # channel_mixer value for blocks that are one residual branch (gMLP: the token mixer is the whole unit).
@@ -158,8 +162,9 @@ def apply_overrides(spec: ModelSpec, overrides: Mapping[str, Any], *, model_name
     valid = set(MODEL_FIELDS) | set(STAGE_WIDE_FIELDS)
     for key in overrides:
         if key not in valid:
-            raise TypeError(f"{model_name}: unknown model argument {key!r}{suggest(key, valid)}; "
-                            f"valid: {sorted(valid)}")
+            raise TypeError(
+                f"{model_name}: unknown model argument {key!r}{suggest(key, valid)}; valid: {sorted(valid)}"
+            )
     model_kw = {k: v for k, v in overrides.items() if k in MODEL_FIELDS}
     stage_kw = {k: v for k, v in overrides.items() if k in STAGE_WIDE_FIELDS}
     if "token_mixer" in stage_kw:
@@ -169,8 +174,10 @@ def apply_overrides(spec: ModelSpec, overrides: Mapping[str, Any], *, model_name
     if isinstance(model_kw.get("drop_path_stages"), list):  # from a YAML config
         model_kw["drop_path_stages"] = tuple(model_kw["drop_path_stages"])
     if "stages" in model_kw:
-        model_kw["stages"] = tuple(s if isinstance(s, StageSpec) else stage_from_dict(s, where=f"stages[{i}]")
-                                   for i, s in enumerate(model_kw["stages"]))
+        model_kw["stages"] = tuple(
+            s if isinstance(s, StageSpec) else stage_from_dict(s, where=f"stages[{i}]")
+            for i, s in enumerate(model_kw["stages"])
+        )
     try:
         spec = dataclasses.replace(spec, **model_kw)
     except ValueError as e:
@@ -192,10 +199,14 @@ def _strict_kwargs(cls: type, data: Mapping[str, Any], where: str) -> dict[str, 
     names = [f.name for f in dataclasses.fields(cls)]
     for key in data:
         if key not in names:
-            raise TypeError(f"{where}: unknown {cls.__name__} field {key!r}"
-                            + (suggest(key, names) or f"; valid: {names}"))
-    missing = [f.name for f in dataclasses.fields(cls)
-               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in data]
+            raise TypeError(
+                f"{where}: unknown {cls.__name__} field {key!r}" + (suggest(key, names) or f"; valid: {names}")
+            )
+    missing = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in data
+    ]
     if missing:
         raise TypeError(f"{where}: {cls.__name__} needs {', '.join(missing)}")
     return dict(data)
@@ -206,8 +217,9 @@ def stage_from_dict(data: Mapping[str, Any], *, where: str = "stage") -> StageSp
     kw = _strict_kwargs(StageSpec, data, where)
     embed = kw["embed"]
     try:
-        kw["embed"] = (embed if isinstance(embed, EmbedSpec)
-                       else EmbedSpec(**_strict_kwargs(EmbedSpec, embed, f"{where}.embed")))
+        kw["embed"] = (
+            embed if isinstance(embed, EmbedSpec) else EmbedSpec(**_strict_kwargs(EmbedSpec, embed, f"{where}.embed"))
+        )
         return StageSpec(**kw)
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None

@@ -10,6 +10,7 @@ variants add DeiT's distillation token and a second head; in eval they return th
 heads, in distilled training both (``set_distilled_training``). Official DeiT checkpoints use
 timm's key layout, which loads directly.
 """
+
 from __future__ import annotations
 
 from .pretrained import Layout, register_layout
@@ -19,13 +20,39 @@ from .specs import EmbedSpec, ModelSpec, StageSpec
 PAPER = "ViT https://arxiv.org/abs/2010.11929 / DeiT https://arxiv.org/abs/2012.12877"
 
 
-def vit(dim: int, depth: int, num_heads: int, *, patch: int = 16, img_size: int = 224,
-        distilled: bool = False, crop_pct: float = 0.875) -> ModelSpec:
-    stage = StageSpec(depth=depth, dim=dim, embed=EmbedSpec(patch, patch, 0), token_mixer="attention",
-                      mixer_options={"num_heads": num_heads}, channel_mixer="mlp", mlp_ratio=4.0,
-                      norm="layernorm", class_token=True, dist_token=distilled, pos_embed=True)
-    return ModelSpec(stages=(stage,), img_size=img_size, global_pool="token", head_norm="layernorm",
-                     head_norm_on="map", distilled=distilled, crop_pct=crop_pct, paper=PAPER)
+def vit(
+    dim: int,
+    depth: int,
+    num_heads: int,
+    *,
+    patch: int = 16,
+    img_size: int = 224,
+    distilled: bool = False,
+    crop_pct: float = 0.875,
+) -> ModelSpec:
+    stage = StageSpec(
+        depth=depth,
+        dim=dim,
+        embed=EmbedSpec(patch, patch, 0),
+        token_mixer="attention",
+        mixer_options={"num_heads": num_heads},
+        channel_mixer="mlp",
+        mlp_ratio=4.0,
+        norm="layernorm",
+        class_token=True,
+        dist_token=distilled,
+        pos_embed=True,
+    )
+    return ModelSpec(
+        stages=(stage,),
+        img_size=img_size,
+        global_pool="token",
+        head_norm="layernorm",
+        head_norm_on="map",
+        distilled=distilled,
+        crop_pct=crop_pct,
+        paper=PAPER,
+    )
 
 
 VARIANTS = {
@@ -43,14 +70,16 @@ for _name, _spec in VARIANTS.items():
     register(_name, _spec, __name__)
 
 # timm's VisionTransformer / VisionTransformerDistilled, and the official DeiT checkpoints.
-register_layout(Layout(
-    name="timm-vit",
-    detect=lambda sd: "patch_embed.proj.weight" in sd and "blocks.0.attn.qkv.weight" in sd,
-    rules=(
-        (r"^(cls_token|dist_token|pos_embed)$", r"stages.0.\1"),
-        (r"^patch_embed\.proj\.", "stages.0.embed.proj."),
-        (r"^blocks\.(\d+)\.attn\.", r"stages.0.blocks.\1.token_mixer."),
-        (r"^blocks\.(\d+)\.mlp\.", r"stages.0.blocks.\1.channel_mixer."),
-        (r"^blocks\.(\d+)\.", r"stages.0.blocks.\1."),
-    ),
-))
+register_layout(
+    Layout(
+        name="timm-vit",
+        detect=lambda sd: "patch_embed.proj.weight" in sd and "blocks.0.attn.qkv.weight" in sd,
+        rules=(
+            (r"^(cls_token|dist_token|pos_embed)$", r"stages.0.\1"),
+            (r"^patch_embed\.proj\.", "stages.0.embed.proj."),
+            (r"^blocks\.(\d+)\.attn\.", r"stages.0.blocks.\1.token_mixer."),
+            (r"^blocks\.(\d+)\.mlp\.", r"stages.0.blocks.\1.channel_mixer."),
+            (r"^blocks\.(\d+)\.", r"stages.0.blocks.\1."),
+        ),
+    )
+)

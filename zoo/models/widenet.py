@@ -12,6 +12,7 @@ are ViT-L/H's widths (1024 and 1280) with experts of ratio 4; depths 12 / 24 / 3
 Parameters (zoo counts every shared tensor once): 29.1M / 39.9M / 61.7M against the paper's
 29M / 40M / 63M (Table 1).
 """
+
 from __future__ import annotations
 
 from .registry import register
@@ -21,14 +22,39 @@ PAPER = "WideNet, https://arxiv.org/abs/2107.11817"
 MOE_OPTIONS = {"num_experts": 4, "top_k": 2, "capacity_factor": 1.2, "balance_loss_weight": 0.01}
 
 
-def widenet(dim: int, depth: int, num_heads: int, expert_hidden: int, *, patch: int = 16, img_size: int = 224,
-            crop_pct: float = 0.875) -> ModelSpec:
-    stage = StageSpec(depth=depth, dim=dim, embed=EmbedSpec(patch, patch, 0), token_mixer="attention",
-                      mixer_options={"num_heads": num_heads}, channel_mixer="moe", mlp_ratio=expert_hidden / dim,
-                      channel_options=MOE_OPTIONS, norm="layernorm", class_token=True, pos_embed=True,
-                      share_group=depth)
-    return ModelSpec(stages=(stage,), img_size=img_size, global_pool="token", head_norm="layernorm",
-                     head_norm_on="map", crop_pct=crop_pct, paper=PAPER)
+def widenet(
+    dim: int,
+    depth: int,
+    num_heads: int,
+    expert_hidden: int,
+    *,
+    patch: int = 16,
+    img_size: int = 224,
+    crop_pct: float = 0.875,
+) -> ModelSpec:
+    stage = StageSpec(
+        depth=depth,
+        dim=dim,
+        embed=EmbedSpec(patch, patch, 0),
+        token_mixer="attention",
+        mixer_options={"num_heads": num_heads},
+        channel_mixer="moe",
+        mlp_ratio=expert_hidden / dim,
+        channel_options=MOE_OPTIONS,
+        norm="layernorm",
+        class_token=True,
+        pos_embed=True,
+        share_group=depth,
+    )
+    return ModelSpec(
+        stages=(stage,),
+        img_size=img_size,
+        global_pool="token",
+        head_norm="layernorm",
+        head_norm_on="map",
+        crop_pct=crop_pct,
+        paper=PAPER,
+    )
 
 
 VARIANTS = {

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# timm's own model test-suite (tests/test_models.py from the sdist of the INSTALLED timm version)
+# run on the zoo's models: `import zoo` in its conftest, our models in its filter lists
+# (patch_suite.py), selected with `-k zoo_`. The only network access is pip fetching that sdist.
+#
+#   tests/timm_suite/run.sh                 # every test timm applies to our models
+#   tests/timm_suite/run.sh -k "zoo_ and forward"    # extra pytest args go to pytest (last -k wins)
+#
+# Env: TIMM_SUITE_DIR (where the sdist is unpacked; default ${TMPDIR:-/tmp}/zoo-timm-suite-VERSION,
+# kept between runs), TIMM_SUITE_TIMEOUT (seconds for the whole run, default 1500; with
+# pytest-timeout installed each test also gets timm's own per-test limits).
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+repo="$(cd "$here/../.." && pwd)"
+# The zoo of THIS checkout, whatever `pip install -e` last pointed at (the suite runs elsewhere).
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+python="${PYTHON:-python}"
+version="$("$python" -c 'import timm; print(timm.__version__)')"
+dir="${TIMM_SUITE_DIR:-${TMPDIR:-/tmp}/zoo-timm-suite-$version}"
+limit="${TIMM_SUITE_TIMEOUT:-1500}"
+
+mkdir -p "$dir"
+sdist="$dir/timm-$version.tar.gz"
+if [ ! -f "$sdist" ]; then
+    "$python" -m pip download -q --no-deps --no-binary :all: "timm==$version" -d "$dir" \
+        || { echo "timm suite: could not fetch timm==$version's sdist with pip" >&2; exit 2; }
+fi
+# A fresh copy of tests/ every run (patching is not idempotent across timm releases).
+rm -rf "$dir/tests"
+tar -xzf "$sdist" -C "$dir" --strip-components=1 "timm-$version/tests"
+# pytest's rootdir/config for the copy: timm's markers (from its pyproject.toml), nothing of ours
+# (our setup.cfg's "-m 'not slow'" and --strict-markers must not apply), no cache in the tree.
+"$python" - "$sdist" "$dir/pytest.ini" <<'PY'
+import sys, tarfile, tomllib
+with tarfile.open(sys.argv[1]) as t:
+    name = next(n for n in t.getnames() if n.count("/") == 1 and n.endswith("/pyproject.toml"))
+    markers = tomllib.load(t.extractfile(name))["tool"]["pytest"]["ini_options"].get("markers", [])
+markers.append("timeout: pytest-timeout's per-test limit (a no-op without the plugin)")
+with open(sys.argv[2], "w") as f:
+    f.write("[pytest]\nmarkers =\n" + "".join(f"    {m}\n" for m in markers))
+PY
+"$python" "$here/patch_suite.py" "$dir/tests"
+
+args=(-q -p no:cacheprovider -rfEs -k zoo_)
+if "$python" -c 'import pytest_timeout' 2>/dev/null; then
+    args+=(--timeout=600)
+fi
+cd "$dir"
+set +e
+timeout "$limit" "$python" -m pytest tests/test_models.py "${args[@]}" "$@"
+rc=$?
+set -e
+if [ "$rc" -eq 124 ]; then
+    echo "timm suite: stopped after ${limit}s (TIMM_SUITE_TIMEOUT)" >&2
+fi
+exit "$rc"
