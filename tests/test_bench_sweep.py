@@ -338,6 +338,30 @@ def test_a_storage_with_another_design_is_refused(fake_sweep, capsys):
     assert len(CALLS) == n and (tmp / "results" / "sweep_mnist5k.md").read_text() == md
 
 
+def test_arms_added_to_a_study_keep_its_trials_and_get_the_same_budget(tmp_path, capsys):
+    argv = toy_args(tmp_path, trials=4, seeds=1)
+    assert sweep.main(argv, train_fn=fake_run) == 0
+    before = {a: sorted(t.number for t in s.get_trials()) for a, s in load(tmp_path)["tune"].items()}
+    CALLS.clear()
+    wider = [*argv, "--arms", ARMS + ",zoo_cvt_mini_32:adamw"]
+    assert sweep.main(wider, train_fn=fake_run) == 0
+    assert "arms added (zoo_cvt_mini_32:adamw)" in capsys.readouterr().out
+    assert {c.model.name for c in CALLS} == {"zoo_cvt_mini_32"}  # only the new arm trained
+    assert len(CALLS) == 4 + 1  # its whole budget: 4 tuning slots and 1 final seed
+    studies = load(tmp_path)["tune"]
+    assert {a: sorted(t.number for t in studies[a].get_trials()) for a in before} == before
+    new = finished_once(studies["zoo_cvt_mini_32:adamw"])
+    old = finished_once(studies["resnet10t:adamw"])
+    assert [new[n].params for n in range(4)] == [old[n].params for n in range(4)]  # the same points
+    table = (tmp_path / "results" / "sweep_mnist5k.md").read_text()
+    assert all(f"| {a} |" in table for a in [*ARMS.split(","), "zoo_cvt_mini_32:adamw"])
+    # the narrower command is now another design; a changed recipe for a stored arm too
+    for args, says in ((argv, "arms"), ([*wider, "--set", "train.batch_size=32"], "sets")):
+        assert sweep.main(args, train_fn=fake_run) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "another design" in err and says in err, err
+
+
 def test_the_readme_blocks_match_their_results_files():
     blocks = report.readme_blocks((REPO / "README.md").read_text())
     for name, body in blocks.items():

@@ -86,6 +86,23 @@ def _diff(saved: dict, design: dict) -> str:
     return "?"
 
 
+def _added_arms(saved: dict, design: dict) -> list[str] | None:
+    """The arms ``design`` adds to ``saved``, or None when it changes anything else.
+
+    Adding arms keeps the design: every arm's budget is the same slots at the same points of the
+    same space, so an arm tuned later is tuned as it would have been with the others; the stored
+    arms must keep their exact recipes (config fingerprints), or their trials would mix designs.
+    """
+    rest = [k for k in design if k not in ("arms", "config")]
+    if any(saved.get(k) != design[k] for k in rest) or set(saved) != set(design):
+        return None
+    if not set(saved["arms"]) <= set(design["arms"]):
+        return None
+    if any(saved["config"][a] != design["config"].get(a) for a in saved["arms"]):
+        return None
+    return [a for a in design["arms"] if a not in saved["arms"]] or None  # a reordering is not an addition
+
+
 class Studies:
     """The sweep's studies in one storage: the design, a tuning and a final study per arm."""
 
@@ -98,11 +115,16 @@ class Studies:
         if "design" not in meta.user_attrs:
             meta.set_user_attr("design", design)
             meta = optuna.load_study(study_name=plan.study, storage=storage)  # a concurrent start may have won
-        if meta.user_attrs["design"] != design:
-            raise DesignError(
-                f"storage: study {plan.study!r} was made with another design ("
-                f"{_diff(meta.user_attrs['design'], design)}); use another --study or storage"
-            )
+        saved = meta.user_attrs["design"]
+        if saved != design:
+            added = _added_arms(saved, design)
+            if added is None:
+                raise DesignError(
+                    f"storage: study {plan.study!r} was made with another design ("
+                    f"{_diff(saved, design)}); use another --study or storage"
+                )
+            meta.set_user_attr("design", design)  # a concurrent worker adding the same arms writes the same
+            print(f"storage: study {plan.study!r}: arms added ({', '.join(added)}); the others' trials kept")
         self.pruner = (
             optuna.pruners.MedianPruner(n_startup_trials=plan.prune_startup, n_warmup_steps=plan.prune_after)
             if plan.prune
