@@ -113,7 +113,11 @@ def test_add_ships_a_run_and_check_catches_a_wrong_top1(tmp_path):
     assert entry["file"] == "zoo_poolformer_mini_32.safetensors" and entry["dtype"] == "float16"
     assert entry["num_classes"] == 10 and entry["input_size"] == [3, 32, 32] and entry["family"] == "poolformer"
     assert entry["sha256"] == hashlib.sha256((weights / entry["file"]).read_bytes()).hexdigest()
-    assert check(weights_dir=weights) == 0
+    assert check(weights_dir=weights, results=tmp_path / "results", argv=["check"]) == 0
+    md = (tmp_path / "results" / "weights_check.md").read_text()
+    assert md.startswith("| model | family |") and "| zoo_poolformer_mini_32 | poolformer |" in md
+    meta = json.loads((tmp_path / "results" / "weights_check.json").read_text())
+    assert meta["command"] == "python -m zoo.weights check" and meta["rows"][0]["measured"] == entry["top1"]
     with pytest.raises(CheckpointError, match="already has 'zoo_poolformer_mini_32'; pass --replace"):
         add(res.run_dir, "again", weights_dir=weights)
     manifest = json.loads((weights / "manifest.json").read_text())

@@ -227,10 +227,17 @@ def table(rows: list[dict[str, Any]], baseline: str | None) -> str:
     return "\n".join(out)
 
 
-def check(names: list[str] | None = None, weights_dir: Path = WEIGHTS_DIR, tolerance: float = 0.1) -> int:
+def check(
+    names: list[str] | None = None,
+    weights_dir: Path = WEIGHTS_DIR,
+    tolerance: float = 0.1,
+    results: Path | None = None,
+    argv: list[str] | None = None,
+) -> int:
     """Print the re-measured table; return 1 when an entry is off its manifest top-1 by more than
     ``tolerance`` points (0.1 = one image of MNIST-5k's 1,000: another CPU's float32 kernels may
-    flip one borderline image), else 0."""
+    flip one borderline image), else 0. ``results``: also write the table as
+    ``results/weights_check.{md,csv,json}`` (the README's weights table is copied from it)."""
     manifest = read_manifest(weights_dir)
     unknown = [n for n in names or [] if n not in manifest]
     if unknown:
@@ -246,11 +253,27 @@ def check(names: list[str] | None = None, weights_dir: Path = WEIGHTS_DIR, toler
             bad.append(f"{name}: re-measured {measured:.2f} % vs manifest {entry['top1']:.2f} %")
     baseline = next((r["name"] for r in rows if r["name"] in BASELINES), None)
     total = sum(p.stat().st_size for p in weights_dir.iterdir() if p.is_file())
-    print(table(rows, baseline))
+    text = table(rows, baseline)
+    print(text)
     print(f"\nweights/: {total / 1e6:.1f} MB of {BUDGET_BYTES / 1e6:.0f} MB")
+    if results is not None:
+        _write_results(results, text, rows, total, argv or [])
     for line in bad:
         print("MISMATCH " + line, file=sys.stderr)
     return 1 if bad else 0
+
+
+def _write_results(results: Path, text: str, rows: list[dict[str, Any]], total: int, argv: list[str]) -> None:
+    from zoo.bench.report import command_line, environment, write_results
+
+    note = (
+        f"weights/ holds {total / 1e6:.1f} MB of its {BUDGET_BYTES / 1e6:.0f} MB budget; the manifest's top-1 is "
+        "the training run's, the re-measured one this command's, on each dataset's validation split."
+    )
+    columns = ["name", "family", "params", "bytes", "top1", "measured", "config", "command"]
+    meta = {"command": command_line("python -m zoo.weights", argv), **environment(torch.get_num_threads())}
+    paths = write_results(results, "weights_check", f"{text}\n\n{note}\n", rows, columns, meta)
+    print(f"wrote {paths[0].with_suffix('')}.{{md,csv,json}}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -263,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     p_add.add_argument("--replace", action="store_true", help="overwrite an existing entry for the model")
     p_check = sub.add_parser("check", help="re-measure shipped weights' top-1 against the manifest")
     p_check.add_argument("names", nargs="*")
+    p_check.add_argument(
+        "--results", type=Path, metavar="DIR", help="also write the table to DIR/weights_check.{md,csv,json}"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     try:
@@ -273,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"({entry['family']}, {entry['params'] / 1e6:.2f} M params)"
             )
             return 0
-        return check(args.names)
+        raw = sys.argv[1:] if argv is None else argv
+        return check(args.names, results=args.results, argv=raw)
     except (CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
