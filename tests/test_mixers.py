@@ -237,5 +237,51 @@ def test_identity_returns_input():
     assert create_token_mixer("identity", 4, {}, {})(x, (3, 3)) is x
 
 
+# ---- MetaFormer-v2's mixers: sepconv (ConvFormer), random_mixing (RandFormer) ------------------
+
+
+def test_sepconv_matches_naive():
+    dim, grid = 3, (4, 5)
+    mixer = build("sepconv", dim, {"kernel_size": 3})  # 3x3 to keep the naive loops short
+    assert mixer.pwconv1.bias is None and mixer.dwconv.bias is None and mixer.pwconv2.bias is None
+    torch.manual_seed(1)
+    x = torch.randn(1, dim, *grid, dtype=torch.float64)
+    with torch.no_grad():
+        out = mixer(x, grid)
+    s, b = mixer.act1.scale, mixer.act1.bias
+    hidden = torch.einsum("oc,chw->ohw", mixer.pwconv1.weight, x[0])  # pointwise: dim -> 2 dim
+    hidden = s * torch.relu(hidden) ** 2 + b  # StarReLU
+    hidden = naive_conv(hidden, mixer.dwconv.weight, stride=1, pad=1, groups=2 * dim)  # depthwise
+    expected = torch.einsum("oc,chw->ohw", mixer.pwconv2.weight, hidden)  # pointwise: 2 dim -> dim
+    torch.testing.assert_close(out[0], expected, atol=1e-10, rtol=1e-10)
+
+
+def test_random_mixing_matches_naive_and_is_a_frozen_buffer():
+    dim, grid = 3, (2, 3)
+    mixer = build("random_mixing", dim, {}, num_tokens=6)
+    matrix = mixer.random_matrix
+    assert not list(mixer.parameters()) and "random_matrix" in mixer.state_dict()
+    assert (matrix > 0).all()  # a softmax of uniform numbers: each row a convex combination
+    torch.testing.assert_close(matrix.sum(-1), torch.ones(6, dtype=matrix.dtype))
+    torch.manual_seed(1)
+    x = torch.randn(2, dim, *grid, dtype=torch.float64)
+    out = mixer(x, grid)
+    tokens = [(i, j) for i in range(grid[0]) for j in range(grid[1])]  # row-major, as the official reshape
+    for m, (i, j) in enumerate(tokens):
+        expected = sum(matrix[m, n] * x[:, :, a, c] for n, (a, c) in enumerate(tokens))
+        torch.testing.assert_close(out[:, :, i, j], expected, atol=1e-12, rtol=1e-12)
+    with pytest.raises(ValueError, match="built for 6 tokens"):
+        mixer(torch.randn(1, dim, 3, 3, dtype=torch.float64), (3, 3))
+
+
 def test_every_registered_mixer_is_covered_here():
-    assert set(TOKEN_MIXERS) == {"pooling", "attention", "conv_attention", "token_shift", "spatial_gating", "identity"}
+    assert set(TOKEN_MIXERS) == {
+        "pooling",
+        "attention",
+        "conv_attention",
+        "token_shift",
+        "spatial_gating",
+        "sepconv",
+        "random_mixing",
+        "identity",
+    }

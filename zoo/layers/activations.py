@@ -14,7 +14,7 @@ from torch import nn
 
 from ..names import unknown_component
 
-__all__ = ["ACTIVATIONS", "QuickGELU", "SquaredReLU", "get_act"]
+__all__ = ["ACTIVATIONS", "QuickGELU", "SquaredReLU", "StarReLU", "get_act"]
 
 
 class SquaredReLU(nn.Module):
@@ -26,6 +26,24 @@ class SquaredReLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.square(torch.relu(x))
+
+
+class StarReLU(nn.Module):
+    """``scale * relu(x) ** 2 + bias`` with a learnable scalar ``scale`` and ``bias``.
+
+    Yu et al., "MetaFormer Baselines for Vision", https://arxiv.org/abs/2210.13452 (section 3.1):
+    squared ReLU with a scale and a shift that remove its output's mean and fix its variance, so the
+    activation needs no norm after it. Both start at the paper's values (1 and 0) and train;
+    they are one number each, of shape (1,), named as the official code and timm name them.
+    """
+
+    def __init__(self, scale: float = 1.0, bias: float = 0.0):
+        super().__init__()
+        self.scale = nn.Parameter(torch.full((1,), float(scale)))
+        self.bias = nn.Parameter(torch.full((1,), float(bias)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * torch.square(torch.relu(x)) + self.bias
 
 
 class QuickGELU(nn.Module):
@@ -50,12 +68,13 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "squared_relu": SquaredReLU,
     "silu": nn.SiLU,
     "quick_gelu": QuickGELU,  # CvT
+    "star_relu": StarReLU,  # MetaFormer-v2 (learnable scale and bias)
 }
 
 
 def get_act(name: str) -> nn.Module:
     """A fresh activation module by name: ``gelu`` (exact erf), ``gelu_tanh``, ``relu``,
-    ``squared_relu``, ``silu``, ``quick_gelu``."""
+    ``squared_relu``, ``silu``, ``quick_gelu``, ``star_relu`` (the one with parameters)."""
     try:
         factory = ACTIVATIONS[name]
     except KeyError:

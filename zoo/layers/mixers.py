@@ -14,9 +14,10 @@ patch tokens (needed by mixers that see space through a token sequence). A mixer
 parameters need an init other than the backbone's generic one (truncated normal .02, zero bias)
 defines ``init_weights()``, which the model calls after the generic init.
 
-Registered: ``pooling`` (PoolFormer), ``attention`` (ViT/DeiT), ``conv_attention`` (CvT's
-convolutional projection; depthwise or per-head groups), ``token_shift`` (ShiftViT),
-``spatial_gating`` (gMLP's whole gated unit), ``identity``.
+Registered: ``pooling`` (PoolFormer), ``attention`` (ViT/DeiT; CAFormer without biases),
+``conv_attention`` (CvT's convolutional projection; depthwise or per-head groups), ``token_shift``
+(ShiftViT), ``spatial_gating`` (gMLP's whole gated unit), ``sepconv`` (ConvFormer's inverted
+separable convolution), ``random_mixing`` (RandFormer's frozen random token mixing), ``identity``.
 """
 
 from __future__ import annotations
@@ -132,7 +133,8 @@ class Attention(nn.Module):
     ``F.scaled_dot_product_attention`` so the fused kernel is used wherever torch has one.
 
     ``num_heads`` defaults to ``max(1, dim // head_dim)`` (heads of 32 channels), so the mixer can
-    be swapped into any stage without options; the registered families pass it explicitly.
+    be swapped into any stage without options; ViT/DeiT pass it explicitly, CAFormer relies on it
+    (https://arxiv.org/abs/2210.13452: heads of 32 channels, and ``qkv_bias=False, proj_bias=False``).
 
     ``fused_attn``: None follows timm's switch (``TIMM_FUSED_ATTN=0`` or ``timm.layers.set_fused_attn``);
     False computes softmax(q k^T / sqrt(hd)) v with explicit ops, the path on which hooks see the
@@ -148,6 +150,7 @@ class Attention(nn.Module):
         num_heads: int | None = None,
         head_dim: int = 32,
         qkv_bias: bool = True,
+        proj_bias: bool = True,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
         fused_attn: bool | None = None,
@@ -158,7 +161,7 @@ class Attention(nn.Module):
         self.fused_attn = use_fused_attn() if fused_attn is None else bool(fused_attn)
         self.attn_drop = attn_drop
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -194,6 +197,85 @@ class IdentityMixer(nn.Module):
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         return x
+
+
+@register_token_mixer("sepconv")
+class SepConv(nn.Module):
+    """ConvFormer's token mixer: an inverted separable convolution (MobileNetV2's block without its
+    residual): ``pwconv2(dwconv(act1(pwconv1(x))))``.
+
+    Yu et al., "MetaFormer Baselines for Vision", https://arxiv.org/abs/2210.13452 (section 3.2;
+    official code ``SepConv`` in sail-sg/metaformer's ``metaformer_baselines.py``). A pointwise
+    layer widens ``dim`` to ``expansion_ratio * dim`` channels (2 in the paper), StarReLU, a
+    ``kernel_size`` x ``kernel_size`` depthwise convolution (7, padding 3) and a pointwise layer back
+    to ``dim``; no biases, and no activation after the depthwise convolution (the official
+    ``act2`` is an identity). The pointwise layers are ``nn.Linear`` on channels-last views, as in
+    the official code; timm stores them as 1x1 convolutions, which the checkpoint loader reshapes.
+    Names (``pwconv1``, ``act1``, ``dwconv``, ``pwconv2``) are the official ones and timm's.
+    """
+
+    layout = "nchw"
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        expansion_ratio: float = 2.0,
+        kernel_size: int = 7,
+        act: str = "star_relu",
+        bias: bool = False,
+    ):
+        super().__init__()
+        if kernel_size % 2 != 1:
+            raise ValueError(f"sepconv: kernel_size must be odd (the map keeps its size), got {kernel_size}")
+        hidden = int(expansion_ratio * dim)
+        self.pwconv1 = nn.Linear(dim, hidden, bias=bias)
+        self.act1 = get_act(act)
+        self.dwconv = nn.Conv2d(hidden, hidden, kernel_size, padding=kernel_size // 2, groups=hidden, bias=bias)
+        self.pwconv2 = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        # On the stage's channels_last map every permute here is a view, not a copy.
+        x = self.act1(self.pwconv1(x.permute(0, 2, 3, 1)))  # (B, C, H, W) -> (B, H, W, hidden)
+        x = self.dwconv(x.permute(0, 3, 1, 2))  # (B, H, W, hidden) -> (B, hidden, H, W)
+        x = self.pwconv2(x.permute(0, 2, 3, 1))  # (B, hidden, H, W) -> (B, H, W, C)
+        return x.permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W)
+
+
+@register_token_mixer("random_mixing")
+class RandomMixing(nn.Module):
+    """RandFormer's token mixer: every output token is a fixed random convex combination of all
+    input tokens, ``x_m = sum_n R[m, n] x_n``, the same for every channel.
+
+    Yu et al., "MetaFormer Baselines for Vision", https://arxiv.org/abs/2210.13452 (section 3.1;
+    official code ``RandomMixing``). ``R = softmax(U, dim=-1)`` with ``U`` uniform in [0, 1), drawn
+    once at construction and never trained. The official code keeps it as an ``nn.Parameter`` with
+    ``requires_grad=False``; here it is a buffer under the same name (``random_matrix``), so it is
+    saved and loaded with the weights but is not a parameter: optimizers, weight decay and
+    parameter counts never see it (the paper counts it apart: RandFormer-S12 "11.9M + 0.2M").
+
+    The matrix is ``num_tokens x num_tokens`` (the stage passes its token count), so a model built
+    with it takes one input size only.
+    """
+
+    layout = "nchw"
+    stage_context = ("num_tokens",)
+
+    def __init__(self, dim: int, *, num_tokens: int):
+        super().__init__()
+        self.num_tokens = num_tokens
+        self.register_buffer("random_matrix", torch.softmax(torch.rand(num_tokens, num_tokens), dim=-1))
+
+    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        B, C, H, W = x.shape
+        if H * W != self.num_tokens:
+            raise ValueError(
+                f"random_mixing is built for {self.num_tokens} tokens, the input has {H}x{W}: "
+                "create the model with the img_size you feed it"
+            )
+        tokens = x.reshape(B, C, H * W)  # (B, C, H, W) -> (B, C, N), tokens in row-major order as the official
+        mixed = tokens @ self.random_matrix.t()  # (B, C, N) x (N, N) -> (B, C, N): out[.., m] = sum_n R[m, n] x[.., n]
+        return mixed.reshape(B, C, H, W)  # (B, C, N) -> (B, C, H, W)
 
 
 class ConvProjection(nn.Module):

@@ -55,6 +55,7 @@ from .activations import get_act
 from .fused import GeluMlpFunction, fused_backward_allowed
 from .init import trunc_normal_init_
 from .moe import MoE
+from .norm import create_norm
 from .soft_moe import SoftMoE
 
 __all__ = [
@@ -63,6 +64,7 @@ __all__ = [
     "GluMlp",
     "IdentityChannelMixer",
     "Mlp",
+    "MlpHead",
     "create_channel_mixer",
 ]
 
@@ -188,6 +190,45 @@ class IdentityChannelMixer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
+
+
+class MlpHead(nn.Module):
+    """MetaFormer-v2's classifier: ``fc2(drop(norm(act(fc1(x)))))`` on the pooled features.
+
+    Yu et al., "MetaFormer Baselines for Vision", https://arxiv.org/abs/2210.13452 (ConvFormer and
+    CAFormer; official code ``MlpHead``): ``fc1`` widens ``dim`` to ``hidden_ratio * dim`` (4),
+    squared ReLU (not StarReLU: the official head takes ``SquaredReLU``), a LayerNorm with its
+    bias, dropout, and ``fc2`` to the classes; both linears have biases. The official norm is
+    torch's ``nn.LayerNorm`` (eps 1e-5, ``norm="layernorm_eps1e-5"``); timm's port uses its own
+    LayerNorm with eps 1e-6 (``norm="layernorm"``). Names (``fc1``, ``norm``, ``fc2``) are the
+    official ones and timm's (under its ``head.fc``).
+
+    Shapes: ``(..., dim) -> (..., num_classes)``, channels last.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_classes: int,
+        *,
+        hidden_ratio: float = 4.0,
+        act: str = "squared_relu",
+        norm: str = "layernorm_eps1e-5",
+        drop: float = 0.0,
+    ) -> None:
+        super().__init__()
+        hidden = int(hidden_ratio * dim)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = get_act(act)
+        self.norm = create_norm(norm, hidden, "nlc")
+        self.head_drop = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden, num_classes)
+        trunc_normal_init_(self.fc1.weight, self.fc1.bias)
+        trunc_normal_init_(self.fc2.weight, self.fc2.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(self.act(self.fc1(x)))  # (..., dim) -> (..., hidden)
+        return self.fc2(self.head_drop(x))  # (..., hidden) -> (..., num_classes)
 
 
 # Name -> constructor. ``functools.partial`` entries fix an option (e.g. the activation); those

@@ -34,6 +34,32 @@ class GroupNorm1Tokens(GroupNorm1):
         return super().forward(x.transpose(1, 2)).transpose(1, 2)  # (B, N, C) <-> (B, C, N)
 
 
+class GroupNorm1NoBias(nn.Module):
+    """GroupNorm with one group and a per-channel scale but no bias: MetaFormer-v2's norm.
+
+    Yu et al., "MetaFormer Baselines for Vision", https://arxiv.org/abs/2210.13452: the official
+    ``LayerNormGeneral(normalized_dim=(1, 2, 3), bias=False, eps=1e-6)`` of IdentityFormer,
+    RandFormer and PoolFormerV2 normalises each sample over (C, H, W) and scales per channel,
+    which is a one-group GroupNorm without its bias. nn.GroupNorm has no switch for the bias, so
+    this holds the weight alone (the state-dict key is ``weight``, as in the official code and timm).
+    """
+
+    def __init__(self, dim: int, *, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.group_norm(x, 1, self.weight, None, self.eps)  # (B, C, ...) -> same shape
+
+
+class GroupNorm1NoBiasTokens(GroupNorm1NoBias):
+    """GroupNorm1NoBias on a (B, N, C) sequence: normalise over all tokens and channels of a sample."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.transpose(1, 2)).transpose(1, 2)  # (B, N, C) <-> (B, C, N)
+
+
 class LayerNorm2d(nn.LayerNorm):
     """LayerNorm over the channel axis of an NCHW map (as timm's LayerNorm2d)."""
 
@@ -58,16 +84,28 @@ def _groupnorm1(dim: int, layout: str, eps: float) -> nn.Module:
     return GroupNorm1(dim, eps=eps) if layout == "nchw" else GroupNorm1Tokens(dim, eps=eps)
 
 
+def _layernorm_nobias(dim: int, layout: str, eps: float) -> nn.Module:
+    # MetaFormer-v2's LayerNormGeneral(bias=False): a per-channel scale, no shift
+    return LayerNorm2d(dim, eps=eps, bias=False) if layout == "nchw" else nn.LayerNorm(dim, eps=eps, bias=False)
+
+
+def _groupnorm1_nobias(dim: int, layout: str, eps: float) -> nn.Module:
+    return GroupNorm1NoBias(dim, eps=eps) if layout == "nchw" else GroupNorm1NoBiasTokens(dim, eps=eps)
+
+
 def _batchnorm(dim: int, layout: str, eps: float) -> nn.Module:
     return nn.BatchNorm2d(dim, eps=eps) if layout == "nchw" else BatchNormTokens(dim, eps=eps)
 
 
 # name -> (constructor, default eps). LayerNorm eps 1e-6 as ViT/DeiT; GroupNorm/BatchNorm 1e-5 as torch.
 # "layernorm_eps1e-5" is torch's default LayerNorm, which the official CvT code uses throughout.
+# The "_nobias" norms are MetaFormer-v2's (https://arxiv.org/abs/2210.13452): a scale and no bias, eps 1e-6.
 NORMS = {
     "layernorm": (_layernorm, 1e-6),
     "layernorm_eps1e-5": (_layernorm, 1e-5),
+    "layernorm_nobias": (_layernorm_nobias, 1e-6),
     "groupnorm1": (_groupnorm1, 1e-5),
+    "groupnorm1_nobias": (_groupnorm1_nobias, 1e-6),
     "batchnorm": (_batchnorm, 1e-5),
 }
 

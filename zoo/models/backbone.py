@@ -3,8 +3,11 @@
 A ``ModelSpec`` (see specs.py) says what to build; this file says how. A block is the MetaFormer
 block (https://arxiv.org/abs/2111.11418) with its token mixer and channel mixer injected::
 
-    x = x + drop_path(ls1 * token_mixer(norm1(x)))
-    x = x + drop_path(ls2 * channel_mixer(norm2(x)))    # absent for channel_mixer="none" (gMLP)
+    x = rs1 * x + drop_path(ls1 * token_mixer(norm1(x)))
+    x = rs2 * x + drop_path(ls2 * channel_mixer(norm2(x)))    # absent for channel_mixer="none" (gMLP)
+
+where ``ls`` (layer scale) and ``rs`` (res scale, MetaFormer-v2: https://arxiv.org/abs/2210.13452)
+are learned per-channel scales, or ones where the stage has none.
 
 A stage opens with a strided convolution (stem, downsampling or patch embedding) and runs its
 blocks in the layout its token mixer declares: channels-first maps (kept in channels_last memory
@@ -15,6 +18,7 @@ distillation tokens and a learned position embedding. The model speaks timm's in
 # No ``from __future__ import annotations`` here: an FX trace of ZooModel (torchvision's feature
 # extraction, timm's fx tests) copies forward's annotations into its generated code, and a string
 # annotation there is a name TorchScript cannot resolve when that GraphModule is scripted.
+import contextlib
 import dataclasses
 import math
 from collections.abc import Container, Sequence
@@ -27,15 +31,16 @@ from torch.utils.checkpoint import checkpoint
 
 from ..layers.embed import ConvEmbed
 from ..layers.init import trunc_normal_init_
-from ..layers.mixers import TOKEN_MIXERS, SpatialGating, create_token_mixer, token_mixer_layout
-from ..layers.mlp import create_channel_mixer
+from ..layers.mixers import TOKEN_MIXERS, RandomMixing, SpatialGating, create_token_mixer, token_mixer_layout
+from ..layers.mlp import MlpHead, create_channel_mixer
 from ..layers.moe import MoE, moe_modules, reset_aux_loss
 from ..layers.norm import create_norm
 from .specs import NO_CHANNEL_MIXER, ModelSpec, StageSpec
 
-# FX (torchvision's feature extraction, timm's fx tests) traces with timm's leaf modules: these two
+# FX (torchvision's feature extraction, timm's fx tests) traces with timm's leaf modules: these
 # branch on the token count / route tokens by value, which a symbolic trace cannot follow.
 register_notrace_module(SpatialGating)
+register_notrace_module(RandomMixing)
 register_notrace_module(MoE)
 
 
@@ -102,7 +107,8 @@ def check_input(x: torch.Tensor, name: str, in_chans: int, min_size: int) -> Non
 
 
 class LayerScale(nn.Module):
-    """Learned per-channel scale of a residual branch (CaiT, https://arxiv.org/abs/2103.17239)."""
+    """Learned per-channel scale: of a residual branch (layer scale, CaiT,
+    https://arxiv.org/abs/2103.17239) or of the residual path (res scale, MetaFormer-v2)."""
 
     def __init__(self, dim: int, init: float, layout: str):
         super().__init__()
@@ -132,17 +138,22 @@ class Block(nn.Module):
         layout: str,
         layer_scale: float | None,
         drop_path: float,
+        res_scale: float | None = None,
     ):
         super().__init__()
         self.layout = layout
+
+        def scale(init: float | None) -> nn.Module:
+            return LayerScale(dim, init, layout) if init is not None else nn.Identity()
+
         self.norm1 = create_norm(norm, dim, layout)
         self.token_mixer = token_mixer
-        self.ls1 = LayerScale(dim, layer_scale, layout) if layer_scale is not None else nn.Identity()
-        self.norm2 = self.channel_mixer = self.ls2 = None
+        self.ls1, self.res_scale1 = scale(layer_scale), scale(res_scale)
+        self.norm2 = self.channel_mixer = self.ls2 = self.res_scale2 = None
         if channel_mixer is not None:
             self.norm2 = create_norm(norm, dim, layout)
             self.channel_mixer = channel_mixer
-            self.ls2 = LayerScale(dim, layer_scale, layout) if layer_scale is not None else nn.Identity()
+            self.ls2, self.res_scale2 = scale(layer_scale), scale(res_scale)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def _mix_channels(self, x: torch.Tensor) -> torch.Tensor:
@@ -155,9 +166,9 @@ class Block(nn.Module):
         return x.permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W)
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        x = x + self.drop_path(self.ls1(self.token_mixer(self.norm1(x), grid)))
+        x = self.res_scale1(x) + self.drop_path(self.ls1(self.token_mixer(self.norm1(x), grid)))
         if self.channel_mixer is not None:
-            x = x + self.drop_path(self.ls2(self._mix_channels(self.norm2(x))))
+            x = self.res_scale2(x) + self.drop_path(self.ls2(self._mix_channels(self.norm2(x))))
         return x
 
 
@@ -176,6 +187,8 @@ class Stage(nn.Module):
         super().__init__()
         self.spec = spec
         dim = spec.dim
+        # MetaFormer-v2 normalises the previous stage's map before downsampling it
+        self.embed_pre_norm = create_norm(spec.embed.pre_norm, in_dim, "nchw")
         self.embed = ConvEmbed(
             in_dim,
             dim,
@@ -215,7 +228,9 @@ class Stage(nn.Module):
             channel_mixers = [None] * groups
         else:
             channel_mixers = [
-                create_channel_mixer(spec.channel_mixer, dim, hidden_dim=hidden, options=dict(spec.channel_options))
+                create_channel_mixer(
+                    spec.channel_mixer, dim, hidden_dim=hidden, bias=spec.mlp_bias, options=dict(spec.channel_options)
+                )
                 for _ in range(groups)
             ]
         self.blocks = nn.ModuleList(
@@ -226,6 +241,7 @@ class Stage(nn.Module):
                 norm=spec.norm,
                 layout=layout,
                 layer_scale=spec.layer_scale,
+                res_scale=spec.res_scale,
                 drop_path=drop_path[i],
             )
             for i in range(spec.depth)
@@ -234,7 +250,7 @@ class Stage(nn.Module):
 
     def embed_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Map in, stage input out: a channels_last map, or tokens with prefix and positions."""
-        x = self.embed(x)
+        x = self.embed(self.embed_pre_norm(x))
         B, _, H, W = x.shape
         if self.layout == "nchw":
             return channels_last_on_cpu(x), (H, W)
@@ -343,11 +359,12 @@ class ZooModel(nn.Module):
         final_layout = self.stages[-1].layout if spec.head_norm_on == "map" else "nlc"
         self.norm = create_norm(spec.head_norm, last.dim, final_layout)
         self._norm_stage: int | None = len(spec.stages) - 1  # the stage self.norm applies to; None: pruned
-        self.head_drop = nn.Dropout(spec.drop_rate)
-        self.head = nn.Linear(last.dim, spec.num_classes) if spec.num_classes > 0 else nn.Identity()
-        self.head_dist = None
-        if spec.distilled:
-            self.head_dist = nn.Linear(last.dim, spec.num_classes) if spec.num_classes > 0 else nn.Identity()
+        if spec.head_mlp_ratio is not None and spec.distilled:
+            raise ValueError(f"{name}: an MLP head (head_mlp_ratio) and distilled=True do not combine")
+        # The MLP head drops out between its norm and fc2 (official MetaFormer-v2); a linear head before it.
+        self.head_drop = nn.Dropout(spec.drop_rate if spec.head_mlp_ratio is None else 0.0)
+        self.head = self._new_head(spec.num_classes)
+        self.head_dist = self._new_head(spec.num_classes) if spec.distilled else None
         self.pretrained_cfg = self.default_cfg = spec_pretrained_cfg(spec, name)
         seen: set[int] = set()  # apply() revisits modules that blocks share: initialise each once
 
@@ -376,6 +393,25 @@ class ZooModel(nn.Module):
         self._pretrained_cfg = cfg
 
     default_cfg = pretrained_cfg
+
+    def _new_head(
+        self, num_classes: int, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> nn.Module:
+        """The classifier for ``num_classes`` (0: none): a linear layer, or MetaFormer-v2's MLP head."""
+        if num_classes <= 0:
+            return nn.Identity()
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            if self.spec.head_mlp_ratio is None:
+                return nn.Linear(self.num_features, num_classes, dtype=dtype)
+            else:
+                head = MlpHead(
+                    self.num_features,
+                    num_classes,
+                    hidden_ratio=self.spec.head_mlp_ratio,
+                    norm=self.spec.head_mlp_norm,
+                    drop=self.spec.drop_rate,
+                )
+        return head if dtype is None else head.to(dtype=dtype)
 
     # ---- input checks -------------------------------------------------------------------
     def _min_input_size(self) -> int:
@@ -454,12 +490,12 @@ class ZooModel(nn.Module):
         ref = next(self.parameters())
         dd = {"device": ref.device, "dtype": ref.dtype}
         self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self.head = self._new_head(num_classes, **dd)
         if self.head_dist is not None:
-            self.head_dist = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
+            self.head_dist = self._new_head(num_classes, **dd)
         for head in (self.head, self.head_dist):
-            if isinstance(head, nn.Linear):
-                _init_weights(head)
+            if head is not None:
+                head.apply(_init_weights)
                 head.train(self.training)
 
     @property
@@ -715,6 +751,8 @@ def spec_pretrained_cfg(spec: ModelSpec, name: str) -> dict:
     fixed = (any(s.pos_embed for s in spec.stages) and not spec.dynamic_img_size) or any(
         _per_token_weights(s) for s in spec.stages
     )
+    # the layer that holds the classes (timm's convention): of an MLP head, its last linear
+    classifier = ("head", "head_dist") if spec.distilled else "head" if spec.head_mlp_ratio is None else "head.fc2"
     return {
         "url": None,
         "file": None,
@@ -738,7 +776,7 @@ def spec_pretrained_cfg(spec: ModelSpec, name: str) -> dict:
         "label_names": None,
         "pool_size": size,
         "first_conv": "stages.0.embed.proj",
-        "classifier": ("head", "head_dist") if spec.distilled else "head",
+        "classifier": classifier,
         "license": "apache-2.0",
         "description": None,
         "origin_url": next((w for w in spec.paper.split() if w.startswith("https://")), None),

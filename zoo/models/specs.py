@@ -46,7 +46,9 @@ class EmbedSpec:
     kernel: int
     stride: int
     padding: int = 0
-    norm: str = "identity"  # norm after the convolution (CvT: layernorm)
+    norm: str = "identity"  # norm after the convolution (CvT: layernorm; MetaFormer-v2's stem)
+    # norm of the incoming map before the convolution (MetaFormer-v2's downsampling: layernorm_nobias)
+    pre_norm: str = "identity"
 
     def __post_init__(self) -> None:
         _check_int("EmbedSpec", "kernel", self.kernel, 1)
@@ -65,9 +67,13 @@ class StageSpec:
     mixer_options: Mapping[str, Any] = field(default_factory=dict)  # e.g. {"num_heads": 6}
     channel_mixer: str = "mlp"  # a name in zoo.layers.CHANNEL_MIXERS, or "none": no second branch (gMLP)
     mlp_ratio: float = 4.0
+    mlp_bias: bool = True  # biases in the channel mixer's linears (MetaFormer-v2: none)
     channel_options: Mapping[str, Any] = field(default_factory=dict)  # e.g. {"num_experts": 4}
     norm: str = "layernorm"
-    layer_scale: float | None = None  # init of per-channel residual scales; None = no layer scale
+    layer_scale: float | None = None  # init of per-channel scales of each branch; None = no layer scale
+    # init of per-channel scales of the residual path itself (ResScale, MetaFormer-v2's last two
+    # stages: x = res_scale * x + branch); None = the plain residual
+    res_scale: float | None = None
     class_token: bool = False  # prepend a learned class token at this stage
     dist_token: bool = False  # and a distillation token after it (DeiT)
     pos_embed: bool = False  # learned absolute position embedding (covers the prefix tokens too)
@@ -80,6 +86,8 @@ class StageSpec:
         _check_int("StageSpec", "dim", self.dim, 1)
         _check_int("StageSpec", "share_group", self.share_group, 1)
         _check_float("StageSpec", "mlp_ratio", self.mlp_ratio, 0.0, None, low_open=True)
+        if not isinstance(self.mlp_bias, bool):
+            raise ValueError(f"StageSpec.mlp_bias={self.mlp_bias!r}: expected True or False")
         if not isinstance(self.embed, EmbedSpec):
             raise ValueError(f"StageSpec.embed={self.embed!r}: expected an EmbedSpec")
 
@@ -101,6 +109,10 @@ class ModelSpec:
     # Where the final norm sits: on the feature map / all tokens before pooling (official PoolFormer,
     # ViT, DeiT), or on the pooled vector (timm's MetaFormer port of PoolFormer).
     head_norm_on: Literal["map", "pooled"] = "map"
+    # None: a linear classifier. A number r: MetaFormer-v2's MLP head (ConvFormer, CAFormer): fc1 to
+    # r x num_features, squared ReLU, the norm named by head_mlp_norm, dropout (drop_rate), fc2.
+    head_mlp_ratio: float | None = None
+    head_mlp_norm: str = "layernorm_eps1e-5"  # the official nn.LayerNorm; timm's port: "layernorm" (eps 1e-6)
     distilled: bool = False  # DeiT: a second head on the distillation token
     # timm's ViT flag: interpolate the position embedding to each input's token grid (any img_size)
     dynamic_img_size: bool = False
@@ -130,6 +142,8 @@ class ModelSpec:
         if self.head_norm_on not in HEAD_NORM_PLACES:
             raise ValueError(f"ModelSpec.head_norm_on={self.head_norm_on!r}: expected one of {list(HEAD_NORM_PLACES)}")
         _check_float("ModelSpec", "drop_rate", self.drop_rate, 0.0, 1.0)
+        if self.head_mlp_ratio is not None:
+            _check_float("ModelSpec", "head_mlp_ratio", self.head_mlp_ratio, 0.0, None, low_open=True)
         _check_float("ModelSpec", "drop_path_rate", self.drop_path_rate, 0.0, 1.0)
         if self.drop_path_stages is not None:
             if not isinstance(self.drop_path_stages, tuple) or len(self.drop_path_stages) != len(self.stages):
