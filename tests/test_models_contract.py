@@ -15,7 +15,16 @@ from zoo.models.registry import fixed_input_size, get_spec
 # The larger sizes of families whose smallest ImageNet size already runs every contract check here
 # (CvT-13, gMLP-Ti/S, WideNet-B): the same code at more parameters, most of a minute each on 2
 # cores. Their contract runs with `pytest -m slow`; their parameter counts stay in the default run.
-HEAVY = {"zoo_cvt_21", "zoo_cvt_w24", "zoo_gmlp_b16_224", "zoo_widenet_l", "zoo_widenet_h"}
+HEAVY = {
+    "zoo_cvt_21",
+    "zoo_cvt_w24",
+    "zoo_gmlp_b16_224",
+    "zoo_widenet_l",
+    "zoo_widenet_h",
+    # MetaFormer baselines: S12 / S18 and the minis run here; every size's exactness is in test_metaformer.py
+    *(f"zoo_{f}_{s}" for f in ("identityformer", "randformer", "poolformerv2") for s in ("s24", "s36", "m36", "m48")),
+    *(f"zoo_{f}_{s}" for f in ("convformer", "caformer") for s in ("s36", "m36", "b36")),
+}
 ALL = [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n for n in zoo.list_models()]
 MINI = zoo.list_models("*_mini_32")
 
