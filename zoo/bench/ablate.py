@@ -9,20 +9,44 @@ gives each change's effect on top-1 error with Welch's 95 % interval against the
 params and MACs beside the base's. A change that moves the parameter count by more than
 ``--iso-tolerance`` is marked not iso-param, with the ``mlp_ratio`` that would restore the base's
 count; ``--width-match`` also trains that width-matched variant.
+
+The runs go to ``--out`` (default ``runs/bench_ablate``); the table, with notes under it (the
+command, the recipe, the machine), is printed and written to ``--results`` (default
+``zoo/bench/results``) as ``NAME.md`` (exactly what is printed; ``python -m zoo.bench readme``
+copies it into README.md between ``<!-- results:NAME -->`` markers), ``NAME.csv`` (the rows) and
+``NAME.json`` (rows, each run, command, commit, CPU, threads, versions); NAME is ``--name``,
+default ``ablate_<data>`` (two ablations on one dataset need two names).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 import yaml
 
 import zoo
 from zoo.bench.counts import count_macs, count_params
+from zoo.bench.report import command_line, environment, stem_part, write_results
 from zoo.bench.runs import RunRow, add_recipe_args, train_all
 from zoo.bench.stats import diff_ci, fmt_ci, mean_ci
+from zoo.bench.top1 import add_results_args, recipe, recipe_notes
 from zoo.models.specs import STAGE_WIDE_FIELDS
+
+PROG = "python -m zoo.bench ablate"
+COLUMNS = [
+    "change",
+    "params_m",
+    "gmacs",
+    "top1_err",
+    "top1_err_ci95",
+    "diff_vs_base",
+    "diff_ci95",
+    "seeds",
+    "note",
+    "spec",
+]
 
 
 def parse_swaps(items: list[str]) -> list[tuple[str, object]]:
@@ -99,47 +123,73 @@ def plan(base: str, swaps: list[tuple[str, object]], img: int, tolerance: float,
     return variants
 
 
-def table(variants: list[dict], rows: list[RunRow]) -> str:
+def summarise(variants: list[dict], rows: list[RunRow]) -> list[dict]:
+    """One table row per variant: its size, mean error over seeds, difference to the base's."""
     errs = {v["label"]: [r.err1 for r in rows if r.label == v["label"]] for v in variants}
-    base = variants[0]
+    table = []
+    for v in variants:
+        err = errs[v["label"]]
+        mean, half = mean_ci(err)
+        diff, dhalf = diff_ci(err, errs["base"]) if v is not variants[0] else (None, None)
+        table.append(
+            {
+                "change": v["label"],
+                "params_m": v["params"] / 1e6,
+                "gmacs": v["macs"] / 1e9,
+                "top1_err": mean,
+                "top1_err_ci95": half,
+                "diff_vs_base": diff,
+                "diff_ci95": dhalf,
+                "seeds": len(err),
+                "note": v["note"],
+                "spec": v["spec"],
+            }
+        )
+    return table
+
+
+def markdown(table: list[dict]) -> str:
     lines = [
         "| change | params (M) | GMACs | top-1 err % (95% CI) | vs base (95% CI) | note |",
         "| --- | ---: | ---: | ---: | ---: | --- |",
     ]
-    for v in variants:
-        err = errs[v["label"]]
-        mean, half = mean_ci(err)
-        diff = "—" if v is base else fmt_ci(*diff_ci(err, errs["base"]))
+    for r in table:
+        diff = "—" if r["diff_vs_base"] is None else fmt_ci(r["diff_vs_base"], r["diff_ci95"])
         lines.append(
-            f"| {v['label']} | {v['params'] / 1e6:.3f} | {v['macs'] / 1e9:.4f} | {fmt_ci(mean, half)} | "
-            f"{diff} | {v['note']} |"
+            f"| {r['change']} | {r['params_m']:.3f} | {r['gmacs']:.4f} | {fmt_ci(r['top1_err'], r['top1_err_ci95'])} "
+            f"| {diff} | {r['note']} |"
         )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m zoo.bench ablate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", default="zoo_poolformer_mini_32")
     p.add_argument("--swap", action="append", default=[], metavar="FIELD=V1,V2", help="repeatable")
     p.add_argument("--iso-tolerance", type=float, default=0.02, help="relative params change still iso-param")
     p.add_argument("--width-match", action="store_true", help="also train width-matched variants")
     p.add_argument("--img-size", type=int, default=32, help="input side for the MACs column")
     add_recipe_args(p, out="runs/bench_ablate")
+    add_results_args(p, "ablate_<data>")
     args = p.parse_args(argv)
     try:
         if args.base not in zoo.list_models():
             raise ValueError(str(zoo.models.registry.unknown_model(args.base)))
         variants = plan(args.base, parse_swaps(args.swap), args.img_size, args.iso_tolerance, args.width_match)
+        cfg = recipe(args)  # a bad --set fails here, before any training
     except (ValueError, TypeError) as e:
         print(f"zoo.bench ablate: {e}", file=sys.stderr)
         return 2
     rows = train_all([(v["label"], args.base, v["spec"]) for v in variants], args)
-    text = table(variants, rows)
+    table = summarise(variants, rows)
+    command, env = command_line(PROG, argv), environment(cfg.train.num_threads)
+    notes = recipe_notes(args, cfg, command, env, f"the base, {args.base}")
+    text = markdown(table) + "\n\n" + "\n".join(notes)
     print(text)
-    (args.out / "ablate.md").write_text(text + "\n")
-    print(f"wrote {args.out / 'ablate.md'}")
+    meta = {"command": command, **env, "base": args.base, "runs": [dataclasses.asdict(r) for r in rows]}
+    paths = write_results(args.results, args.name or f"ablate_{stem_part(args.data)}", text, table, COLUMNS, meta)
+    print(f"results: {', '.join(map(str, paths))}")
     return 0
 
 

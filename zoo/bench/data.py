@@ -1,6 +1,7 @@
 """Data pipeline benchmark: the zoo's DeiT train pipeline against timm's, per core.
 
     python -m zoo.bench data [--images DIR] [--repeats 7] [--min-images 200] [--img-size 224]
+                             [--out zoo/bench/results] [--name data_pipeline]
 
 Both pipelines go from a JPEG file on disk to a normalised CHW tensor, in one process with one
 thread (OpenCV and torch limited to 1; PIL is single-threaded), over the same files, alternating
@@ -17,6 +18,12 @@ after a warm-up pass; the figure is the median of the repeats, in images per sec
 
 Without --images, the colour photographs of `skimage.data` (and some grey ones), cropped to 4:3,
 resized to 500x375, and their mirror images are written as JPEG (quality 90) to a temp folder.
+
+The table, with notes under it (files, repeats, the ratio, the command, the machine), is printed
+and written to ``--out`` (default ``zoo/bench/results``) as ``NAME.md`` (exactly what is printed;
+``python -m zoo.bench readme`` copies it into README.md between ``<!-- results:NAME -->``
+markers), ``NAME.csv`` (the rows) and ``NAME.json`` (rows with every repeat's rate, command,
+commit, CPU, threads, versions); NAME is ``--name``, default ``data_pipeline``.
 """
 
 from __future__ import annotations
@@ -33,7 +40,12 @@ import cv2
 import numpy as np
 import torch
 
+from zoo.bench.report import RESULTS, command_line, environment, machine_line, markdown_table, write_results
+
 __all__ = ["main", "make_photo_jpegs", "timm_train_transform", "zoo_train_transform"]
+
+PROG = "python -m zoo.bench data"
+COLUMNS = ["pipeline", "img_per_s_core", "min", "max", "ratio", "vs"]  # the CSV's; the JSON adds every rate
 
 PHOTOS = (
     "astronaut", "coffee", "chelsea", "rocket", "retina", "hubble_deep_field", "immunohistochemistry",
@@ -131,43 +143,16 @@ def _time_pass(fn: Callable[[int, Path], object], files: list[Path], count: int)
     return count / (time.perf_counter() - start)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark and print the table; returns 0 (2 when no image files are found)."""
-    parser = argparse.ArgumentParser(prog="python -m zoo.bench data", description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--images",
-        type=Path,
-        default=None,
-        help="folder of images (default: skimage photos)",
-    )
-    parser.add_argument("--repeats", type=int, default=7, help="timed repeats of each pipeline (median)")
-    parser.add_argument("--min-images", type=int, default=200, help="images a timed pass (files cycle)")
-    parser.add_argument("--img-size", type=int, default=224)
-    args = parser.parse_args(argv)
-
+def _pipelines(img_size: int) -> tuple[dict[str, Callable[[int, Path], object]], _SafePosterize]:
+    """The four timed functions, each (index, path) -> output: timm's and the zoo's train pipeline,
+    then each one's decode alone (a timm row before its zoo row: the ratios are to it)."""
     from PIL import Image
 
-    from zoo.data.image_io import find_images, load_image
+    from zoo.data.image_io import load_image
     from zoo.data.sampler import sample_rng
 
-    cv2.setNumThreads(1)
-    torch.set_num_threads(1)
-    tmp = None
-    if args.images is None:
-        tmp = tempfile.TemporaryDirectory(prefix="zoo_bench_data_")
-        files = make_photo_jpegs(Path(tmp.name))
-        source = "skimage.data photos"
-    else:
-        files = [Path(p) for p in find_images(args.images)]
-        source = str(args.images)
-    if not files:
-        print(f"error: no image files under {args.images}", file=sys.stderr)
-        return 2
-    sizes = {Image.open(f).size for f in files}
-    count = max(args.min_images, len(files))
-
-    zoo_tf = zoo_train_transform(args.img_size)
-    timm_tf, safe = timm_train_transform(args.img_size)
+    zoo_tf = zoo_train_transform(img_size)
+    timm_tf, safe = timm_train_transform(img_size)
 
     def run_zoo(i: int, path: Path) -> torch.Tensor:
         return zoo_tf(load_image(path), sample_rng(0, 0, i))
@@ -183,44 +168,105 @@ def main(argv: list[str] | None = None) -> int:
         with open(path, "rb") as f:
             return Image.open(f).convert("RGB")
 
-    shapes = {tuple(run_zoo(0, files[0]).shape), tuple(run_timm(0, files[0]).shape)}
-    if len(shapes) != 1:
-        raise RuntimeError(f"the pipelines disagree on the output shape: {shapes}")
     pipelines = {
         "timm train (PIL)": run_timm,
         "zoo train (OpenCV/albumentations)": run_zoo,
         "timm decode only: PIL open+convert": decode_timm,
         "zoo decode only: load_image": decode_zoo,
     }
-    for fn in pipelines.values():  # warm-up: every file once
+    return pipelines, safe
+
+
+def measure(pipelines: dict[str, Callable], files: list[Path], count: int, repeats: int) -> dict[str, list[float]]:
+    """Images/s of every pass of every pipeline: a warm-up pass over every file, then ``repeats``
+    passes of ``count`` images each, the order alternating against drift."""
+    for fn in pipelines.values():
         _time_pass(fn, files, len(files))
     rates: dict[str, list[float]] = {k: [] for k in pipelines}
     names = list(pipelines)
-    for r in range(args.repeats):
-        for name in names if r % 2 == 0 else names[::-1]:  # alternate the order against drift
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else names[::-1]:
             rates[name].append(_time_pass(pipelines[name], files, count))
-    med = {k: statistics.median(v) for k, v in rates.items()}
+    return rates
 
-    size_text = ", ".join(f"{w}x{h}" for w, h in sorted(sizes)[:3]) + (" ..." if len(sizes) > 3 else "")
-    print(
-        f"data pipeline benchmark: {len(files)} files from {source} ({size_text}), output {shapes.pop()}, "
-        f"1 thread, median of {args.repeats} repeats x {count} images"
-    )
-    print(f"{'pipeline':40s} {'img/s/core':>11s} {'min':>8s} {'max':>8s} {'ratio':>7s}")
-    for pair in ((names[0], names[1]), (names[2], names[3])):
-        base = med[pair[0]]
-        for name in pair:
-            print(
-                f"{name:40s} {med[name]:11.1f} {min(rates[name]):8.1f} {max(rates[name]):8.1f} {med[name] / base:7.2f}"
-            )
-    ratio = med[names[1]] / med[names[0]]
-    print(
+
+def table_rows(rates: dict[str, list[float]]) -> list[dict]:
+    """One row a pipeline (median, min, max images/s), its ratio to the timm row of its pair."""
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    names, rows = list(rates), []
+    for base, other in zip(names[::2], names[1::2]):
+        for name in (base, other):
+            row = {"pipeline": name, "img_per_s_core": med[name], "min": min(rates[name]), "max": max(rates[name])}
+            rows.append({**row, "ratio": med[name] / med[base], "vs": base, "rates": rates[name]})
+    return rows
+
+
+def markdown(rows: list[dict], notes: list[str]) -> str:
+    """The table as printed and as the results file holds it, the notes under it."""
+    cells = [
+        [r["pipeline"], *(f"{r[k]:.1f}" for k in ("img_per_s_core", "min", "max")), f"{r['ratio']:.2f}"] for r in rows
+    ]
+    header = ["pipeline", "img/s/core (median)", "min", "max", "vs timm"]
+    return markdown_table(header, cells, [False, True, True, True, True]) + "\n\n" + "\n".join(notes)
+
+
+def _notes(
+    files: list[Path], source: str, shape: tuple, args: argparse.Namespace, rows: list[dict], zero_bits: int
+) -> list[str]:
+    """The lines under the table saying what was measured (the command and machine follow)."""
+    from PIL import Image
+
+    sizes = sorted({Image.open(f).size for f in files})
+    size_text = ", ".join(f"{w}x{h}" for w, h in sizes[:3]) + (" ..." if len(sizes) > 3 else "")
+    count = max(args.min_images, len(files))
+    ratio = rows[1]["ratio"]  # the zoo train pipeline over timm's
+    return [
+        f"{len(files)} files from {source} ({size_text}) to a {tuple(shape)} tensor, 1 thread; after a warm-up "
+        f"pass over every file, median of {args.repeats} repeats x {count} images, the pipelines alternating.",
         f"zoo / timm DeiT train pipeline, per core: {ratio:.2f}x "
-        f"(target >= 2.0: {'met' if ratio >= 2.0 else 'NOT met'})"
-    )
-    print(f"timm posterize calls with 0 bits (would have raised under Pillow 13): {safe.zero_bit_calls}")
-    if tmp is not None:
-        tmp.cleanup()
+        f"(target >= 2.0: {'met' if ratio >= 2.0 else 'NOT met'}).",
+        f"timm posterize calls with 0 bits (would have raised under Pillow 13): {zero_bits}.",
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark, print the table and write it; returns 0 (2 when no image files are found)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
+    parser.add_argument("--images", type=Path, default=None, help="folder of images (default: skimage photos)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed repeats of each pipeline (median)")
+    parser.add_argument("--min-images", type=int, default=200, help="images a timed pass (files cycle)")
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder (default: %(default)s)")
+    parser.add_argument("--name", default="data_pipeline", help="results file stem (default: %(default)s)")
+    args = parser.parse_args(argv)
+
+    from zoo.data.image_io import find_images
+
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory(prefix="zoo_bench_data_") as tmp:
+        if args.images is None:
+            files, source = make_photo_jpegs(Path(tmp)), "skimage.data photos as JPEG, quality 90"
+        else:
+            files, source = [Path(p) for p in find_images(args.images)], str(args.images)
+        if not files:
+            print(f"error: no image files under {args.images}", file=sys.stderr)
+            return 2
+        pipelines, safe = _pipelines(args.img_size)
+        shapes = {tuple(pipelines[k](0, files[0]).shape) for k in list(pipelines)[:2]}
+        if len(shapes) != 1:
+            raise RuntimeError(f"the pipelines disagree on the output shape: {shapes}")
+        rows = table_rows(measure(pipelines, files, max(args.min_images, len(files)), args.repeats))
+        notes = _notes(files, source, shapes.pop(), args, rows, safe.zero_bit_calls)
+    command, env = command_line(PROG, argv), environment(1)
+    notes += [f"`{command}`", machine_line(env)]
+    text = markdown(rows, notes)
+    print(text)
+    settings = {k: getattr(args, k) for k in ("repeats", "min_images", "img_size")}
+    meta = {"command": command, **env, "settings": {**settings, "images": source, "files": len(files)}}
+    paths = write_results(args.out, args.name, text, rows, COLUMNS, meta)
+    print(f"results: {', '.join(map(str, paths))}")
     return 0
 
 

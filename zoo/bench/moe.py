@@ -27,6 +27,13 @@ them is well above the thread count.
 
     python -m zoo.bench moe [--settings 4e_top2,64e_top1] [--batch B --dim C --hidden H ...]
     python -m zoo.bench.moe ...
+
+Each setting's table is printed as soon as it is measured, and the tables so far, with notes under
+them (settings, repeats, load average, the command, the machine), are written to ``--out``
+(default ``zoo/bench/results``) after every setting, so a run stopped midway keeps what it
+measured: ``NAME.md`` (exactly what is printed; ``python -m zoo.bench readme`` copies it into
+README.md between ``<!-- results:NAME -->`` markers), ``NAME.csv`` (the rows) and ``NAME.json``
+(rows, settings, command, commit, CPU, threads, versions); NAME is ``--name``, default ``moe``.
 """
 
 from __future__ import annotations
@@ -35,11 +42,14 @@ import argparse
 import dataclasses
 import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from zoo.bench.report import RESULTS, command_line, environment, machine_line, markdown_table, write_results
 from zoo.layers.mlp import Mlp
 from zoo.layers.moe import MoE, collect_aux_loss
 from zoo.layers.soft_moe import SoftMoE
@@ -66,10 +76,29 @@ SETTINGS = {
     "64e_top1": Setting(experts=64, top_k=1, batch=128, dim=384, hidden=1536),
 }
 ROUTERS = ("token_choice", "token_choice_bpr", "expert_choice", "soft_moe")
+PROG = "python -m zoo.bench moe"
+COLUMNS = [
+    "setting",
+    "experts",
+    "top_k",
+    "batch",
+    "tokens",
+    "dim",
+    "hidden",
+    "layer",
+    "label",
+    "tokens_per_s",
+    "ms_per_step",
+    "ratio",
+    "buffer_rows",
+    "width",
+    "unrouted",
+]
+HEADER = ["setting", "layer", "tokens/s", "ms/step", "ratio", "rows x width per linear", "unrouted"]
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m zoo.bench moe", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--settings",
         default=",".join(SETTINGS),
@@ -89,6 +118,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: usable CPU cores)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=RESULTS, help="results folder (default: %(default)s)")
+    p.add_argument("--name", default="moe", help="results file stem (default: %(default)s)")
     args = p.parse_args(argv)
     unknown = [s for s in args.settings.split(",") if s not in SETTINGS]
     if unknown:
@@ -152,7 +183,8 @@ def _layers(s: Setting, tokens: int, capacity_factor: float, padded: bool) -> di
     return {name: (label, layer.train()) for name, (label, layer) in layers.items()}
 
 
-def _measure(s: Setting, args: argparse.Namespace) -> list[tuple[str, ...]]:
+def _measure(s: Setting, args: argparse.Namespace) -> list[dict]:
+    """One row a layer of setting ``s``: its tokens/s and ratio to the dense layer's, what it multiplied."""
     torch.manual_seed(args.seed)
     layers = _layers(s, args.tokens, args.capacity_factor, args.padded)
     # Like a pre-norm block's input: unit scale, and requiring grad, as inside a network (every
@@ -188,25 +220,72 @@ def _measure(s: Setting, args: argparse.Namespace) -> list[tuple[str, ...]]:
             times[name].append(run(name))
     tps = {name: num_tokens / statistics.median(ts) for name, ts in times.items()}
     width = {name: s.top_k * s.hidden if name == "dense" else s.hidden for name in layers}
-    table = []
-    for name in names:
-        table.append(
-            (
-                f"{s.experts}e top-{s.top_k}",
-                layers[name][0],
-                f"{tps[name]:.0f}",
-                f"{1e3 * statistics.median(times[name]):.1f}",
-                f"{tps[name] / tps['dense']:.3f}",
-                f"{statistics.median(rows[name]):.0f} x {width[name]}",
-                f"{statistics.mean(dropped[name]):.2%}" if dropped[name] else "-",
-            )
-        )
-    return table
+    shape = dict(experts=s.experts, top_k=s.top_k, batch=s.batch, tokens=args.tokens, dim=s.dim, hidden=s.hidden)
+    return [
+        {
+            **shape,
+            "layer": name,
+            "label": layers[name][0],
+            "tokens_per_s": tps[name],
+            "ms_per_step": 1e3 * statistics.median(times[name]),
+            "ratio": tps[name] / tps["dense"],
+            "buffer_rows": statistics.median(rows[name]),
+            "width": width[name],
+            "unrouted": statistics.mean(dropped[name]) if dropped[name] else None,
+        }
+        for name in names
+    ]
+
+
+def format_table(rows: list[dict]) -> str:
+    """One setting's rows as a Markdown table, padded so that it reads as a table printed too."""
+    cells = [
+        [
+            f"{r['experts']}e top-{r['top_k']}",
+            r["label"],
+            f"{r['tokens_per_s']:.0f}",
+            f"{r['ms_per_step']:.1f}",
+            f"{r['ratio']:.3f}",
+            f"{r['buffer_rows']:.0f} x {r['width']}",
+            "-" if r["unrouted"] is None else f"{r['unrouted']:.2%}",
+        ]
+        for r in rows
+    ]
+    return markdown_table(HEADER, cells, [False, False, True, True, True, True, True])
+
+
+def _setting_line(key: str, s: Setting, tokens: int) -> str:
+    return (
+        f"{key}: {s.experts} experts x hidden {s.hidden}, top_k={s.top_k}, dim={s.dim}, "
+        f"{s.batch} images x {tokens} tokens = {s.batch * tokens} tokens a step; dense hidden {s.top_k * s.hidden}"
+    )
+
+
+def _notes(args: argparse.Namespace, settings: dict[str, Setting], done: list[str], load_before: float) -> list[str]:
+    """The lines under the tables saying what was measured, as of the settings in ``done``."""
+    lines = [
+        "MoE routers vs a dense FFN of equal active FLOPs, forward+backward, training mode (router noise on), "
+        f"CPU, torch threads {torch.get_num_threads()}; warmup {args.warmup}, median of {args.repeats} "
+        "interleaved repeats (the order rotating every repeat).",
+        *(_setting_line(key, settings[key], args.tokens) + "." for key in done),
+    ]
+    if missing := [key for key in settings if key not in done]:  # a run stopped midway says so
+        lines.append(f"Not measured (the run stopped or is still running): {', '.join(missing)}.")
+    lines += [
+        f"1-min load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after, on {os.cpu_count()} CPUs: "
+        "well above the thread count means other processes shared the cores, which slows the MoE's many "
+        "small parallel ops more than the dense matmuls.",
+        "ratio = tokens/s over the dense row's of the same setting; rows = what each linear multiplied: MoE "
+        "buffer rows (experts x slots, padding included), Soft MoE slots, dense tokens; unrouted = tokens no "
+        "expert kept (the residual carries them).",
+    ]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
     from zoo.machine import describe
 
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = _parse(argv)
     threads = args.threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
@@ -216,39 +295,27 @@ def main(argv: list[str] | None = None) -> int:
         settings[key] = dataclasses.replace(
             s, batch=args.batch or s.batch, dim=args.dim or s.dim, hidden=args.hidden or s.hidden
         )
-
-    print(
-        f"MoE routers vs a dense FFN of equal active FLOPs, forward+backward, training mode, CPU, "
-        f"torch {torch.__version__}, torch threads={torch.get_num_threads()}"
-    )
+    command, env = command_line(PROG, argv), environment(threads)
+    print(f"MoE routers vs a dense FFN of equal active FLOPs; torch {torch.__version__}, torch threads {threads}")
     print(f"machine: {describe().summary()}")
     for key, s in settings.items():
-        print(
-            f"{key}: {s.experts} experts x hidden {s.hidden}, top_k={s.top_k}, dim={s.dim}, "
-            f"{s.batch} images x {args.tokens} tokens = {s.batch * args.tokens} tokens a step; "
-            f"dense hidden {s.top_k * s.hidden}"
-        )
-    print(f"warmup {args.warmup}, median of {args.repeats} interleaved repeats")
+        print(_setting_line(key, s, args.tokens))
+    print(f"warmup {args.warmup}, median of {args.repeats} interleaved repeats\n")
+    run = {k: getattr(args, k) for k in ("tokens", "capacity_factor", "padded", "warmup", "repeats", "seed")}
+    meta = {"command": command, **env, "settings": {k: dataclasses.asdict(v) for k, v in settings.items()}, **run}
     load_before = os.getloadavg()[0]
-    for s in settings.values():  # each setting's table as soon as it is measured
-        table = [("setting", "layer", "tokens/s", "ms/step", "ratio", "rows x width per linear", "unrouted")]
-        table.extend(_measure(s, args))
-        widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-        for row in table:
-            cells = [c.ljust(w) for c, w in zip(row[:2], widths[:2], strict=True)]
-            cells += [c.rjust(w) for c, w in zip(row[2:], widths[2:], strict=True)]
-            print("  ".join(cells), flush=True)
-    load_after = os.getloadavg()[0]
-    print(
-        f"1-min load average {load_before:.2f} before, {load_after:.2f} after, on "
-        f"{os.cpu_count()} CPUs: well above the thread count means other processes shared the "
-        f"cores, which slows the MoE's many small parallel ops more than the dense matmuls"
-    )
-    print(
-        "ratio = tokens/s over the dense row's of the same setting; rows = what each linear "
-        "multiplied: MoE buffer rows (experts x slots, padding included), Soft MoE slots, dense "
-        "tokens; unrouted = tokens no expert kept (the residual carries them)"
-    )
+    tables, rows, notes = [], [], []
+    for key, s in settings.items():  # each setting's table as soon as it is measured, and its files
+        measured = [{"setting": key, **r} for r in _measure(s, args)]
+        tables.append(format_table(measured))
+        rows += measured
+        print(("\n" if len(tables) > 1 else "") + tables[-1], flush=True)
+        notes = _notes(args, settings, list(settings)[: len(tables)], load_before)
+        notes += [f"`{command}`", machine_line(env)]
+        text = "\n\n".join(tables) + "\n\n" + "\n".join(notes)
+        paths = write_results(args.out, args.name, text, rows, COLUMNS, meta)
+    print("\n" + "\n".join(notes))
+    print(f"results: {', '.join(map(str, paths))}")
     return 0
 
 

@@ -89,6 +89,37 @@ def write_results(
     return [md, csv_path, js]
 
 
+def stem_part(text: str) -> str:
+    """``text`` (a dataset name or an image folder) as part of a results file stem, as the sweep
+    names its study: letters, digits, ``-`` and ``_`` kept, anything else ``_`` (a README marker
+    name and a file name both take it)."""
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in text)
+
+
+def machine_line(env: dict[str, Any]) -> str:
+    """The notes line under a table that says what measured it, from :func:`environment`."""
+    flags = ",".join(env.get("cpu_flags") or ()) or "no bf16 flags"
+    gpu = f", GPU {env['gpu']}" if env.get("gpu") else ""
+    versions = ", ".join(f"{k} {env['versions'][k]}" for k in ("torch", "timm") if k in env["versions"])
+    return (
+        f"Machine: {env['cpu_model']} ({env['cpu_capability']}, {flags}), {env['cores']} cores usable{gpu}, "
+        f"{env['threads']} thread{'s' * (env['threads'] != 1)}; {versions}; commit {env['commit']}, {env['date'][:10]}."
+    )
+
+
+def markdown_table(header: list[str], rows: list[list[str]], right: list[bool]) -> str:
+    """A Markdown table with every column padded to one width, so that the text printed to a
+    terminal reads as a table too; ``right[i]``: column i is right-aligned (numbers)."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    widths = [max(w, 4) for w in widths]  # room for the alignment row's "---:"
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right)) + " |"
+
+    rule = ["-" * (w - 1) + ":" if r else "-" * w for w, r in zip(widths, right)]
+    return "\n".join([line(header), line(rule), *(line([str(c) for c in row]) for row in rows)])
+
+
 def readme_blocks(text: str) -> dict[str, str]:
     """Marker name -> the text between its markers."""
     return {m["name"]: m["body"] for m in MARKER.finditer(text)}

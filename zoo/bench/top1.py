@@ -2,24 +2,35 @@
 
 ``python -m zoo.bench top1 --data mnist5k --models zoo_poolformer_mini_32,resnet18 --seeds 3 --epochs 10``
 
-Prints and writes (``--out``, Markdown and CSV) a table: model, params, MACs, top-1 error mean
-with its 95 % t interval over seeds, the difference to the ResNet baseline with Welch's 95 %
-interval, train time and images/s; and a PNG of top-1 error against params and against throughput.
-The recipe is one training config (``--config``, default the MNIST-5k default) for every model:
-only the model name and the seed change between runs.
+Prints a table: model, params, MACs, top-1 error mean with its 95 % t interval over seeds, the
+difference to the ResNet baseline with Welch's 95 % interval, train time and images/s, and under it
+notes (the command, the recipe, the machine). The recipe is one training config (``--config``,
+default the MNIST-5k default) for every model: only the model name and the seed change between runs.
+
+The runs go to ``--out`` (default ``runs/bench_top1``); the table to ``--results`` (default
+``zoo/bench/results``) as ``NAME.md`` (exactly what is printed; ``python -m zoo.bench readme``
+copies it into README.md between ``<!-- results:NAME -->`` markers), ``NAME.csv`` (the rows),
+``NAME.json`` (rows, each run, command, commit, CPU, threads, versions) and ``NAME.png`` (top-1
+error against params and against throughput); NAME is ``--name``, default ``top1_<data>``.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
+import dataclasses
+import os
 import statistics
 import sys
 from pathlib import Path
+from typing import Any
 
 import zoo
-from zoo.bench.runs import RunRow, add_recipe_args, train_all
+from zoo.bench.report import RESULTS, command_line, environment, machine_line, stem_part, write_results
+from zoo.bench.runs import RunRow, add_recipe_args, dataset_overrides, train_all
 from zoo.bench.stats import diff_ci, fmt_ci, mean_ci
+from zoo.train import DEFAULT_CONFIG, TrainConfig, load_config
+
+PROG = "python -m zoo.bench top1"
 
 COLUMNS = [
     "model",
@@ -80,13 +91,6 @@ def markdown(table: list[dict], baseline: str) -> str:
     return "\n".join(lines)
 
 
-def write_csv(table: list[dict], path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows({k: r[k] for k in COLUMNS} for r in table)
-
-
 def plot(table: list[dict], path: Path, baseline: str, title: str) -> None:
     import matplotlib
 
@@ -114,13 +118,52 @@ def plot(table: list[dict], path: Path, baseline: str, title: str) -> None:
     plt.close(fig)
 
 
+def add_results_args(p: argparse.ArgumentParser, name: str) -> None:
+    """Where a training benchmark's table goes. Not ``--out``: that is the runs' folder."""
+    p.add_argument("--results", type=Path, default=RESULTS, help="results folder (default: %(default)s)")
+    p.add_argument("--name", default=None, help=f"results file stem (default: {name})")
+
+
+def recipe(args: argparse.Namespace) -> TrainConfig:
+    """The config every run of the table starts from (raises ConfigError on a bad ``--set``)."""
+    epochs = [f"train.epochs={args.epochs}"] if args.epochs is not None else []
+    return load_config(args.config, [*dataset_overrides(args.data), *args.set, *epochs])
+
+
+def recipe_notes(
+    args: argparse.Namespace, cfg: TrainConfig, command: str, env: dict[str, Any], versus: str
+) -> list[str]:
+    """The lines under a training table saying what was measured: command, recipe, seeds, machine;
+    ``versus``: what the differences are to."""
+    o, t = cfg.optim, cfg.train
+    lr = f"lr {o.lr:g}" if o.lr is not None else f"lr {o.base_lr:g} x batch / {o.lr_base_batch}"
+    config = args.config or f"{DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parents[1])} (the default)"
+    first, last = args.seed_start, args.seed_start + args.seeds - 1
+    seeds = f"seeds {first}-{last}" if last > first else f"seed {first}"
+    lines = [
+        f"`{command}`",
+        f"Recipe {config}: {t.epochs} epochs, {o.name} {lr}, batch {t.batch_size}, precision {t.precision}"
+        + (f" (--set {' '.join(args.set)})" if args.set else "")
+        + f"; {args.seeds} {seeds}, on {args.data}; top-1 error % on its validation split, mean with the "
+        f"95 % t interval over seeds, differences to {versus} with Welch's 95 % interval.",
+    ]
+    if args.reuse:
+        lines.append("Finished runs were read back (--reuse): train s and img/s are the machines' that ran them.")
+    return [*lines, machine_line(env)]
+
+
+def _relative(path: Path) -> str:
+    """``path`` as a Markdown link from the working folder (the repo root, for the README)."""
+    return os.path.relpath(path) if Path.cwd() in path.resolve().parents else str(path)
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m zoo.bench top1", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="zoo_poolformer_mini_32,resnet18", help="comma-separated names")
     p.add_argument("--baseline", default="resnet18", help="the ResNet every model is compared to (always run)")
     add_recipe_args(p, out="runs/bench_top1")
+    add_results_args(p, "top1_<data>")
     args = p.parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if args.baseline not in models:
@@ -129,19 +172,25 @@ def main(argv: list[str] | None = None) -> int:
         if m not in zoo.list_models(baselines=True):
             print(f"zoo.bench top1: {zoo.models.registry.unknown_model(m)}", file=sys.stderr)
             return 2
+    try:
+        cfg = recipe(args)  # a bad --set fails here, before any training
+    except ValueError as e:
+        print(f"zoo.bench top1: {e}", file=sys.stderr)
+        return 2
     rows = train_all([(m, m, {}) for m in models], args)
     table = summarise(rows, args.baseline)
-    text = markdown(table, args.baseline)
+    stem = args.name or f"top1_{stem_part(args.data)}"
+    png = args.results / f"{stem}.png"
+    command, env = command_line(PROG, argv), environment(cfg.train.num_threads)
+    notes = recipe_notes(args, cfg, command, env, args.baseline)
+    notes.append(f"![top-1 error against params and throughput]({_relative(png)})")
+    text = markdown(table, args.baseline) + "\n\n" + "\n".join(notes)
     print(text)
-    (args.out / "top1.md").write_text(text + "\n")
-    write_csv(table, args.out / "top1.csv")
-    plot(
-        table,
-        args.out / "top1.png",
-        args.baseline,
-        f"{args.data}: top-1 error vs params and throughput ({args.seeds} seeds)",
-    )
-    print(f"wrote {args.out / 'top1.md'}, {args.out / 'top1.csv'}, {args.out / 'top1.png'}")
+    args.results.mkdir(parents=True, exist_ok=True)
+    plot(table, png, args.baseline, f"{args.data}: top-1 error vs params and throughput ({args.seeds} seeds)")
+    meta = {"command": command, **env, "baseline": args.baseline, "runs": [dataclasses.asdict(r) for r in rows]}
+    paths = write_results(args.results, stem, text, table, COLUMNS, meta)
+    print(f"results: {', '.join(map(str, [*paths, png]))}")
     return 0
 
 
