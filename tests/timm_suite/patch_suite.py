@@ -5,8 +5,9 @@ Run by ``run.sh``; edits the unpacked copy in place, never the installed timm:
 * ``conftest.py`` imports ``zoo``, so that timm's ``list_models`` (evaluated at collection) lists
   the ``zoo_*`` models;
 * ``test_models.py``'s filter lists get our models where timm lists its own models of that kind:
-  ``NON_STD_FILTERS`` the token-sequence models (ViT, DeiT, gMLP, WideNet, CvT: their
-  ``forward_features`` returns (B, N, C) tokens, as timm's ``vit_*``, ``deit*`` and ``gmlp_*``),
+  ``NON_STD_FILTERS`` the token-sequence models (those whose ``forward_features`` returns
+  (B, N, C) tokens, read from the models: ViT, DeiT, gMLP, WideNet, CvT, CAFormer; timm lists its
+  ``vit_*``, ``deit*`` and ``gmlp_*`` there),
   ``FEAT_INTER_FILTERS`` the timm module names our families register under (every zoo model has
   ``forward_intermediates`` and a getter-style ``features_only``), and the exclusion lists the
   tests timm itself would skip for a model of that kind, each with its reason (EXCLUSIONS below).
@@ -20,24 +21,52 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# Token-sequence models: timm's NON_STD_FILTERS holds its own vit_*, deit*, gmlp_*, ... for the same reason.
-NON_STD = ["zoo_vit*", "zoo_deit*", "zoo_gmlp*", "zoo_widenet*", "zoo_cvt*"]
 
-# (list name in test_models.py, patterns, reason): tests timm itself excludes for a model of that kind,
-# the way it excludes hiera_*, *naflex* and gemma4_vit* from scripting (forwards TorchScript cannot compile).
+def token_output_patterns() -> list[str]:
+    """The zoo models whose ``forward_features`` returns tokens ``(B, N, C)`` (their last stage works
+    on token sequences): timm's NON_STD_FILTERS holds its own vit_*, deit*, gmlp_*, ... for the same
+    reason. Read from the models (built on the meta device), not typed: ``zoo_<family>_*`` where a
+    whole family does, else the names."""
+    import zoo
+
+    tokens: dict[str, list[bool]] = {}
+    names = zoo.list_models()
+    for name in names:
+        model = zoo.create_model(name, device="meta")
+        tokens.setdefault(name.split("_")[1], []).append(model.stages[-1].layout == "nlc")
+    patterns = [f"zoo_{family}_*" for family, flags in tokens.items() if all(flags)]
+    mixed = {family for family, flags in tokens.items() if any(flags) and not all(flags)}
+    for name in names:
+        if name.split("_")[1] in mixed and zoo.create_model(name, device="meta").stages[-1].layout == "nlc":
+            patterns.append(name)
+    return patterns
+
+
+# (anchor in test_models.py, patterns, reason): tests timm itself excludes for a model of that kind,
+# the way it excludes hiera_*, *naflex* and gemma4_vit* from scripting (forwards TorchScript cannot
+# compile) and *huge* models from the prune-at-every-index test. An anchor that opens a list gets the
+# patterns at its start; the scripting test's filter (not EXCLUDE_JIT_FILTERS, which timm's
+# FX-then-script test also reads) gets a list of its own added.
 EXCLUSIONS: list[tuple[str, list[str], str]] = [
     (
-        "EXCLUDE_JIT_FILTERS",
+        "list_models(exclude_filters=EXCLUDE_FILTERS + EXCLUDE_JIT_FILTERS, name_matches_cfg=True)",
         ["zoo_*"],
-        "torch.jit.script is refused by design, in one line (ZooModel.__prepare_scriptable__): the blocks train "
-        "through torch.autograd.Function and read Python spec objects; torch.jit.trace / torch.export / "
-        "python -m zoo.export are the supported exports (tests/test_pretrained_io.py::test_export_round_trip)",
+        "test_model_forward_torchscript: torch.jit.script is refused by design, in one line "
+        "(ZooModel.__prepare_scriptable__): the blocks train through torch.autograd.Function and read Python "
+        "spec objects; torch.jit.trace / torch.export / python -m zoo.export are the supported exports "
+        "(tests/test_pretrained_io.py::test_export_round_trip), and an FX trace scripts (below)",
     ),
     (
-        "EXCLUDE_FX_JIT_FILTERS",
+        "EXCLUDE_FX_JIT_FILTERS = [",
         ["zoo_widenet*"],
         "FX keeps the MoE as a leaf module (it routes tokens by value), and scripting it compiles its Python "
         "routing statistics (dict expansion), which TorchScript cannot; every other family scripts after FX",
+    ),
+    (
+        "exclude_filters=EXCLUDE_FILTERS + ['*huge*',",
+        ["zoo_widenet_h"],
+        "test_prune_intermediate_layers_contract: WideNet-H is ViT-H's width (1280, 32 taps), one of the "
+        "*huge* models timm leaves out of this test (it took 1299 s of a 2426 s run on 2 cores)",
     ),
 ]
 
@@ -49,7 +78,10 @@ def _insert(text: str, anchor: str, items: list[str], comment: str) -> str:
             "this timm release changed its layout: update tests/timm_suite/patch_suite.py"
         )
     listed = "".join(f"{item!r}, " for item in items)
-    return text.replace(anchor, f"{anchor}\n    # zoo: {comment}\n    {listed}", 1)
+    if anchor.endswith(("[", ",")):
+        return text.replace(anchor, f"{anchor}\n    # zoo: {comment}\n    {listed}", 1)
+    head, tail = anchor.rsplit(", ", 1)  # filters + [ours], the call's last argument
+    return text.replace(anchor, f"{head} + [\n    # zoo: {comment}\n    {listed}], {tail}", 1)
 
 
 def main(tests_dir: str) -> int:
@@ -75,15 +107,16 @@ def main(tests_dir: str) -> int:
         modules,
         "modules of the zoo families (forward_intermediates, getter-style features_only)",
     )
+    non_std = token_output_patterns()
     text = _insert(
-        text, "NON_STD_FILTERS = [", NON_STD, "token-sequence features (B, N, C), like timm's vit_*, deit*, gmlp_*"
+        text, "NON_STD_FILTERS = [", non_std, "token-sequence features (B, N, C), like timm's vit_*, deit*, gmlp_*"
     )
-    for name, patterns, reason in EXCLUSIONS:
-        text = _insert(text, f"{name} = [", patterns, reason)
+    for anchor, patterns, reason in EXCLUSIONS:
+        text = _insert(text, anchor, patterns, reason)
     path.write_text(text)
     print(f"timm suite: timm {timm.__version__}'s tests on zoo from {Path(zoo.__file__).parent}")
     print(
-        f"timm suite: patched {path} (FEAT_INTER_FILTERS += {modules}; NON_STD_FILTERS += {NON_STD}; "
+        f"timm suite: patched {path} (FEAT_INTER_FILTERS += {modules}; NON_STD_FILTERS += {non_std}; "
         f"{len(EXCLUSIONS)} exclusion(s))"
     )
     return 0

@@ -41,6 +41,7 @@ with :func:`collect_aux_loss` (which also resets them) -- see its docstring.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 
@@ -55,6 +56,15 @@ from .init import trunc_normal_init_
 __all__ = ["ROUTERS", "MoE", "collect_aux_loss", "expert_mlp", "moe_modules", "reset_aux_loss"]
 
 ROUTERS = ("token_choice", "expert_choice")
+
+
+def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast switched off for ``device_type``, where autocast exists for it: a ``meta`` tensor
+    (timm builds and checks models on the meta device) has no autocast state, and
+    ``torch.autocast("meta", enabled=False)`` raises "unsupported scalarType"."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def expert_mlp(
@@ -150,7 +160,8 @@ class MoE(nn.Module):
             more than the padded matmuls it saves. ``None`` (default): trim on CPU, and on any
             device when the capacity is unlimited (eval by default), where the untrimmed buffer
             would hold every token for every expert (``E / k`` times the work). Always skipped
-            under ``torch.compile`` so that shapes stay static.
+            under ``torch.compile`` so that shapes stay static, and on the ``meta`` device (no
+            values to read; timm checks models' shapes there).
 
     Init: expert weights truncated-normal std .02 and zero biases, like a ViT ``Mlp``; router
     truncated-normal std .02. (A zero router would tie all logits, and ``topk`` breaks ties by
@@ -327,7 +338,7 @@ class MoE(nn.Module):
             return x.new_zeros(shape)
 
         # --- router, in fp32 even under autocast (Switch: bf16 routing is unstable)
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             logits = F.linear(x_flat.float(), self.router.weight.float())  # (T, E)
         clean_logits = logits
         if self.training and self.router_noise > 0:
@@ -383,8 +394,8 @@ class MoE(nn.Module):
         return torch.zeros_like(x_flat, dtype=out.dtype).index_add_(0, slot_token, out)  # (T, C)
 
     def _should_trim(self, device: torch.device, unlimited: bool) -> bool:
-        if torch.compiler.is_compiling():
-            return False
+        if torch.compiler.is_compiling() or device.type == "meta":
+            return False  # static shapes; a meta tensor has no load to read (same outputs untrimmed)
         if self.trim_capacity is not None:
             return self.trim_capacity
         return unlimited or device.type == "cpu"

@@ -34,7 +34,7 @@ from torch import nn
 
 from .activations import get_act
 from .init import trunc_normal_init_
-from .moe import expert_mlp
+from .moe import autocast_off, expert_mlp
 
 __all__ = ["SoftMoE"]
 
@@ -121,7 +121,7 @@ class SoftMoE(nn.Module):
 
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token-slot logits ``(B, N, dim) -> (B, N, S)``, fp32 even under autocast."""
-        with torch.autocast(device_type=tokens.device.type, enabled=False):
+        with autocast_off(tokens.device.type):
             x, phi = tokens.float(), self.slot_embed.float()
             if self.normalize:
                 x = F.normalize(x, dim=-1, eps=1e-6)
