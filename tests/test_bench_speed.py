@@ -287,6 +287,15 @@ def test_cvt_twin_computes_the_zoo_function(name, img_size):
         assert twins.max_output_diff(ours, twin, img_size) > 1e-3
 
 
+@pytest.mark.parametrize("name", ["zoo_poolformerv2_s12", "zoo_convformer_s18", "zoo_caformer_s18"])
+def test_metaformer_twins_compute_timms_function(name):
+    from zoo.bench import twins
+
+    _, ref, diff = twins.twin_pair(name, 64)
+    assert twins.twin_label(name) == name.removeprefix("zoo_") and ref is not None
+    assert diff < 1e-4, diff  # the overrides in TWINS (timm's MLP-head norm) make it timm's function
+
+
 def test_cvt_twin_row(monkeypatch):
     pytest.importorskip("transformers", reason=twins.NEEDS_TRANSFORMERS)
     monkeypatch.setattr(speed, "_peak_memory_in_child", lambda name, **kw: {"zoo": 0, "twin": 0})

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 import zoo
+from zoo.models.metaformer import TIMM_HEAD as TIMM_METAFORMER_HEAD
 from zoo.models.poolformer import TIMM_HEAD as TIMM_POOLFORMER_HEAD
 from zoo.models.registry import fixed_input_size
 
@@ -38,6 +39,12 @@ TWINS: dict[str, tuple[str, dict]] = {
         for s in ("tiny", "small", "base")
     },
     **{f"zoo_gmlp_{s}16_224": (f"gmlp_{s}16_224", {}) for s in ("ti", "s", "b")},
+    **{f"zoo_poolformerv2_{s}": (f"poolformerv2_{s}", {}) for s in ("s12", "s24", "s36", "m36", "m48")},
+    **{
+        f"zoo_{f}_{s}": (f"{f}_{s}", TIMM_METAFORMER_HEAD)
+        for f in ("convformer", "caformer")
+        for s in ("s18", "s36", "m36", "b36")
+    },
 }
 # zoo CvT names whose twin is transformers' CvtForImageClassification, its config read from the zoo spec
 CVT_TWINS = ("zoo_cvt_13", "zoo_cvt_21", "zoo_cvt_w24", "zoo_cvt_mini_32")
