@@ -7,7 +7,7 @@
 #   tests/timm_suite/run.sh -k "zoo_ and forward"    # extra pytest args go to pytest (last -k wins)
 #
 # Env: TIMM_SUITE_DIR (where the sdist is unpacked; default ${TMPDIR:-/tmp}/zoo-timm-suite-VERSION,
-# kept between runs), TIMM_SUITE_TIMEOUT (seconds for the whole run, default 2400; with
+# kept between runs), TIMM_SUITE_TIMEOUT (seconds for the whole run, default 7200; with
 # pytest-timeout installed each test also gets timm's own per-test limits).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -17,7 +17,7 @@ export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 python="${PYTHON:-python}"
 version="$("$python" -c 'import timm; print(timm.__version__)')"
 dir="${TIMM_SUITE_DIR:-${TMPDIR:-/tmp}/zoo-timm-suite-$version}"
-limit="${TIMM_SUITE_TIMEOUT:-2400}"
+limit="${TIMM_SUITE_TIMEOUT:-7200}"
 
 mkdir -p "$dir"
 sdist="$dir/timm-$version.tar.gz"
