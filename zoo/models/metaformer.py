@@ -113,12 +113,13 @@ S12, S24, S36, M36, M48 = (2, 2, 6, 2), (4, 4, 12, 4), (6, 6, 18, 6), (6, 6, 18,
 S18, X36 = (3, 3, 9, 3), (3, 12, 18, 3)
 S_DIMS, M_DIMS = (64, 128, 320, 512), (96, 192, 384, 768)
 CONV_M_DIMS, CONV_B_DIMS = (96, 192, 384, 576), (128, 256, 512, 768)
-# 32x32 inputs (MNIST-5k, CIFAR): zoo_poolformer_mini_32's shape, a 3x3/2 stem (with the v2 stem
-# norm), so the four stages see 16, 8, 4 and 2 pixels (RandFormer mixes 16 and 4 tokens). About 1.0 M
-# parameters at 10 classes each: ConvFormer's and CAFormer's mixers and MLP head weigh more, so
-# their last two stages are narrower (CAFormer's attention: 3 and 5 heads of 32 channels).
-MINI, MINI_DIMS, MINI_STEM = (1, 1, 3, 1), (32, 64, 128, 192), EmbedSpec(3, 2, 1, norm=NORM)
-CONV_MINI_DIMS = (32, 64, 96, 160)
+# 32x32 inputs (MNIST-5k, CIFAR): zoo_poolformer_mini_32's depths, narrower so that the five minis
+# fit weights/' 30 MB beside the others (0.7-0.9 M parameters at 10 classes), a 3x3/2 stem (with
+# the v2 stem norm), so the four stages see 16, 8, 4 and 2 pixels (RandFormer mixes 16 and 4 tokens).
+# ConvFormer's and CAFormer's mixers and MLP head weigh more, so their second and last stages are
+# narrower still (CAFormer's attention: 3 and 4 heads of 32 channels).
+MINI, MINI_DIMS, MINI_STEM = (1, 1, 3, 1), (32, 64, 96, 160), EmbedSpec(3, 2, 1, norm=NORM)
+CONV_MINI_DIMS = (32, 48, 96, 128)
 
 VARIANTS = {
     "zoo_identityformer_s12": metaformer_v2(IDENTITYFORMER, S12, S_DIMS),
