@@ -74,6 +74,15 @@ def open_storage(url: str, heartbeat: int, grace: int):
         def _pragmas(conn, _record) -> None:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
+            conn.isolation_level = None  # transactions begin below, not in the driver
+
+        # A deferred transaction that reads and then writes cannot wait for another writer (SQLite
+        # answers "database is locked" at once instead of waiting out the busy timeout, to avoid a
+        # deadlock): under load two workers hit it. Taking the write lock at BEGIN makes every
+        # transaction wait its turn; trials last minutes, so serialised storage calls cost nothing.
+        @sqlalchemy.event.listens_for(storage.engine, "begin")
+        def _begin_immediate(conn) -> None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         storage.engine.dispose()
     return storage
