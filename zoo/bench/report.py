@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import datetime
 import io
 import json
@@ -98,11 +99,12 @@ def stem_part(text: str) -> str:
 
 def machine_line(env: dict[str, Any]) -> str:
     """The notes line under a table that says what measured it, from :func:`environment`."""
-    flags = ",".join(env.get("cpu_flags") or ()) or "no bf16 flags"
-    gpu = f", GPU {env['gpu']}" if env.get("gpu") else ""
+    from zoo.machine import Machine
+
+    machine = Machine(**{f.name: env[f.name] for f in dataclasses.fields(Machine)})
     versions = ", ".join(f"{k} {env['versions'][k]}" for k in ("torch", "timm") if k in env["versions"])
     return (
-        f"Machine: {env['cpu_model']} ({env['cpu_capability']}, {flags}), {env['cores']} cores usable{gpu}, "
+        f"Machine: {machine.summary()}, "
         f"{env['threads']} thread{'s' * (env['threads'] != 1)}; {versions}; commit {env['commit']}, {env['date'][:10]}."
     )
 
