@@ -200,3 +200,136 @@ def test_fused_models_train_like_the_plain_ones_with_and_without_checkpointing(n
 def test_tracing_records_the_plain_ops():
     traced = torch.jit.trace(mlp().train(), torch.randn(2, 5, DIM, requires_grad=True))
     assert "PythonOp" not in str(traced.graph)
+
+
+# ---------------------------------------------------------------- PoolFormer's token-mixer branch
+
+
+def pool_block(norm: str = "groupnorm1", layer_scale=1e-5, res_scale=None, drop_path=0.0) -> nn.Module:
+    """A PoolFormer block whose norm, scales and bias are far from their inits, so each matters."""
+    from zoo.models.backbone import Block
+
+    torch.manual_seed(0)
+    block = Block(
+        DIM,
+        token_mixer=zoo.layers.mixers.Pooling(DIM),
+        channel_mixer=None,
+        norm=norm,
+        layout="nchw",
+        layer_scale=layer_scale,
+        drop_path=drop_path,
+        res_scale=res_scale,
+    )
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn_like(p) * 0.5 + 1)
+    return block
+
+
+def pool_taken(out: torch.Tensor) -> bool:
+    return type(out.grad_fn).__name__ == "PoolingResidualFunctionBackward"
+
+
+def pool_run(block, x, *, fused: bool, monkeypatch, seed=0) -> list[torch.Tensor]:
+    """Output, input gradient and parameter gradients (None as zeros) of one forward + backward."""
+    monkeypatch.setattr(fused_mod, "FUSED_BACKWARD", fused)
+    block.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_()
+    torch.manual_seed(seed)  # the same drop-path draws on both paths
+    out = block(x, x.shape[-2:])
+    assert pool_taken(out) is fused
+    (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in block.parameters()]
+    return [out.detach(), x.grad, *grads]
+
+
+POOL_BLOCKS = {
+    "poolformer": {},  # GroupNorm with bias, layer scale
+    "no_layer_scale": {"layer_scale": None},
+    "v2_res_scale": {"norm": "groupnorm1_nobias", "layer_scale": None, "res_scale": 1.0},  # PoolFormerV2
+    "both_scales": {"res_scale": 1.0},
+    "drop_path": {"drop_path": 0.4},
+}
+
+
+@pytest.mark.parametrize("kind", list(POOL_BLOCKS))
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format], ids=["cl", "nchw"])
+def test_fused_pooling_branch_matches_the_plain_ops(kind, memory_format, monkeypatch):
+    block = pool_block(**POOL_BLOCKS[kind]).double().train()
+    # a map with an offset and a scale per sample: GroupNorm's statistics must matter
+    x = torch.randn(4, DIM, 5, 7, dtype=torch.float64) * torch.tensor([0.5, 1, 2, 3]).view(4, 1, 1, 1).double() + 1
+    x = x.contiguous(memory_format=memory_format)
+    plain = pool_run(block, x, fused=False, monkeypatch=monkeypatch)
+    fused = pool_run(block, x, fused=True, monkeypatch=monkeypatch)
+    assert fused[0].is_contiguous(memory_format=memory_format)
+    if kind == "drop_path":  # some samples dropped, some kept: the draws were timm's
+        kept = (fused[0] - x).flatten(1).abs().amax(1) > 0
+        assert 0 < kept.sum() < 4
+    # The norm's bias cancels in pool(x) - x: the plain ops' bias gradient is rounding, the fused one 0.
+    assert_same(plain, fused, exact=False)
+
+
+def test_fused_pooling_branch_float32_agrees_to_rounding(monkeypatch):
+    block = pool_block().train()
+    x = torch.randn(3, DIM, 8, 8).contiguous(memory_format=torch.channels_last) * 2 + 0.5
+    plain, fused = (pool_run(block, x, fused=on, monkeypatch=monkeypatch) for on in (False, True))
+    for p, f in zip(plain, fused, strict=True):
+        torch.testing.assert_close(f, p, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_pooling_function_passes_gradcheck():
+    from zoo.layers.fused import PoolingResidualFunction
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    w, b, ls, rs = (torch.randn(3, dtype=torch.float64, requires_grad=True) for _ in range(4))
+    keep = torch.tensor([0.0, 2.0], dtype=torch.float64, requires_grad=True)  # one sample dropped
+    inputs = (x, w, b, ls, rs, keep)
+
+    def fn(*args):
+        return PoolingResidualFunction.apply(*args, 1e-5, 3)
+
+    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(fn, inputs)  # create_graph=True recomputes the plain ops
+
+
+def test_fused_pooling_in_eval_gives_the_plain_output(monkeypatch):
+    block = pool_block(drop_path=0.3).eval()
+    x = torch.randn(2, DIM, 6, 6).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        monkeypatch.setattr(fused_mod, "FUSED_BACKWARD", False)
+        plain = block(x, (6, 6))
+        monkeypatch.setattr(fused_mod, "FUSED_BACKWARD", True)
+        fused = block(x, (6, 6))
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_pooling_is_taken_only_where_it_computes_the_same_thing():
+    x = torch.randn(2, DIM, 6, 6, requires_grad=True)
+    assert pool_taken(pool_block().train()(x, (6, 6)))
+    assert not pool_taken(pool_block(norm="layernorm").train()(x, (6, 6)))  # not a one-group norm
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not pool_taken(pool_block().train()(x, (6, 6)))
+    assert not pool_taken(pool_block().bfloat16().train()(x.bfloat16(), (6, 6)))
+    block, seen = pool_block().train(), []
+    block.norm1.register_forward_hook(lambda m, i, o: seen.append(o.shape))  # hooks on the parts must fire
+    assert not pool_taken(block(x, (6, 6)))
+    assert seen == [x.shape]
+    graph = str(torch.fx.symbolic_trace(pool_block().train(), concrete_args={"grid": (6, 6)}).graph)
+    assert "PoolingResidualFunction" not in graph and "token_mixer_pool" in graph  # FX records the plain ops
+
+
+def test_fused_pooling_second_backward_through_a_retained_graph(monkeypatch):
+    block = pool_block().double().train()
+    x = torch.randn(2, DIM, 5, 5, dtype=torch.float64)
+    results = []
+    for fused in (False, True):
+        monkeypatch.setattr(fused_mod, "FUSED_BACKWARD", fused)
+        block.zero_grad(set_to_none=True)
+        xg = x.clone().requires_grad_()
+        out = block(xg, (5, 5))
+        assert pool_taken(out) is fused
+        out.square().sum().backward(retain_graph=True)  # writes over the saved pool in the fused path
+        out.sum().backward()
+        results.append([xg.grad, *(p.grad for p in block.parameters())])
+    assert_same(*results, exact=False)

@@ -32,15 +32,23 @@ FUSED_BACKWARD = True
 def fused_backward_allowed(x: torch.Tensor, *parts: nn.Module) -> bool:
     """Whether a forward over ``x`` may replace the plain ops of ``parts`` with a fused Function."""
     return (
+        torch.is_grad_enabled()
+        and fused_forward_allowed(x, *parts)  # first: it stops before an FX proxy is asked anything
+        and (x.requires_grad or any(p.requires_grad for m in parts for p in m.parameters()))
+    )
+
+
+def fused_forward_allowed(x: torch.Tensor, *parts: nn.Module) -> bool:
+    """Whether a forward over ``x``, differentiated or not, may run a fused Function in place of the
+    plain ops of ``parts`` (``PoolingResidualFunction`` saves passes in eval too)."""
+    return (
         FUSED_BACKWARD
-        and torch.is_grad_enabled()
         # a symbolic trace (FX) records the plain ops; torch.func transforms (grad, vmap,
         # functional_call's wrapped tensors) need Functions with a vmap rule, which these
         # Functions, writing over their saved tensors, cannot give: both fall back to plain ops
         and not torch.fx._symbolic_trace.is_fx_symbolic_tracing()
         and torch._C._functorch.maybe_current_level() is None
         and x.dtype in (torch.float32, torch.float64)  # half types: per-image partial sums would round
-        and (x.requires_grad or any(p.requires_grad for m in parts for p in m.parameters()))
         # meta tensors (timm's model tests, shape inference) compute nothing to save; the plain
         # ops give the shapes, and autocast has no state for that device type to ask about
         and x.device.type != "meta"
@@ -219,3 +227,107 @@ class SpatialGatingFunction(torch.autograd.Function):
         grad_b1 = a2.sum(0) if need[2] else None
         grad_x = a2.mm(w1).view(B, N, C) if need[0] else None  # (B*N, C) -> (B, N, C)
         return grad_x, grad_w1, grad_b1, grad_ln_w, grad_ln_b, grad_wp, grad_bp, grad_w2, grad_b2, None, None
+
+
+class PoolingResidualFunction(torch.autograd.Function):
+    """PoolFormer's whole token-mixer branch on a (B, C, H, W) map, residual included::
+
+        y = r * x + s * ls * (avgpool(gn(x)) - gn(x))     # gn: one-group GroupNorm, avgpool 3x3,
+                                                          # count_include_pad=False; r res scale,
+                                                          # ls layer scale, s the drop-path scale
+
+    Why one Function: the plain chain runs six memory-bound ops over the map (GroupNorm reads it
+    twice, then pool, subtract, scale, add), each reading its input from memory and writing a fresh
+    map, and its backward as many again; the map is too large for the cache at the first stages, so
+    those passes, not arithmetic, are what the chain costs. Two identities remove most of them:
+
+    - a count_include_pad=False average is a convex combination of its window (weights sum to 1 at
+      every output, the borders included), so it commutes with GroupNorm's per-channel affine, and
+      the norm's shift cancels in ``pool - identity``:
+      ``avgpool(gn(x)) - gn(x) = w * rstd * (avgpool(x) - x)`` with ``rstd`` the sample's
+      1/sqrt(var + eps). The normalised map is never written, and the norm's bias gets no gradient
+      (exactly zero; the plain ops' is zero up to rounding);
+    - with ``k = s * ls * w * rstd`` per sample and channel, the branch plus residual is
+      ``lerp(x, avgpool(x), k)`` (r = 1) -- one pass over x and the pooled map.
+
+    Forward: the sample statistics (one read of x), the pool (read x, write p), the blend (read x
+    and p, write y). Backward (g = dL/dy): ``dL/dk = sum_hw g * (p - x)``, written over the saved
+    p; the pool's adjoint of g over that same buffer; then ``dx = lerp(g, pool^T(g), k) + c * (x -
+    mean)`` where ``c`` carries the gradient through rstd. Same function as the plain ops; values and
+    gradients agree to float rounding (tests/test_fused.py).
+    """
+
+    @staticmethod
+    def plain(x, gn_w, gn_b, ls, rs, keep, eps=1e-5, pool_size=3):
+        n = F.group_norm(x, 1, gn_w, gn_b, eps)
+        pool = F.avg_pool2d(n, pool_size, 1, pool_size // 2, count_include_pad=False)
+        branch = pool - n
+        if ls is not None:
+            branch = branch * ls.view(-1, 1, 1)
+        if keep is not None:
+            branch = branch * keep.view(-1, 1, 1, 1)
+        return (x if rs is None else x * rs.view(-1, 1, 1)) + branch
+
+    @staticmethod
+    def forward(ctx, x, gn_w, gn_b, ls, rs, keep, eps: float, pool_size: int):
+        var, mean = torch.var_mean(x, dim=(1, 2, 3), correction=0)  # (B,), (B,)
+        rstd = (var + eps).rsqrt()
+        k = _pool_branch_scale(rstd, gn_w, ls, keep)  # (B, C)
+        p = F.avg_pool2d(x, pool_size, 1, pool_size // 2, count_include_pad=False)  # (B, C, H, W)
+        k4 = k[:, :, None, None]  # (B, C) -> (B, C, 1, 1)
+        if rs is None:
+            y = torch.lerp(x, p, k4)  # x + k * (p - x)
+        else:
+            y = torch.addcmul(p * k4, x, rs[None, :, None, None] - k4)  # r * x + k * (p - x)
+        ctx.eps, ctx.pool_size, ctx.consumed = eps, pool_size, False
+        ctx.save_for_backward(x, gn_w, gn_b, ls, rs, keep, p, mean, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, gn_w, gn_b, ls, rs, keep, p, mean, rstd = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True
+            plain = functools.partial(PoolingResidualFunction.plain, eps=ctx.eps, pool_size=ctx.pool_size)
+            return _recomputed_grads(ctx, (x, gn_w, gn_b, ls, rs, keep), plain, grad_out)
+        need_x, need_w, need_b, need_ls, need_rs, need_keep = ctx.needs_input_grad[:6]
+        size = ctx.pool_size
+        if ctx.consumed:  # a second backward through a retained graph: p was overwritten by the first
+            buf = F.avg_pool2d(x, size, 1, size // 2, count_include_pad=False)
+        else:  # .data: writing over p must not bump the version autograd checks when unpacking it again
+            buf, ctx.consumed = p.data, True
+        # d loss / d k, per sample and channel: sum over the map of g * (p - x), computed in buf
+        grad_k = buf.sub_(x).mul_(grad_out).sum((2, 3))  # (B, C, H, W) -> (B, C)
+        ones = torch.ones_like(gn_w)
+        w, s = gn_w, (ones[None] if keep is None else keep[:, None])  # (C,), (B, 1)
+        scale = ones if ls is None else ls
+        grad_w = (grad_k * s * rstd[:, None] * scale).sum(0) if need_w else None
+        grad_ls = (grad_k * s * rstd[:, None] * w).sum(0) if need_ls else None
+        grad_keep = (grad_k * rstd[:, None] * w * scale).sum(1) if need_keep else None
+        grad_b = torch.zeros_like(gn_b) if need_b else None  # the shift cancels in pool - identity
+        grad_rs = (grad_out * x).sum((0, 2, 3)) if need_rs else None
+        grad_x = None
+        if need_x:
+            k4 = _pool_branch_scale(rstd, gn_w, ls, keep)[:, :, None, None]  # (B, C) -> (B, C, 1, 1)
+            # the pool's adjoint of g, over buf (dead now that grad_k is taken)
+            pooled = torch.ops.aten.avg_pool2d_backward.grad_input(
+                grad_out, x, [size, size], [1, 1], [size // 2, size // 2], False, False, None, grad_input=buf
+            )
+            if rs is None:
+                grad_x = torch.lerp(grad_out, pooled, k4, out=pooled)  # g + k * (pool^T g - g)
+            else:
+                grad_x = pooled.mul_(k4).addcmul_(grad_out, rs[None, :, None, None] - k4)
+            # through rstd = (var + eps)^-1/2: d rstd / d x = -rstd^3 (x - mean) / M, M = C*H*W
+            grad_rstd = (grad_k * w * scale * s).sum(1)  # (B,)
+            c = -grad_rstd * rstd.pow(3) / x[0].numel()  # (B,)
+            grad_x.addcmul_(x, c[:, None, None, None]).sub_((c * mean)[:, None, None, None])
+        return grad_x, grad_w, grad_b, grad_ls, grad_rs, grad_keep, None, None
+
+
+def _pool_branch_scale(rstd, gn_w, ls, keep) -> torch.Tensor:
+    """``k = keep * ls * w * rstd``, the per-sample, per-channel scale of ``avgpool(x) - x``: (B, C)."""
+    k = rstd[:, None] * gn_w[None, :]  # (B,) x (C,) -> (B, C)
+    if ls is not None:
+        k = k * ls[None, :]
+    if keep is not None:
+        k = k * keep[:, None]
+    return k

@@ -28,12 +28,13 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from timm.layers import use_fused_attn
+from timm.layers import DropPath, use_fused_attn
 from torch import nn
 
 from ..names import suggest
 from .activations import get_act
-from .fused import SpatialGatingFunction, fused_backward_allowed
+from .fused import PoolingResidualFunction, SpatialGatingFunction, fused_backward_allowed, fused_forward_allowed
+from .norm import GroupNorm1, GroupNorm1NoBias
 
 TOKEN_MIXERS: dict[str, type[nn.Module]] = {}
 
@@ -121,6 +122,55 @@ class Pooling(nn.Module):
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         return self.pool(x) - x
+
+    def residual(
+        self, x: torch.Tensor, norm: nn.Module, layer_scale: nn.Module, res_scale: nn.Module, drop_path: nn.Module
+    ) -> torch.Tensor | None:
+        """The block's whole token-mixer branch, ``res_scale(x) + drop_path(layer_scale(self(norm(x))))``,
+        in one ``PoolingResidualFunction`` (fewer passes over the map; see its docstring), or None
+        where that Function does not compute the same thing and the block runs the plain ops."""
+        if not fused_forward_allowed(x, norm, self, layer_scale, res_scale, drop_path):  # first: FX proxies
+            return None
+        gn = _one_group_norm(norm)
+        ls, rs = _channel_scale(layer_scale), _channel_scale(res_scale)
+        drop_prob = _drop_prob(drop_path)
+        if gn is None or ls is False or rs is False or drop_prob is None or x.ndim != 4 or self.pool.ceil_mode:
+            return None
+        keep = None
+        if drop_prob > 0 and drop_path.training:  # timm's drop_path, drawn in the same order and shape
+            keep_prob = 1 - drop_prob
+            keep = x.new_empty((x.shape[0], 1, 1, 1)).bernoulli_(keep_prob)  # (B, 1, 1, 1)
+            if keep_prob > 0 and drop_path.scale_by_keep:
+                keep.div_(keep_prob)
+            keep = keep.view(-1)  # (B, 1, 1, 1) -> (B,)
+        weight, bias, eps = gn
+        size = self.pool.kernel_size
+        return PoolingResidualFunction.apply(x, weight, bias, ls, rs, keep, eps, size)
+
+
+def _one_group_norm(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, float] | None:
+    """(weight, bias or None, eps) of a one-group GroupNorm on maps, with or without its bias; else None."""
+    if type(norm) is GroupNorm1 and norm.affine:
+        return norm.weight, norm.bias, norm.eps
+    if type(norm) is GroupNorm1NoBias:
+        return norm.weight, None, norm.eps
+    return None
+
+
+def _channel_scale(module: nn.Module) -> torch.Tensor | bool | None:
+    """A block's per-channel scale on maps (layer scale or res scale): its gamma, None when the
+    block has none (``nn.Identity``), False for anything else."""
+    if type(module) is nn.Identity:
+        return None
+    gamma = getattr(module, "gamma", None)
+    return gamma if isinstance(gamma, nn.Parameter) and getattr(module, "layout", None) == "nchw" else False
+
+
+def _drop_prob(module: nn.Module) -> float | None:
+    """The drop probability of a block's drop path (0 for none), or None for a module it cannot read."""
+    if type(module) is nn.Identity:
+        return 0.0
+    return float(module.drop_prob) if isinstance(module, DropPath) else None
 
 
 @register_token_mixer("attention")

@@ -166,7 +166,12 @@ class Block(nn.Module):
         return x.permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W)
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        x = self.res_scale1(x) + self.drop_path(self.ls1(self.token_mixer(self.norm1(x), grid)))
+        # a mixer may compute its whole residual branch in one Function (Pooling); None: it cannot here
+        fused = getattr(self.token_mixer, "residual", None)
+        y = fused(x, self.norm1, self.ls1, self.res_scale1, self.drop_path) if fused is not None else None
+        if y is None:
+            y = self.res_scale1(x) + self.drop_path(self.ls1(self.token_mixer(self.norm1(x), grid)))
+        x = y
         if self.channel_mixer is not None:
             x = self.res_scale2(x) + self.drop_path(self.ls2(self._mix_channels(self.norm2(x))))
         return x
