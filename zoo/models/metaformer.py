@@ -31,7 +31,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .pretrained import Layout, register_layout
+from .pretrained import Layout, exact_logits_hint, register_layout
 from .registry import register
 from .specs import EmbedSpec, ModelSpec, StageSpec
 
@@ -158,9 +158,8 @@ for _name, _spec in VARIANTS.items():
 def _timm_head_note(model) -> str | None:
     if model.spec.head_mlp_ratio is None or model.spec.head_mlp_norm == TIMM_HEAD["head_mlp_norm"]:
         return None
-    return (
-        "timm's ConvFormer/CAFormer MLP head normalises with eps 1e-6, this model with the official 1e-5: "
-        f"create it with {', '.join(f'{k}={v!r}' for k, v in TIMM_HEAD.items())} for timm's exact logits"
+    return exact_logits_hint(
+        "timm's ConvFormer/CAFormer MLP head normalises with eps 1e-6, this model with the official 1e-5", TIMM_HEAD
     )
 
 

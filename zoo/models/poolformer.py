@@ -11,7 +11,7 @@ head_norm="layernorm"`` builds timm's variant, which its checkpoints need for id
 
 from __future__ import annotations
 
-from .pretrained import Layout, register_layout
+from .pretrained import Layout, exact_logits_hint, register_layout
 from .registry import register
 from .specs import EmbedSpec, ModelSpec, StageSpec
 
@@ -88,9 +88,9 @@ register_layout(
         note=lambda model: (
             None
             if model.spec.head_norm_on == "pooled"
-            else (
-                "timm's PoolFormer normalises the pooled vector, this model the feature map (as the official code): "
-                f"create it with {', '.join(f'{k}={v!r}' for k, v in TIMM_HEAD.items())} for timm's exact logits"
+            else exact_logits_hint(
+                "timm's PoolFormer normalises the pooled vector, this model the feature map (as the official code)",
+                TIMM_HEAD,
             )
         ),
     )

@@ -36,6 +36,13 @@ class Layout:
 _LAYOUTS: list[Layout] = []
 
 
+def exact_logits_hint(difference: str, overrides: dict) -> str:
+    """A layout note for a model that differs from the checkpoint's source in one setting:
+    ``difference``, then the overrides that reproduce the source's logits exactly."""
+    settings = ", ".join(f"{k}={v!r}" for k, v in overrides.items())
+    return f"{difference}: create it with {settings} for timm's exact logits"
+
+
 def register_layout(layout: Layout) -> None:
     _LAYOUTS.append(layout)
 
