@@ -15,8 +15,11 @@ Parameters (zoo counts every shared tensor once): 29.1M / 39.9M / 61.7M against 
 
 from __future__ import annotations
 
+import dataclasses
+
 from .registry import register
-from .specs import EmbedSpec, ModelSpec, StageSpec
+from .specs import ModelSpec
+from .vit import vit
 
 PAPER = "WideNet, https://arxiv.org/abs/2107.11817"
 MOE_OPTIONS = {"num_experts": 4, "top_k": 2, "capacity_factor": 1.2, "balance_loss_weight": 0.01}
@@ -32,29 +35,16 @@ def widenet(
     img_size: int = 224,
     crop_pct: float = 0.875,
 ) -> ModelSpec:
-    stage = StageSpec(
-        depth=depth,
-        dim=dim,
-        embed=EmbedSpec(patch, patch, 0),
-        token_mixer="attention",
-        mixer_options={"num_heads": num_heads},
+    """ViT's spec with the MoE as channel mixer and one attention + one MoE shared by every block."""
+    spec = vit(dim, depth, num_heads, patch=patch, img_size=img_size, crop_pct=crop_pct)
+    stage = dataclasses.replace(
+        spec.stages[0],
         channel_mixer="moe",
         mlp_ratio=expert_hidden / dim,
         channel_options=MOE_OPTIONS,
-        norm="layernorm",
-        class_token=True,
-        pos_embed=True,
         share_group=depth,
     )
-    return ModelSpec(
-        stages=(stage,),
-        img_size=img_size,
-        global_pool="token",
-        head_norm="layernorm",
-        head_norm_on="map",
-        crop_pct=crop_pct,
-        paper=PAPER,
-    )
+    return dataclasses.replace(spec, stages=(stage,), paper=PAPER)
 
 
 VARIANTS = {
