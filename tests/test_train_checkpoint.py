@@ -122,3 +122,32 @@ def test_topk_correct():
     logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1], [0.2, 0.3, 0.5]])
     assert topk_correct(logits, torch.tensor([1, 1, 0]), (1, 2)) == [1, 2]
     assert topk_correct(logits, torch.tensor([1, 1, 0]), (1, 5)) == [1, 3]  # k capped at the classes
+
+
+def test_weight_shared_model_saves_quietly_and_resumes_every_alias(tmp_path, caplog):
+    """WideNet's blocks share one attention and one MoE: Accelerate stores each tensor once (it
+    warns about the dropped aliases, which we silence) and loading restores them under every name."""
+    import logging
+
+    from accelerate import Accelerator
+
+    import zoo
+    from zoo.train.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    model = zoo.create_model("zoo_widenet_mini_32", num_classes=5)
+    accelerator = Accelerator(cpu=True)
+    model = accelerator.prepare(model)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    with caplog.at_level(logging.WARNING):
+        path = save_checkpoint(accelerator, tmp_path, {"step": 1}, keep_last=2)
+    assert not [r for r in caplog.records if "Removed shared tensor" in r.getMessage()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    accelerator.load_state(str(path))
+    state = model.state_dict()
+    assert state.keys() == saved.keys()
+    assert "stages.0.blocks.3.token_mixer.qkv.weight" in state  # an alias of block 0's attention
+    for k, v in saved.items():
+        assert torch.equal(state[k], v), k

@@ -17,7 +17,9 @@ Multi-node runs need the run directory on a filesystem all nodes share (as Accel
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -72,6 +74,26 @@ def _remove(path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+class _DropAliasWarning(logging.Filter):
+    """Accelerate warns, on every save of a model whose modules are shared (WideNet), that it
+    "removed shared tensor" keys: the second and later names of one tensor. Loading puts the tensor
+    back under every name through the shared module (tests/test_train_checkpoint.py), so the
+    warning, a set of dozens of names on each checkpoint, says nothing here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor" not in record.getMessage()  # Accelerate prefixes "[RANK i] "
+
+
+@contextlib.contextmanager
+def _aliases_dropped_quietly():
+    log, quiet = logging.getLogger("accelerate.utils.other"), _DropAliasWarning()
+    log.addFilter(quiet)
+    try:
+        yield
+    finally:
+        log.removeFilter(quiet)
+
+
 def save_checkpoint(
     accelerator: Accelerator, ckpt_dir: Path, loop_state: dict[str, Any], keep_last: int, ema: nn.Module | None = None
 ) -> Path:
@@ -84,7 +106,8 @@ def save_checkpoint(
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))  # main: model/optimizer/scaler; every process: its RNG
+    with _aliases_dropped_quietly():
+        accelerator.save_state(str(tmp))  # main: model/optimizer/scaler; every process: its RNG
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if ema is not None:
