@@ -80,3 +80,11 @@ def test_a_run_says_what_it_chose_for_this_machine(tmp_path, capsys):
     assert err[0].startswith("machine: ") and "cores usable" in err[0]
     assert err[1].startswith("precision: ") and ("natively" in err[1] or "no native bf16" in err[1])
     assert err[2].startswith("threads: ") and "compute thread" in err[2]
+    assert err[3].startswith("memory: ")  # freed memory kept for reuse (glibc), or the system's defaults
+
+
+def test_a_bad_allocator_setting_is_one_line_before_anything_is_written(tmp_path, monkeypatch):
+    monkeypatch.setenv("ZOO_ALLOCATOR", "jemalloc")
+    with pytest.raises(ConfigError, match=r"^ZOO_ALLOCATOR='jemalloc': expected 'reuse' \(the default\) or 'system'$"):
+        run(load_config(None, [*QUICK, f"output_dir={tmp_path / 'runs'}", "name=bad"]))
+    assert not (tmp_path / "runs").exists()

@@ -76,14 +76,14 @@ class LoopConfig:
     # Images per forward on one process; None: batch_size / processes (no accumulation).
     micro_batch_size: int | None = field(default=None, metadata=bounds(ge=1))
     # auto: bf16 autocast where the device computes bf16 natively (a bf16 GPU; a CPU with
-    # AVX512_BF16 or AMX), fp32 elsewhere (zoo.train.hardware.resolve_precision). bf16 forces it,
+    # AVX512_BF16 or AMX), fp32 elsewhere (zoo.machine.resolve_precision). bf16 forces it,
     # with a warning where it is emulated; fp16 (with a loss scaler) on GPU only; fp32: no autocast.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     max_steps: int | None = field(default=None, metadata=bounds(ge=1))  # stop early (the schedule ignores it)
     # Non-finite loss/gradients skip the step; this many in a row saves, stops and says why.
     max_consecutive_skips: int = field(default=10, metadata=bounds(ge=1))
     # CPU compute threads per process; None: the cores this process may use, shared among the
-    # processes on this machine, minus the loader workers (zoo.train.hardware.plan_threads).
+    # processes on this machine, minus the loader workers (zoo.machine.plan_threads).
     num_threads: int | None = field(default=None, metadata=bounds(ge=1))
     # Train / evaluate on a fixed seeded subset of this many images (CI-sized runs, quick trials).
     limit_train: int | None = field(default=None, metadata=bounds(ge=1))

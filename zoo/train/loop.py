@@ -64,7 +64,7 @@ from zoo.data.loader import worker_init
 from zoo.models import BASELINES
 
 from ..atomic import atomic_write_text
-from ..machine import Machine, ThreadPlan, describe, plan_threads, resolve_precision
+from ..machine import Machine, ThreadPlan, describe, keep_freed_memory, plan_threads, resolve_precision
 from ..names import suggest
 from .checkpoint import (
     clean_stale,
@@ -144,6 +144,7 @@ class Setup:
     precision: str
     precision_why: str
     threads: ThreadPlan
+    allocator: str  # what the run's memory allocator was told (zoo.machine.keep_freed_memory)
     resume_from: Path | None
     train_ds: Dataset
     val_ds: Dataset
@@ -250,6 +251,11 @@ def build(cfg: TrainConfig, resume: str | None) -> Setup:
     threads = plan_threads(machine, local, cfg.train.num_threads, cfg.data.num_workers)
     if state.device.type == "cpu":
         torch.set_num_threads(threads.threads)
+    # ZOO_ALLOCATOR=system keeps glibc's defaults: a setting of the process, not of the recipe
+    allocator = os.environ.get("ZOO_ALLOCATOR", "reuse")
+    if allocator not in ("reuse", "system"):
+        raise ConfigError(f"ZOO_ALLOCATOR={allocator!r}: expected 'reuse' (the default) or 'system'")
+    allocator = (keep_freed_memory() if allocator == "reuse" else None) or "the system allocator's defaults"
     resume_from = _check_names_and_paths(cfg, resume)
     world, rank = state.num_processes, state.process_index
     micro, accum = _batch_plan(cfg, world)
@@ -276,6 +282,7 @@ def build(cfg: TrainConfig, resume: str | None) -> Setup:
         precision=precision,
         precision_why=why,
         threads=threads,
+        allocator=allocator,
         resume_from=resume_from,
         train_ds=train_ds,
         val_ds=val_ds,
@@ -359,6 +366,7 @@ def open_run_dir(cfg: TrainConfig, setup: Setup) -> None:
                     "precision_why": setup.precision_why,
                     "threads": setup.threads.threads,
                     "loader_workers": setup.threads.workers,
+                    "allocator": setup.allocator,
                     "processes": acc.num_processes,
                 }
             )
@@ -371,6 +379,7 @@ def open_run_dir(cfg: TrainConfig, setup: Setup) -> None:
     _print(acc, f"machine: {setup.machine.summary()}")
     _print(acc, f"precision: {setup.precision} ({setup.precision_why})")
     _print(acc, f"threads: {setup.threads.summary()}")
+    _print(acc, f"memory: {setup.allocator}")
     _print(acc, f"train: {setup.train_ds.describe()}")
     _print(acc, f"val: {setup.val_ds.describe()}")
 
