@@ -157,6 +157,11 @@ def _adapt(state: StateDict, model: nn.Module, source: str) -> None:
     dropped = [
         k for head in heads if f"{head}.weight" not in own for k in (f"{head}.weight", f"{head}.bias") if k in state
     ]
+    # An MLP head (ConvFormer/CAFormer: head.fc1, head.norm, head.fc2) goes as a whole with its
+    # classifier, as timm's reset_classifier replaces it: its other keys are dropped too.
+    for module in {h.rsplit(".", 1)[0] + "." for h in heads if "." in h}:
+        if not any(k.startswith(module) for k in own):
+            dropped += [k for k in state if k.startswith(module) and k not in dropped]
     if dropped:
         for k in dropped:
             del state[k]
