@@ -5,11 +5,11 @@ buffer for every gradient, though the activation of the same shape is dead by th
 gradient is written. On the CPU, glibc serves every buffer over 32 MB with a fresh mmap (a ViT-B
 hidden activation at batch 32 is 77 MB), zero-filled and faulted in 4 KB at a time when first
 written, and smaller ones with whatever the heap holds, so a train step spends a share of its CPU
-time in the kernel faulting pages in. How large that share is, and what these Functions save of
-it, is measured in the README (Benchmarks, the paragraphs under the CPU speed table).
-The Functions here run the same forward ops as the plain modules and write their gradients over
-the dead activations instead (or, on maps, over a gradient buffer the convolution backward already
-allocated).
+time in the kernel faulting pages in (count them with ``resource.getrusage().ru_minflt`` around a
+step; the training loop also keeps freed memory, ``zoo.machine.keep_freed_memory``, but a model
+used elsewhere runs under whatever allocator its process has). The Functions here run the same
+forward ops as the plain modules and write their gradients over the dead activations instead
+(or, on maps, over a gradient buffer the convolution backward already allocated).
 
 Used only where it computes the same thing (``fused_backward_allowed``): a float32 or float64
 forward that will be differentiated, without autocast (it casts inside the plain ops), tracing,
@@ -86,8 +86,7 @@ class GeluMlpFunction(torch.autograd.Function):
 
     On maps, oneDNN's convolution backward allocates the activation's gradient itself, so only
     ``gelu_backward``'s buffer is saved: it writes over that gradient instead of a fresh one (the
-    activations stay intact, so a retained graph needs no recompute). The page faults this saves a
-    PoolFormer-S12 train step are in the README, beside its row of the CPU speed table.
+    activations stay intact, so a retained graph needs no recompute).
     """
 
     @staticmethod
