@@ -285,11 +285,12 @@ class SepConv(nn.Module):
         self.pwconv2 = nn.Linear(hidden, dim, bias=bias)
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        # On the stage's channels_last map every permute here is a view, not a copy.
-        x = self.act1(self.pwconv1(x.permute(0, 2, 3, 1)))  # (B, C, H, W) -> (B, H, W, hidden)
-        x = self.dwconv(x.permute(0, 3, 1, 2))  # (B, H, W, hidden) -> (B, hidden, H, W)
-        x = self.pwconv2(x.permute(0, 2, 3, 1))  # (B, hidden, H, W) -> (B, H, W, C)
-        return x.permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W)
+        # The pointwise layers run as 1x1 convolutions with the linear weights, on the map as it
+        # comes (NCHW or channels_last): oneDNN's convolution beats the matmul of nn.Linear on the
+        # (B, H, W, C) view on the CPU, and needs no copy when the map is NCHW.
+        x = self.act1(F.conv2d(x, self.pwconv1.weight[:, :, None, None], self.pwconv1.bias))  # -> (B, hidden, H, W)
+        x = self.dwconv(x)  # depthwise, (B, hidden, H, W)
+        return F.conv2d(x, self.pwconv2.weight[:, :, None, None], self.pwconv2.bias)  # -> (B, C, H, W)
 
 
 @register_token_mixer("random_mixing")
