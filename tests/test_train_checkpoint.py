@@ -127,17 +127,25 @@ def test_topk_correct():
 def test_weight_shared_model_saves_quietly_and_resumes_every_alias(tmp_path, caplog):
     """WideNet's blocks share one attention and one MoE: Accelerate stores each tensor once (it
     warns about the dropped aliases, which we silence) and loading restores them under every name."""
-    import logging
-
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
 
-    import zoo
     from zoo.train.checkpoint import save_checkpoint
 
+    try:
+        _shared_roundtrip(Accelerator(cpu=True), tmp_path, caplog, save_checkpoint)
+    finally:  # Accelerate's state is process-global: leave none behind for the in-process runs
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
+
+
+def _shared_roundtrip(accelerator, tmp_path, caplog, save_checkpoint):
+    import logging
+
+    import zoo
+
     torch.manual_seed(0)
-    model = zoo.create_model("zoo_widenet_mini_32", num_classes=5)
-    accelerator = Accelerator(cpu=True)
-    model = accelerator.prepare(model)
+    model = accelerator.prepare(zoo.create_model("zoo_widenet_mini_32", num_classes=5))
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     with caplog.at_level(logging.WARNING):
         path = save_checkpoint(accelerator, tmp_path, {"step": 1}, keep_last=2)

@@ -73,7 +73,12 @@ def test_builds_from_config_and_trains(name):
         losses.append(loss.item())
     assert losses[-1] < losses[0], losses
     still = [n for n, p in model.named_parameters() if torch.equal(p, before[n])]
-    assert not still, f"{name}: parameters that never moved: {still}"
+    # PoolFormer's first norm bias cancels in pool(n) - n: it has no gradient (the fused branch
+    # gives it exactly 0; the plain ops' rounding noise, which Adam would blow up into steps of lr)
+    cancelled = [n for n in before if n.endswith("norm1.bias")]
+    assert cancelled and all(n in still for n in cancelled), f"{name}: {cancelled} moved"
+    moved_too_little = [n for n in still if n not in cancelled]
+    assert not moved_too_little, f"{name}: parameters that never moved: {moved_too_little}"
 
 
 @pytest.mark.parametrize("name", NAMES)
