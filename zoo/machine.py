@@ -232,11 +232,16 @@ def keep_freed_memory() -> str | None:
     """
     if not sys.platform.startswith("linux"):
         return None
+    if any(m in os.environ.get("LD_PRELOAD", "") for m in ("jemalloc", "tcmalloc", "mimalloc")):
+        return None  # another malloc serves the process: glibc's settings would change nothing
     try:
         libc = ctypes.CDLL("libc.so.6")
         mallopt = libc.mallopt  # glibc's; musl has no libc.so.6 / mallopt
     except (OSError, AttributeError):
         return None
-    if not (mallopt(_M_MMAP_THRESHOLD, _KEEP_BELOW) and mallopt(_M_TRIM_THRESHOLD, _KEEP_BELOW)):
-        return None
-    return "freed memory kept for reuse (glibc: buffers under 1 GB from the heap, heap never trimmed)"
+    # glibc before 2.35 refuses an mmap threshold over 32 MB (HEAP_MAX_SIZE / 2): keep that much
+    for limit in (_KEEP_BELOW, 32 << 20):
+        if mallopt(_M_MMAP_THRESHOLD, limit) and mallopt(_M_TRIM_THRESHOLD, _KEEP_BELOW):
+            size = f"{limit >> 30} GB" if limit >= 1 << 30 else f"{limit >> 20} MB"
+            return f"freed memory kept for reuse (glibc: buffers under {size} from the heap, heap trimmed above 1 GB)"
+    return None

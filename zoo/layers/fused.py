@@ -69,7 +69,7 @@ def _recomputed_grads(ctx, inputs: tuple, outputs_fn, grad_out: torch.Tensor) ->
     return tuple(next(grads) if need else None for need in ctx.needs_input_grad)
 
 
-def _conv1x1(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def conv1x1(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``F.linear`` over the channels of a (B, C, H, W) map: a 1x1 convolution with the linear weight."""
     return F.conv2d(x, weight[:, :, None, None], bias)  # (B, in, H, W) -> (B, out, H, W)
 
@@ -91,12 +91,12 @@ class GeluMlpFunction(torch.autograd.Function):
 
     @staticmethod
     def plain(x, w1, b1, w2, b2, approximate="none", on_map=False):
-        layer = _conv1x1 if on_map else F.linear
+        layer = conv1x1 if on_map else F.linear
         return layer(F.gelu(layer(x, w1, b1), approximate=approximate), w2, b2)
 
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, approximate: str, on_map: bool):
-        layer = _conv1x1 if on_map else F.linear
+        layer = conv1x1 if on_map else F.linear
         h = layer(x, w1, b1)  # (..., dim) -> (..., hidden), or (B, dim, H, W) -> (B, hidden, H, W)
         a = F.gelu(h, approximate=approximate)
         ctx.approximate, ctx.on_map, ctx.consumed = approximate, on_map, False
@@ -142,7 +142,7 @@ def _map_mlp_backward(ctx, grad_out, x, w1, b1, w2, b2, h, a) -> tuple:
 
 
 def _conv1x1_backward(grad_out, x, weight, bias, mask) -> tuple:
-    """The gradients of ``_conv1x1(x, weight, bias)`` that ``mask`` asks for (the op autograd's own
+    """The gradients of ``conv1x1(x, weight, bias)`` that ``mask`` asks for (the op autograd's own
     convolution backward calls); the weight's back in the linear layout."""
     grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
         grad_out,
@@ -262,10 +262,10 @@ class PoolingResidualFunction(torch.autograd.Function):
         pool = F.avg_pool2d(n, pool_size, 1, pool_size // 2, count_include_pad=False)
         branch = pool - n
         if ls is not None:
-            branch = branch * ls.view(-1, 1, 1)
+            branch = branch * ls.view(-1, 1, 1)  # (C,) -> (C, 1, 1)
         if keep is not None:
-            branch = branch * keep.view(-1, 1, 1, 1)
-        return (x if rs is None else x * rs.view(-1, 1, 1)) + branch
+            branch = branch * keep.view(-1, 1, 1, 1)  # (B,) -> (B, 1, 1, 1)
+        return (x if rs is None else x * rs.view(-1, 1, 1)) + branch  # rs: (C,) -> (C, 1, 1)
 
     @staticmethod
     def forward(ctx, x, gn_w, gn_b, ls, rs, keep, eps: float, pool_size: int):

@@ -33,7 +33,13 @@ from torch import nn
 
 from ..names import suggest
 from .activations import get_act
-from .fused import PoolingResidualFunction, SpatialGatingFunction, fused_backward_allowed, fused_forward_allowed
+from .fused import (
+    PoolingResidualFunction,
+    SpatialGatingFunction,
+    conv1x1,
+    fused_backward_allowed,
+    fused_forward_allowed,
+)
 from .norm import GroupNorm1, GroupNorm1NoBias
 
 TOKEN_MIXERS: dict[str, type[nn.Module]] = {}
@@ -129,7 +135,9 @@ class Pooling(nn.Module):
         """The block's whole token-mixer branch, ``res_scale(x) + drop_path(layer_scale(self(norm(x))))``,
         in one ``PoolingResidualFunction`` (fewer passes over the map; see its docstring), or None
         where that Function does not compute the same thing and the block runs the plain ops."""
-        if not fused_forward_allowed(x, norm, self, layer_scale, res_scale, drop_path):  # first: FX proxies
+        if type(self) is not Pooling:  # a subclass may compute something else in forward
+            return None
+        if not fused_forward_allowed(x, norm, self, self.pool, layer_scale, res_scale, drop_path):  # first: FX
             return None
         gn = _one_group_norm(norm)
         ls, rs = _channel_scale(layer_scale), _channel_scale(res_scale)
@@ -285,12 +293,24 @@ class SepConv(nn.Module):
         self.pwconv2 = nn.Linear(hidden, dim, bias=bias)
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        if not self._pointwise_as_conv():  # hooked or wrapped layers (e.g. LoRA): call them
+            x = self.act1(self.pwconv1(x.permute(0, 2, 3, 1)))  # (B, C, H, W) -> (B, H, W, hidden)
+            x = self.dwconv(x.permute(0, 3, 1, 2))  # (B, H, W, hidden) -> (B, hidden, H, W)
+            return self.pwconv2(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W)
         # The pointwise layers run as 1x1 convolutions with the linear weights, on the map as it
         # comes (NCHW or channels_last): oneDNN's convolution beats the matmul of nn.Linear on the
         # (B, H, W, C) view on the CPU, and needs no copy when the map is NCHW.
-        x = self.act1(F.conv2d(x, self.pwconv1.weight[:, :, None, None], self.pwconv1.bias))  # -> (B, hidden, H, W)
-        x = self.dwconv(x)  # depthwise, (B, hidden, H, W)
-        return F.conv2d(x, self.pwconv2.weight[:, :, None, None], self.pwconv2.bias)  # -> (B, C, H, W)
+        x = self.act1(conv1x1(x, self.pwconv1.weight, self.pwconv1.bias))  # (B, C, H, W) -> (B, hidden, H, W)
+        x = self.dwconv(x)  # depthwise: (B, hidden, H, W)
+        return conv1x1(x, self.pwconv2.weight, self.pwconv2.bias)  # (B, hidden, H, W) -> (B, C, H, W)
+
+    def _pointwise_as_conv(self) -> bool:
+        """Whether the pointwise layers are plain ``nn.Linear`` without hooks, so that reading their
+        weights computes what calling them would."""
+        layers = (self.pwconv1, self.pwconv2)
+        return all(type(m) is nn.Linear for m in layers) and not any(
+            m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks for m in layers
+        )
 
 
 @register_token_mixer("random_mixing")

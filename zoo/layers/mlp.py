@@ -47,12 +47,11 @@ import inspect
 from collections.abc import Callable, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..names import unknown_component
 from .activations import get_act
-from .fused import GeluMlpFunction, fused_backward_allowed
+from .fused import GeluMlpFunction, conv1x1, fused_backward_allowed
 from .init import trunc_normal_init_
 from .moe import MoE
 from .norm import create_norm
@@ -146,9 +145,9 @@ class Mlp(nn.Module):
                 x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, self.act.approximate, True
             )  # on_map: (B, dim, H, W) -> (B, dim, H, W)
             return self.drop2(x)
-        x = F.conv2d(x, self.fc1.weight[:, :, None, None], self.fc1.bias)  # (B, dim, H, W) -> (B, br*hidden, H, W)
+        x = conv1x1(x, self.fc1.weight, self.fc1.bias)  # (B, dim, H, W) -> (B, br*hidden, H, W)
         x = self.drop1(self.activate(x, 1))
-        x = F.conv2d(x, self.fc2.weight[:, :, None, None], self.fc2.bias)  # (B, hidden, H, W) -> (B, dim, H, W)
+        x = conv1x1(x, self.fc2.weight, self.fc2.bias)  # (B, hidden, H, W) -> (B, dim, H, W)
         return self.drop2(x)
 
 

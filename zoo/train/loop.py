@@ -252,10 +252,9 @@ def build(cfg: TrainConfig, resume: str | None) -> Setup:
     if state.device.type == "cpu":
         torch.set_num_threads(threads.threads)
     # ZOO_ALLOCATOR=system keeps glibc's defaults: a setting of the process, not of the recipe
-    allocator = os.environ.get("ZOO_ALLOCATOR", "reuse")
+    allocator = os.environ.get("ZOO_ALLOCATOR") or "reuse"
     if allocator not in ("reuse", "system"):
         raise ConfigError(f"ZOO_ALLOCATOR={allocator!r}: expected 'reuse' (the default) or 'system'")
-    allocator = (keep_freed_memory() if allocator == "reuse" else None) or "the system allocator's defaults"
     resume_from = _check_names_and_paths(cfg, resume)
     world, rank = state.num_processes, state.process_index
     micro, accum = _batch_plan(cfg, world)
@@ -276,6 +275,8 @@ def build(cfg: TrainConfig, resume: str | None) -> Setup:
     accelerator = Accelerator(
         cpu=cpu, mixed_precision={"fp32": "no"}.get(precision, precision), gradient_accumulation_steps=accum
     )
+    # the process's allocator changes only once everything above has passed its checks
+    allocator = (keep_freed_memory() if allocator == "reuse" else None) or "the system allocator's defaults"
     return Setup(
         accelerator=accelerator,
         machine=machine,
