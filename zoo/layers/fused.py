@@ -54,11 +54,15 @@ def fused_forward_allowed(x: torch.Tensor, *parts: nn.Module) -> bool:
         and x.device.type != "meta"
         and not (torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type))
         and not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling())
-        and not any(
-            m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks for m in parts
-        )
+        and not has_hooks(*parts)
         and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
     )
+
+
+def has_hooks(*modules: nn.Module) -> bool:
+    """Whether any of ``modules`` has a forward or backward hook of its own, which reading its
+    weights instead of calling it would skip."""
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks for m in modules)
 
 
 def _recomputed_grads(ctx, inputs: tuple, outputs_fn, grad_out: torch.Tensor) -> tuple:
@@ -299,9 +303,9 @@ class PoolingResidualFunction(torch.autograd.Function):
             buf, ctx.consumed = p.data, True
         # d loss / d k, per sample and channel: sum over the map of g * (p - x), computed in buf
         grad_k = buf.sub_(x).mul_(grad_out).sum((2, 3))  # (B, C, H, W) -> (B, C)
-        ones = torch.ones_like(gn_w)
-        w, s = gn_w, (ones[None] if keep is None else keep[:, None])  # (C,), (B, 1)
-        scale = ones if ls is None else ls
+        w = gn_w  # (C,)
+        s = 1.0 if keep is None else keep[:, None]  # (B,) -> (B, 1)
+        scale = 1.0 if ls is None else ls  # (C,)
         grad_w = (grad_k * s * rstd[:, None] * scale).sum(0) if need_w else None
         grad_ls = (grad_k * s * rstd[:, None] * w).sum(0) if need_ls else None
         grad_keep = (grad_k * rstd[:, None] * w * scale).sum(1) if need_keep else None

@@ -39,6 +39,7 @@ from .fused import (
     conv1x1,
     fused_backward_allowed,
     fused_forward_allowed,
+    has_hooks,
 )
 from .norm import GroupNorm1, GroupNorm1NoBias
 
@@ -308,9 +309,7 @@ class SepConv(nn.Module):
         """Whether the pointwise layers are plain ``nn.Linear`` without hooks, so that reading their
         weights computes what calling them would."""
         layers = (self.pwconv1, self.pwconv2)
-        return all(type(m) is nn.Linear for m in layers) and not any(
-            m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks for m in layers
-        )
+        return all(type(m) is nn.Linear for m in layers) and not has_hooks(*layers)
 
 
 @register_token_mixer("random_mixing")

@@ -169,9 +169,7 @@ class Block(nn.Module):
         # a mixer may compute its whole residual branch in one Function (Pooling); None: it cannot here
         fused = getattr(self.token_mixer, "residual", None)
         y = fused(x, self.norm1, self.ls1, self.res_scale1, self.drop_path) if fused is not None else None
-        if y is None:
-            y = self.res_scale1(x) + self.drop_path(self.ls1(self.token_mixer(self.norm1(x), grid)))
-        x = y
+        x = y if y is not None else self.res_scale1(x) + self.drop_path(self.ls1(self.token_mixer(self.norm1(x), grid)))
         if self.channel_mixer is not None:
             x = self.res_scale2(x) + self.drop_path(self.ls2(self._mix_channels(self.norm2(x))))
         return x
