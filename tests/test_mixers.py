@@ -256,6 +256,28 @@ def test_sepconv_matches_naive():
     torch.testing.assert_close(out[0], expected, atol=1e-10, rtol=1e-10)
 
 
+def test_sepconv_calls_its_pointwise_layers_where_hooks_must_see_them():
+    """The 1x1-convolution path reads the linear weights; any hook on those layers, their own or a
+    global module hook, must see them called, with the same output."""
+    torch.manual_seed(0)
+    mixer = build("sepconv", 4, {})
+    x = torch.randn(2, 4, 5, 5, dtype=mixer.pwconv1.weight.dtype)
+    with torch.no_grad():
+        direct = mixer(x, (5, 5))
+        seen = []
+        handle = mixer.pwconv1.register_forward_hook(lambda m, i, o: seen.append("own"))
+        torch.testing.assert_close(mixer(x, (5, 5)), direct)
+        handle.remove()
+        handle = torch.nn.modules.module.register_module_forward_hook(
+            lambda m, i, o: seen.append("global") if m is mixer.pwconv2 else None
+        )
+        try:
+            torch.testing.assert_close(mixer(x, (5, 5)), direct)
+        finally:
+            handle.remove()
+    assert seen == ["own", "global"]
+
+
 def test_random_mixing_matches_naive_and_is_a_frozen_buffer():
     dim, grid = 3, (2, 3)
     mixer = build("random_mixing", dim, {}, num_tokens=6)

@@ -309,7 +309,11 @@ class SepConv(nn.Module):
         """Whether the pointwise layers are plain ``nn.Linear`` without hooks, so that reading their
         weights computes what calling them would."""
         layers = (self.pwconv1, self.pwconv2)
-        return all(type(m) is nn.Linear for m in layers) and not has_hooks(*layers)
+        return (
+            all(type(m) is nn.Linear for m in layers)
+            and not has_hooks(*layers)
+            and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+        )
 
 
 @register_token_mixer("random_mixing")
