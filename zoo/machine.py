@@ -223,9 +223,9 @@ def keep_freed_memory() -> str | None:
     Why: by default glibc serves every buffer over its mmap threshold (dynamic, at most 32 MB) with
     a fresh mmap and unmaps it on free, and trims the heap's free top beyond twice that. A train
     step allocates and frees the same activation and gradient buffers every step, so the kernel
-    zero-fills them again page by page every step: measured here, ~14k minor page faults and 88 ms
-    a step for the default model (PoolFormer-mini, batch 64, fp32) against none and 68 ms with
-    memory kept (DESIGN.md, "Measuring"). The cost is that the process's resident memory stays at
+    zero-fills them again page by page every step (tests/test_machine.py counts the page faults of
+    the default model's step with and without; the README's first paragraph times a whole run
+    both ways). The cost is that the process's resident memory stays at
     its peak instead of shrinking between steps, which a training process reaches every step
     anyway. Process-wide, so only the training loop calls it (``ZOO_ALLOCATOR=system`` skips it); the
     benchmarks that time us against timm do not, as it would speed up both sides.
