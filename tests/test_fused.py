@@ -243,6 +243,17 @@ def pool_run(block, x, *, fused: bool, monkeypatch, seed=0) -> list[torch.Tensor
     return [out.detach(), x.grad, *grads]
 
 
+def assert_pool_same(block, plain: list, fused: list, *, rtol: float, atol: float, bias_noise: float) -> None:
+    """``pool_run``'s outputs and gradients agree; the norm's bias, which cancels in pool(n) - n,
+    gets an exact 0 from the fused branch and rounding noise (relative to the input gradient) from the plain ops."""
+    names = ["out", "x", *(n for n, _ in block.named_parameters())]
+    for name, p, f in zip(names, plain, fused, strict=True):
+        if name == "norm1.bias":
+            assert torch.equal(f, torch.zeros_like(f)) and p.abs().max() < bias_noise * plain[1].abs().max()
+        else:
+            torch.testing.assert_close(f, p, rtol=rtol, atol=atol, msg=name)
+
+
 POOL_BLOCKS = {
     "poolformer": {},  # GroupNorm with bias, layer scale
     "no_layer_scale": {"layer_scale": None},
@@ -265,25 +276,14 @@ def test_fused_pooling_branch_matches_the_plain_ops(kind, memory_format, monkeyp
     if kind == "drop_path":  # some samples dropped, some kept: the draws were timm's
         kept = (fused[0] - x).flatten(1).abs().amax(1) > 0
         assert 0 < kept.sum() < 4
-    # The norm's bias cancels in pool(x) - x: its plain-ops gradient is rounding, the fused one 0.
-    names = ["out", "x", *(n for n, _ in block.named_parameters())]
-    for name, p, f in zip(names, plain, fused, strict=True):
-        if name == "norm1.bias":
-            assert torch.equal(f, torch.zeros_like(f)) and p.abs().max() < 1e-9 * plain[1].abs().max()
-        else:
-            torch.testing.assert_close(f, p, rtol=1e-10, atol=1e-12, msg=name)
+    assert_pool_same(block, plain, fused, rtol=1e-10, atol=1e-12, bias_noise=1e-9)
 
 
 def test_fused_pooling_branch_float32_agrees_to_rounding(monkeypatch):
     block = pool_block().train()
     x = torch.randn(3, DIM, 8, 8).contiguous(memory_format=torch.channels_last) * 2 + 0.5
     plain, fused = (pool_run(block, x, fused=on, monkeypatch=monkeypatch) for on in (False, True))
-    names = ["out", "x", *(n for n, _ in block.named_parameters())]
-    for name, p, f in zip(names, plain, fused, strict=True):
-        if name == "norm1.bias":  # cancels: plain rounding noise against an exact 0
-            assert torch.equal(f, torch.zeros_like(f)) and p.abs().max() < 1e-4 * plain[1].abs().max()
-        else:
-            torch.testing.assert_close(f, p, rtol=1e-5, atol=1e-6, msg=name)
+    assert_pool_same(block, plain, fused, rtol=1e-5, atol=1e-6, bias_noise=1e-4)
 
 
 def test_fused_pooling_function_passes_gradcheck():
