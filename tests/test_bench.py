@@ -171,6 +171,7 @@ def test_moe_command_writes_each_setting_as_it_is_measured(tmp_path, capsys, mon
     md, table, data = read_results(res, "moe", capsys.readouterr().out, command)
     assert [c[0] for c in table] == ["4e top-2"] * 5 + ["64e top-1"] * 5 and "Not measured" not in md
     assert md.count("| setting ") == 2 and "4e_top2: 4 experts x hidden 32" in md
+    assert "Memory: as the training loop, freed memory kept" in md and data["allocator"] == "reuse"
     for cells, r in zip(table, data["rows"]):
         dense = data["rows"][0 if r["setting"] == "4e_top2" else 5]
         assert r["ratio"] == pytest.approx(r["tokens_per_s"] / dense["tokens_per_s"])

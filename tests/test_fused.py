@@ -15,6 +15,8 @@ import zoo
 import zoo.layers.fused as fused_mod
 from zoo.layers.mixers import SpatialGating
 from zoo.layers.mlp import GluMlp, Mlp
+from zoo.layers.moe import MoE
+from zoo.layers.soft_moe import SoftMoE
 
 DIM, HIDDEN, TOKENS = 16, 24, 6
 
@@ -350,3 +352,81 @@ def test_fused_pooling_second_backward_through_a_retained_graph(monkeypatch):
         out.sum().backward()
         results.append([xg.grad, *(p.grad for p in block.parameters())])
     assert_same(*results, exact=False)
+
+
+# --- the experts of MoE and Soft MoE (GeluExpertsFunction) ---------------------------------------
+
+
+def graph_has(out: torch.Tensor, node: str) -> bool:
+    """Whether autograd's graph behind ``out`` holds a node of type ``node`` anywhere."""
+    seen, todo = set(), [out.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        if type(fn).__name__ == node:
+            return True
+        seen.add(fn)
+        todo += [next_fn for next_fn, _ in fn.next_functions]
+    return False
+
+
+def experts(kind: str, **kw) -> nn.Module:
+    torch.manual_seed(0)
+    common = dict(hidden_dim=HIDDEN, num_experts=4, **kw)
+    if kind == "soft_moe":
+        return SoftMoE(DIM, slots_per_expert=2, **common)
+    return MoE(DIM, router=kind, top_k=2, capacity_factor=1.0, **common)  # tight: some tokens dropped
+
+
+def experts_run(module, x, *, fused: bool, monkeypatch, backward=None) -> list[torch.Tensor]:
+    monkeypatch.setattr(fused_mod, "FUSED_BACKWARD", fused)
+    module.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(True)
+    torch.manual_seed(1)  # the same router noise
+    out = module(x)
+    assert graph_has(out, "GeluExpertsFunctionBackward") is fused  # the path asked for was taken
+    extra = (backward or (lambda out, x: (out * torch.linspace(-1, 1, DIM, dtype=out.dtype)).sum().backward()))(out, x)
+    return [out.detach(), x.grad, *(extra or []), *(p.grad for p in module.parameters() if p.grad is not None)]
+
+
+@pytest.mark.parametrize("kind", ["token_choice", "expert_choice", "soft_moe"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh"])
+def test_fused_experts_are_bit_identical_to_autograd(kind, bias, act, monkeypatch):
+    module = experts(kind, bias=bias, act=act).train()
+    x = torch.randn(3, TOKENS, DIM)
+    plain = experts_run(module, x, fused=False, monkeypatch=monkeypatch)
+    fused = experts_run(module, x, fused=True, monkeypatch=monkeypatch)
+    assert len(plain) == len(fused) == 2 + len(list(module.parameters()))  # output, input, every parameter
+    assert_same(plain, fused, exact=True)
+
+
+@pytest.mark.parametrize("kind", ["token_choice", "soft_moe"])
+def test_fused_experts_double_and_second_backward_match_the_plain_ops(kind, monkeypatch):
+    def penalty(out, x):  # create_graph=True: the plain ops are recomputed and differentiated
+        (grad_x,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+        grad_x.square().sum().backward()
+        return [grad_x.detach()]
+
+    def two_losses(out, x):  # the first backward wrote over the saved activation
+        out.square().sum().backward(retain_graph=True)
+        out.sum().backward()
+
+    module = experts(kind).double().train()
+    x = torch.randn(3, TOKENS, DIM, dtype=torch.float64)
+    for backward in (penalty, two_losses):
+        plain = experts_run(module, x, fused=False, monkeypatch=monkeypatch, backward=backward)
+        fused = experts_run(module, x, fused=True, monkeypatch=monkeypatch, backward=backward)
+        assert_same(plain, fused, exact=False)
+
+
+def test_fused_experts_are_taken_only_where_they_compute_the_same_thing():
+    x = torch.randn(2, TOKENS, DIM, requires_grad=True)
+    assert graph_has(experts("soft_moe").train()(x), "GeluExpertsFunctionBackward")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not graph_has(experts("soft_moe")(x), "GeluExpertsFunctionBackward")
+    assert not graph_has(experts("soft_moe", drop=0.1).train()(x), "GeluExpertsFunctionBackward")
+    assert graph_has(experts("soft_moe", drop=0.1).eval()(x), "GeluExpertsFunctionBackward")
+    assert not graph_has(experts("soft_moe", act="relu")(x), "GeluExpertsFunctionBackward")
+    assert not graph_has(experts("soft_moe").requires_grad_(False)(x.detach()), "GeluExpertsFunctionBackward")

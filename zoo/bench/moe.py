@@ -18,6 +18,13 @@ under 2% here), and the rows are:
 
 Every MoE router has its rows rescaled to one norm (see ``_balanced_router_``).
 
+Memory: by default the process keeps freed memory as the training loop does
+(:func:`zoo.machine.keep_freed_memory`), since that is where these layers train: the dense
+layer's few large buffers and the MoEs' many smaller ones (dispatch buffer, index vectors, per
+expert hidden maps) are then reused every step instead of being zero-filled again page by page
+by the kernel, a cost that falls unevenly on the two sides. ``--allocator system`` times them
+under glibc's defaults instead (``ZOO_ALLOCATOR=system`` in training).
+
 All run in training mode (router noise on) on the same input, a ``(batch, tokens, dim)`` tensor
 of unit-scale activations that requires grad (as inside a network), after warm-up; the layers
 are timed in turn inside each repeat (the order rotates every repeat) and the median of the
@@ -116,6 +123,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=9)
+    p.add_argument(
+        "--allocator",
+        choices=("reuse", "system"),
+        default="reuse",
+        help="reuse: keep freed memory, as the training loop does (default); system: glibc's defaults",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: usable CPU cores)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS, help="results folder (default: %(default)s)")
@@ -267,6 +280,7 @@ def _notes(args: argparse.Namespace, settings: dict[str, Setting], done: list[st
         "MoE routers vs a dense FFN of equal active FLOPs, forward+backward, training mode (router noise on), "
         f"CPU, torch threads {torch.get_num_threads()}; warmup {args.warmup}, median of {args.repeats} "
         "interleaved repeats (the order rotating every repeat).",
+        f"Memory: {args.allocator_line}.",
         *(_setting_line(key, settings[key], args.tokens) + "." for key in done),
     ]
     if missing := [key for key in settings if key not in done]:  # a run stopped midway says so
@@ -283,11 +297,15 @@ def _notes(args: argparse.Namespace, settings: dict[str, Setting], done: list[st
 
 
 def main(argv: list[str] | None = None) -> int:
-    from zoo.machine import describe
+    from zoo.machine import describe, keep_freed_memory
 
     argv = sys.argv[1:] if argv is None else list(argv)
     args = _parse(argv)
     threads = args.threads or len(os.sched_getaffinity(0))
+    kept = keep_freed_memory() if args.allocator == "reuse" else None
+    args.allocator_line = (
+        f"as the training loop, {kept}" if kept else "the system allocator's defaults"
+    )  # the notes name it
     torch.set_num_threads(threads)
     settings = {}
     for key in args.settings.split(","):
@@ -298,10 +316,13 @@ def main(argv: list[str] | None = None) -> int:
     command, env = command_line(PROG, argv), environment(threads)
     print(f"MoE routers vs a dense FFN of equal active FLOPs; torch {torch.__version__}, torch threads {threads}")
     print(f"machine: {describe().summary()}")
+    print(f"memory: {args.allocator_line}")
     for key, s in settings.items():
         print(_setting_line(key, s, args.tokens))
     print(f"warmup {args.warmup}, median of {args.repeats} interleaved repeats\n")
-    run = {k: getattr(args, k) for k in ("tokens", "capacity_factor", "padded", "warmup", "repeats", "seed")}
+    run = {
+        k: getattr(args, k) for k in ("tokens", "capacity_factor", "padded", "allocator", "warmup", "repeats", "seed")
+    }
     meta = {"command": command, **env, "settings": {k: dataclasses.asdict(v) for k, v in settings.items()}, **run}
     load_before = os.getloadavg()[0]
     tables, rows, notes = [], [], []

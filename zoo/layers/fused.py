@@ -145,6 +145,56 @@ def _map_mlp_backward(ctx, grad_out, x, w1, b1, w2, b2, h, a) -> tuple:
     return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
 
 
+class GeluExpertsFunction(torch.autograd.Function):
+    """``E`` GELU feed-forward experts on their buffers (``zoo.layers.moe.expert_mlp``), bit-identical
+    values and gradients: ``buf_t (E, C, S) -> out_t (E, C, S)``, computed transposed as there
+    (``h = W1 @ buf_t + b1``, ``out = W2 @ gelu(h) + b2``, one ``baddbmm`` each).
+
+    The reason is ``GeluMlpFunction``'s: autograd's backward allocates two ``(E, H, S)`` buffers,
+    the activation's gradient (``W2^T @ grad``) and ``gelu_backward``'s, both the shape of the saved
+    activation, which is dead once fc2's weight gradient is taken; both are written over it. At
+    Switch's 64 experts top-1 they are as large as a dense MLP's hidden map, and the dense
+    reference in ``python -m zoo.bench moe`` already saves them through ``GeluMlpFunction``.
+    """
+
+    @staticmethod
+    def plain(buf_t, w1, b1, w2, b2, approximate="none"):
+        h = torch.bmm(w1, buf_t) if b1 is None else torch.baddbmm(b1.unsqueeze(-1), w1, buf_t)
+        a = F.gelu(h, approximate=approximate)
+        return torch.bmm(w2, a) if b2 is None else torch.baddbmm(b2.unsqueeze(-1), w2, a)
+
+    @staticmethod
+    def forward(ctx, buf_t, w1, b1, w2, b2, approximate: str):
+        # (E, H, C) @ (E, C, S) -> (E, H, S), plus the bias as an (E, H, 1) column
+        h = torch.bmm(w1, buf_t) if b1 is None else torch.baddbmm(b1.unsqueeze(-1), w1, buf_t)
+        a = F.gelu(h, approximate=approximate)
+        ctx.approximate, ctx.consumed = approximate, False
+        ctx.save_for_backward(buf_t, w1, b1, w2, b2, h, a)
+        # (E, C, H) @ (E, H, S) -> (E, C, S)
+        return torch.bmm(w2, a) if b2 is None else torch.baddbmm(b2.unsqueeze(-1), w2, a)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        buf_t, w1, b1, w2, b2, h, a = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True
+            plain = functools.partial(GeluExpertsFunction.plain, approximate=ctx.approximate)
+            return _recomputed_grads(ctx, (buf_t, w1, b1, w2, b2), plain, grad_out)
+        need_buf, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
+        if ctx.consumed:  # a second backward through a retained graph: a was overwritten by the first
+            a = F.gelu(h, approximate=ctx.approximate)
+        else:  # .data: writing over a must not bump the version autograd checks when unpacking it again
+            a, ctx.consumed = a.data, True
+        # the ops and operand orders of baddbmm's own backward, so the gradients are its bits
+        grad_w2 = grad_out.bmm(a.transpose(1, 2)) if need_w2 else None  # (E, C, S) @ (E, S, H) -> (E, C, H)
+        grad_b2 = grad_out.sum(2) if need_b2 else None  # (E, C, S) -> (E, C)
+        grad = torch.bmm(w2.transpose(1, 2), grad_out, out=a)  # d loss / d a (E, H, S), over a
+        torch.ops.aten.gelu_backward.grad_input(grad, h, approximate=ctx.approximate, grad_input=grad)  # d / d h
+        grad_w1 = grad.bmm(buf_t.transpose(1, 2)) if need_w1 else None  # (E, H, S) @ (E, S, C) -> (E, H, C)
+        grad_b1 = grad.sum(2) if need_b1 else None  # (E, H, S) -> (E, H)
+        grad_buf = w1.transpose(1, 2).bmm(grad) if need_buf else None  # (E, C, H) @ (E, H, S) -> (E, C, S)
+        return grad_buf, grad_w1, grad_b1, grad_w2, grad_b2, None
+
+
 def _conv1x1_backward(grad_out, x, weight, bias, mask) -> tuple:
     """The gradients of ``conv1x1(x, weight, bias)`` that ``mask`` asks for (the op autograd's own
     convolution backward calls); the weight's back in the linear layout."""

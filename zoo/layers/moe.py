@@ -51,6 +51,7 @@ from torch import nn
 
 from ..names import suggest
 from .activations import get_act
+from .fused import GeluExpertsFunction, fused_forward_allowed
 from .init import trunc_normal_init_
 
 __all__ = ["ROUTERS", "MoE", "collect_aux_loss", "expert_mlp", "moe_modules", "reset_aux_loss"]
@@ -88,6 +89,16 @@ def expert_mlp(
     64 experts on the CPU). The result is a transposed view ``(E, S, C)`` of an ``(E, C, S)``
     tensor; callers reshape it (one copy of the small buffer, not of the weights)."""
     buf_t = buf.transpose(1, 2)  # (E, S, C) -> (E, C, S), a view bmm reads as is
+    weights = (fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    if (
+        type(act) is nn.GELU
+        and (drop1.p == 0 or not drop1.training)
+        and torch.is_grad_enabled()
+        and fused_forward_allowed(buf, act, drop1)
+        and (buf.requires_grad or any(w is not None and w.requires_grad for w in weights))
+    ):  # the same ops, with a backward that writes its gradients over the dead activation
+        out_t = GeluExpertsFunction.apply(buf_t, *weights, act.approximate)  # (E, C, S)
+        return drop2(out_t).transpose(1, 2)  # (E, C, S) -> (E, S, C), a view
     if fc1_bias is not None:
         h_t = torch.baddbmm(fc1_bias.unsqueeze(-1), fc1_weight, buf_t)  # (E, H, C) @ (E, C, S) -> (E, H, S)
     else:

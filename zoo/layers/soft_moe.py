@@ -123,10 +123,14 @@ class SoftMoE(nn.Module):
         """Token-slot logits ``(B, N, dim) -> (B, N, S)``, fp32 even under autocast."""
         with autocast_off(tokens.device.type):
             x, phi = tokens.float(), self.slot_embed.float()
-            if self.normalize:
-                x = F.normalize(x, dim=-1, eps=1e-6)
-                phi = F.normalize(phi, dim=-1, eps=1e-6) * self.scale.float()
-            return torch.matmul(x, phi.t())  # (B, N, C) @ (C, S) -> (B, N, S)
+            if not self.normalize:
+                return torch.matmul(x, phi.t())  # (B, N, C) @ (C, S) -> (B, N, S)
+            phi = F.normalize(phi, dim=-1, eps=1e-6) * self.scale.float()
+            # normalize(x) @ phi^T divides each token's row of logits by max(|x|, eps): done on the
+            # (B, N, S) logits rather than on the (B, N, C) tokens, it spares a full pass over the
+            # tokens, forward and backward (the same function; vmoe normalises the tokens first)
+            norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-6)  # (B, N, 1)
+            return torch.matmul(x, phi.t()) / norm  # (B, N, C) @ (C, S) -> (B, N, S)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
