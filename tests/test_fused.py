@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.autograd.forward_ad as forward_ad
 from torch import nn
 
 import zoo
 import zoo.layers.fused as fused_mod
+import zoo.layers.moe as moe_mod
 from zoo.layers.mixers import SpatialGating
 from zoo.layers.mlp import GluMlp, Mlp
 from zoo.layers.moe import MoE
@@ -380,14 +382,27 @@ def experts(kind: str, **kw) -> nn.Module:
 
 
 def experts_run(module, x, *, fused: bool, monkeypatch, backward=None) -> list[torch.Tensor]:
+    """Output, input gradient (if x requires grad), what ``backward`` returns, and the gradient of
+    every parameter that requires one."""
     monkeypatch.setattr(fused_mod, "FUSED_BACKWARD", fused)
     module.zero_grad(set_to_none=True)
-    x = x.detach().clone().requires_grad_(True)
+    x = x.detach().clone().requires_grad_(x.requires_grad)
     torch.manual_seed(1)  # the same router noise
     out = module(x)
     assert graph_has(out, "GeluExpertsFunctionBackward") is fused  # the path asked for was taken
     extra = (backward or (lambda out, x: (out * torch.linspace(-1, 1, DIM, dtype=out.dtype)).sum().backward()))(out, x)
-    return [out.detach(), x.grad, *(extra or []), *(p.grad for p in module.parameters() if p.grad is not None)]
+    grads = [p.grad for p in module.parameters() if p.requires_grad]
+    assert all(g is not None for g in grads)
+    return [out.detach(), *([x.grad] if x.requires_grad else []), *(extra or []), *grads]
+
+
+FROZEN = {  # which of the Function's inputs need no gradient (its needs_input_grad)
+    "nothing": (),
+    "fc1": ("fc1_weight", "fc1_bias"),
+    "fc2": ("fc2_weight", "fc2_bias"),
+    "experts": ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"),
+    "input": (),
+}
 
 
 @pytest.mark.parametrize("kind", ["token_choice", "expert_choice", "soft_moe"])
@@ -395,10 +410,23 @@ def experts_run(module, x, *, fused: bool, monkeypatch, backward=None) -> list[t
 @pytest.mark.parametrize("act", ["gelu", "gelu_tanh"])
 def test_fused_experts_are_bit_identical_to_autograd(kind, bias, act, monkeypatch):
     module = experts(kind, bias=bias, act=act).train()
-    x = torch.randn(3, TOKENS, DIM)
+    x = torch.randn(3, TOKENS, DIM, requires_grad=True)
     plain = experts_run(module, x, fused=False, monkeypatch=monkeypatch)
     fused = experts_run(module, x, fused=True, monkeypatch=monkeypatch)
     assert len(plain) == len(fused) == 2 + len(list(module.parameters()))  # output, input, every parameter
+    assert_same(plain, fused, exact=True)
+
+
+@pytest.mark.parametrize("kind", ["token_choice", "soft_moe"])
+@pytest.mark.parametrize("frozen", list(FROZEN))
+def test_fused_experts_give_the_gradients_asked_for(kind, frozen, monkeypatch):
+    module = experts(kind).train()
+    for name in FROZEN[frozen]:
+        getattr(module, name).requires_grad_(False)
+    x = torch.randn(3, TOKENS, DIM, requires_grad=frozen != "input")
+    plain = experts_run(module, x, fused=False, monkeypatch=monkeypatch)
+    fused = experts_run(module, x, fused=True, monkeypatch=monkeypatch)
+    assert len(fused) == 1 + x.requires_grad + sum(p.requires_grad for p in module.parameters())
     assert_same(plain, fused, exact=True)
 
 
@@ -414,19 +442,46 @@ def test_fused_experts_double_and_second_backward_match_the_plain_ops(kind, monk
         out.sum().backward()
 
     module = experts(kind).double().train()
-    x = torch.randn(3, TOKENS, DIM, dtype=torch.float64)
+    x = torch.randn(3, TOKENS, DIM, dtype=torch.float64, requires_grad=True)
     for backward in (penalty, two_losses):
         plain = experts_run(module, x, fused=False, monkeypatch=monkeypatch, backward=backward)
         fused = experts_run(module, x, fused=True, monkeypatch=monkeypatch, backward=backward)
         assert_same(plain, fused, exact=False)
 
 
-def test_fused_experts_are_taken_only_where_they_compute_the_same_thing():
+@pytest.mark.parametrize("kind", ["token_choice", "soft_moe"])
+def test_fused_experts_are_taken_only_where_they_compute_the_same_thing(kind, monkeypatch):
+    calls, real = [], moe_mod.GeluExpertsFunction
+
+    class Counted:  # the Function as expert_mlp sees it, counting its calls
+        @staticmethod
+        def apply(*args):
+            calls.append(1)
+            return real.apply(*args)
+
+    monkeypatch.setattr(moe_mod, "GeluExpertsFunction", Counted)
     x = torch.randn(2, TOKENS, DIM, requires_grad=True)
-    assert graph_has(experts("soft_moe").train()(x), "GeluExpertsFunctionBackward")
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not graph_has(experts("soft_moe")(x), "GeluExpertsFunctionBackward")
-    assert not graph_has(experts("soft_moe", drop=0.1).train()(x), "GeluExpertsFunctionBackward")
-    assert graph_has(experts("soft_moe", drop=0.1).eval()(x), "GeluExpertsFunctionBackward")
-    assert not graph_has(experts("soft_moe", act="relu")(x), "GeluExpertsFunctionBackward")
-    assert not graph_has(experts("soft_moe").requires_grad_(False)(x.detach()), "GeluExpertsFunctionBackward")
+
+    def taken(module, inp=x) -> bool:
+        calls.clear()
+        module(inp)
+        return bool(calls)
+
+    assert taken(experts(kind).train())
+    assert taken(experts(kind).requires_grad_(False), x)  # the input's gradient alone
+    assert not taken(experts(kind).requires_grad_(False), x.detach())  # nothing to differentiate
+    with torch.no_grad():
+        assert not taken(experts(kind))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # routed experts get an fp32 buffer: the check that matters
+        assert not taken(experts(kind))
+    assert not taken(experts(kind, drop=0.1).train())  # dropout between the layers
+    assert taken(experts(kind, drop=0.1).eval())  # ... inactive in eval
+    assert not taken(experts(kind, act="relu"))
+    with forward_ad.dual_level():  # forward-mode AD: the Function has no jvp, the plain ops do
+        assert not taken(experts(kind), forward_ad.make_dual(x.detach(), torch.randn_like(x)))
+    handle = nn.modules.module.register_module_full_backward_hook(lambda module, grad_in, grad_out: None)
+    try:  # a process-wide backward hook must see the experts' GELU as a module
+        assert not taken(experts(kind))
+    finally:
+        handle.remove()
+    assert taken(experts(kind))

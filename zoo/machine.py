@@ -227,8 +227,9 @@ def keep_freed_memory() -> str | None:
     the default model's step with and without; the README's first paragraph times a whole run
     both ways). The cost is that the process's resident memory stays at
     its peak instead of shrinking between steps, which a training process reaches every step
-    anyway. Process-wide, so only the training loop calls it (``ZOO_ALLOCATOR=system`` skips it); the
-    benchmarks that time us against timm do not, as it would speed up both sides.
+    anyway. Process-wide, so only the training loop calls it (``ZOO_ALLOCATOR=system`` skips it), and
+    the MoE benchmark, which times layers the loop trains; the benchmarks that time us against timm
+    do not, as it would speed up both sides.
     """
     if not sys.platform.startswith("linux"):
         return None

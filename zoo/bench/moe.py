@@ -302,10 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = _parse(argv)
     threads = args.threads or len(os.sched_getaffinity(0))
-    kept = keep_freed_memory() if args.allocator == "reuse" else None
-    args.allocator_line = (
-        f"as the training loop, {kept}" if kept else "the system allocator's defaults"
-    )  # the notes name it
+    kept = keep_freed_memory() if args.allocator == "reuse" else None  # None also where it cannot (not glibc)
+    args.allocator_line = f"as the training loop, {kept}" if kept else "the system allocator's defaults"
     torch.set_num_threads(threads)
     settings = {}
     for key in args.settings.split(","):
@@ -320,9 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     for key, s in settings.items():
         print(_setting_line(key, s, args.tokens))
     print(f"warmup {args.warmup}, median of {args.repeats} interleaved repeats\n")
-    run = {
-        k: getattr(args, k) for k in ("tokens", "capacity_factor", "padded", "allocator", "warmup", "repeats", "seed")
-    }
+    run = {k: getattr(args, k) for k in ("tokens", "capacity_factor", "padded", "warmup", "repeats", "seed")}
+    run["allocator"] = "reuse" if kept else "system"  # what took effect, not what was asked
     meta = {"command": command, **env, "settings": {k: dataclasses.asdict(v) for k, v in settings.items()}, **run}
     load_before = os.getloadavg()[0]
     tables, rows, notes = [], [], []

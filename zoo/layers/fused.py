@@ -54,9 +54,23 @@ def fused_forward_allowed(x: torch.Tensor, *parts: nn.Module) -> bool:
         and x.device.type != "meta"
         and not (torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type))
         and not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling())
+        # forward-mode AD (forward_ad's dual tensors, jacfwd through autograd) needs a jvp rule
+        and torch.autograd.forward_ad._current_level < 0
         and not has_hooks(*parts)
-        and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+        and not has_global_hooks()
     )
+
+
+def has_global_hooks() -> bool:
+    """Whether a process-wide module hook is registered (``nn.modules.module.register_module_*_hook``),
+    which a part whose weights are read instead of calling it would skip."""
+    hooks = (
+        "_global_forward_hooks",
+        "_global_forward_pre_hooks",
+        "_global_backward_hooks",
+        "_global_backward_pre_hooks",
+    )
+    return any(getattr(nn.modules.module, name) for name in hooks)
 
 
 def has_hooks(*modules: nn.Module) -> bool:

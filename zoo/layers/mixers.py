@@ -39,6 +39,7 @@ from .fused import (
     conv1x1,
     fused_backward_allowed,
     fused_forward_allowed,
+    has_global_hooks,
     has_hooks,
 )
 from .norm import GroupNorm1, GroupNorm1NoBias
@@ -309,11 +310,7 @@ class SepConv(nn.Module):
         """Whether the pointwise layers are plain ``nn.Linear`` without hooks, so that reading their
         weights computes what calling them would."""
         layers = (self.pwconv1, self.pwconv2)
-        return (
-            all(type(m) is nn.Linear for m in layers)
-            and not has_hooks(*layers)
-            and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
-        )
+        return all(type(m) is nn.Linear for m in layers) and not has_hooks(*layers) and not has_global_hooks()
 
 
 @register_token_mixer("random_mixing")
