@@ -29,12 +29,17 @@ from torch import nn
 FUSED_BACKWARD = True
 
 
-def fused_backward_allowed(x: torch.Tensor, *parts: nn.Module) -> bool:
-    """Whether a forward over ``x`` may replace the plain ops of ``parts`` with a fused Function."""
+def fused_backward_allowed(x: torch.Tensor, *parts: nn.Module, weights: tuple[torch.Tensor | None, ...] = ()) -> bool:
+    """Whether a forward over ``x`` may replace the plain ops of ``parts`` with a fused Function;
+    ``weights`` are parameters it reads that belong to none of ``parts`` (None for an absent bias)."""
     return (
         torch.is_grad_enabled()
         and fused_forward_allowed(x, *parts)  # first: it stops before an FX proxy is asked anything
-        and (x.requires_grad or any(p.requires_grad for m in parts for p in m.parameters()))
+        and (
+            x.requires_grad
+            or any(p.requires_grad for m in parts for p in m.parameters())
+            or any(w is not None and w.requires_grad for w in weights)
+        )
     )
 
 
@@ -159,6 +164,12 @@ def _map_mlp_backward(ctx, grad_out, x, w1, b1, w2, b2, h, a) -> tuple:
     return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
 
 
+def batched_linear(x_t: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``E`` linear layers at once, transposed: ``weight (E, out, in) @ x_t (E, in, S) + bias (E, out)``
+    as a column, ``-> (E, out, S)`` (``zoo.layers.moe.expert_mlp``)."""
+    return torch.bmm(weight, x_t) if bias is None else torch.baddbmm(bias.unsqueeze(-1), weight, x_t)
+
+
 class GeluExpertsFunction(torch.autograd.Function):
     """``E`` GELU feed-forward experts on their buffers (``zoo.layers.moe.expert_mlp``), bit-identical
     values and gradients: ``buf_t (E, C, S) -> out_t (E, C, S)``, computed transposed as there
@@ -173,19 +184,15 @@ class GeluExpertsFunction(torch.autograd.Function):
 
     @staticmethod
     def plain(buf_t, w1, b1, w2, b2, approximate="none"):
-        h = torch.bmm(w1, buf_t) if b1 is None else torch.baddbmm(b1.unsqueeze(-1), w1, buf_t)
-        a = F.gelu(h, approximate=approximate)
-        return torch.bmm(w2, a) if b2 is None else torch.baddbmm(b2.unsqueeze(-1), w2, a)
+        return batched_linear(F.gelu(batched_linear(buf_t, w1, b1), approximate=approximate), w2, b2)
 
     @staticmethod
     def forward(ctx, buf_t, w1, b1, w2, b2, approximate: str):
-        # (E, H, C) @ (E, C, S) -> (E, H, S), plus the bias as an (E, H, 1) column
-        h = torch.bmm(w1, buf_t) if b1 is None else torch.baddbmm(b1.unsqueeze(-1), w1, buf_t)
+        h = batched_linear(buf_t, w1, b1)  # (E, H, C) @ (E, C, S) -> (E, H, S)
         a = F.gelu(h, approximate=approximate)
         ctx.approximate, ctx.consumed = approximate, False
         ctx.save_for_backward(buf_t, w1, b1, w2, b2, h, a)
-        # (E, C, H) @ (E, H, S) -> (E, C, S)
-        return torch.bmm(w2, a) if b2 is None else torch.baddbmm(b2.unsqueeze(-1), w2, a)
+        return batched_linear(a, w2, b2)  # (E, C, H) @ (E, H, S) -> (E, C, S)
 
     @staticmethod
     def backward(ctx, grad_out):

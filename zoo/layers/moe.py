@@ -51,7 +51,7 @@ from torch import nn
 
 from ..names import suggest
 from .activations import get_act
-from .fused import GeluExpertsFunction, fused_forward_allowed
+from .fused import GeluExpertsFunction, batched_linear, fused_backward_allowed
 from .init import trunc_normal_init_
 
 __all__ = ["ROUTERS", "MoE", "collect_aux_loss", "expert_mlp", "moe_modules", "reset_aux_loss"]
@@ -93,21 +93,12 @@ def expert_mlp(
     if (
         type(act) is nn.GELU
         and (drop1.p == 0 or not drop1.training)
-        and torch.is_grad_enabled()
-        and fused_forward_allowed(buf, act, drop1)
-        and (buf.requires_grad or any(w is not None and w.requires_grad for w in weights))
+        and fused_backward_allowed(buf, act, drop1, weights=weights)
     ):  # the same ops, with a backward that writes its gradients over the dead activation
         out_t = GeluExpertsFunction.apply(buf_t, *weights, act.approximate)  # (E, C, S)
-        return drop2(out_t).transpose(1, 2)  # (E, C, S) -> (E, S, C), a view
-    if fc1_bias is not None:
-        h_t = torch.baddbmm(fc1_bias.unsqueeze(-1), fc1_weight, buf_t)  # (E, H, C) @ (E, C, S) -> (E, H, S)
     else:
-        h_t = torch.bmm(fc1_weight, buf_t)
-    h_t = drop1(act(h_t))
-    if fc2_bias is not None:
-        out_t = torch.baddbmm(fc2_bias.unsqueeze(-1), fc2_weight, h_t)  # (E, C, H) @ (E, H, S) -> (E, C, S)
-    else:
-        out_t = torch.bmm(fc2_weight, h_t)
+        h_t = drop1(act(batched_linear(buf_t, fc1_weight, fc1_bias)))  # (E, H, C) @ (E, C, S) -> (E, H, S)
+        out_t = batched_linear(h_t, fc2_weight, fc2_bias)  # (E, C, H) @ (E, H, S) -> (E, C, S)
     return drop2(out_t).transpose(1, 2)  # (E, C, S) -> (E, S, C), a view
 
 
