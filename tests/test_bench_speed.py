@@ -19,6 +19,7 @@ from torch import nn
 
 import zoo
 from zoo.bench import speed, twins
+from zoo.bench.machines import machine_slug
 
 CPU = torch.device("cpu")
 
@@ -79,6 +80,11 @@ SECONDS = {
     ("zoo", "nchw", "eval"): 0.08,
     ("zoo", "channels_last", "eval"): 0.5,
 }
+
+
+def _cells(line: str) -> list[str]:
+    """A Markdown table row's cells, stripped of their padding."""
+    return [c.strip() for c in line.strip().strip("|").split("|")]
 
 
 def _measure(**kw):
@@ -227,7 +233,9 @@ def test_main_prints_the_machine_and_writes_the_results_files(monkeypatch, tmp_p
     assert out[0].startswith(f"machine: {speed.describe().summary()}; torch {torch.__version__}, timm ")
     assert sum("| vs twin NCHW | vs twin CL |" in line for line in out) == 2  # both tables print both ratios
     assert any(line.startswith("compiled: both sides torch.compile(mode='default')") for line in out)
-    for stem, compiled in (("toy", ""), ("toy_compiled", "default")):
+    kind = machine_slug(speed.describe().record())  # the files name the machine kind that measured them
+    for name, compiled in (("toy", ""), ("toy_compiled", "default")):
+        stem = f"{name}_{kind}"
         md = (tmp_path / f"{stem}.md").read_text()
         assert md.startswith("CPU ") and "| zoo_poolformer_s12 |" in md and "**1.25x ± 0.00**" in md
         assert f"`python -m zoo.bench speed {' '.join(argv)}`" in md
@@ -241,8 +249,113 @@ def test_main_prints_the_machine_and_writes_the_results_files(monkeypatch, tmp_p
             assert meta[field] is not None, field
         assert meta["threads"] == 1 and meta["versions"]["torch"] == torch.__version__ and "timm" in meta["versions"]
         assert meta["machine"]["cpu_flags"] is not None and meta["machine_summary"] == speed.describe().summary()
-        assert meta["settings"]["layouts"] == ["nchw", "channels_last"]
+        assert meta["settings"]["layouts"] == ["nchw", "channels_last"] and meta["settings"]["optim"] == "sgd"
         assert meta["rows"][0]["train_ratio"] == pytest.approx(1.25)
+        spread = (tmp_path / f"{name}_machines.md").read_text().splitlines()
+        header, row = _cells(spread[2]), _cells(spread[4])
+        assert header == ["machine", "date", "threads", "setting", "zoo_poolformer_s12"]
+        assert row[0].startswith(speed.describe().cpu_model) and row[1] == meta["date"][:10] and row[2] == "1"
+        assert row[3:] == ["fp32, batch 2, sgd", "1.25x ± 0.00"] and len(spread) == 7  # this machine's row only
+    assert "SGD" in md
+
+
+def test_the_train_step_updates_with_the_optimizer_asked(monkeypatch):
+    """--optim adamw: the zoo's training AdamW (its factory: DeiT's decay / no-decay groups), on both sides."""
+    built = []
+    real = speed._optimizer
+    monkeypatch.setattr(speed, "_optimizer", lambda model, optim: built.append(real(model, optim)) or built[-1])
+    for optim in ("sgd", "adamw"):
+        model = Net()
+        train_step, _ = speed._steps(model, torch.randn(2, 3, 8, 8), "fp32", optim=optim)
+        before = [p.detach().clone() for p in model.parameters()]
+        train_step()
+        assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters())), optim  # a step was taken
+    sgd, adamw = built
+    assert type(sgd) is torch.optim.SGD and len(sgd.param_groups) == 1
+    assert type(adamw) is torch.optim.AdamW and adamw.state  # stepped: its moments exist
+    decay = sorted(g["weight_decay"] for g in adamw.param_groups)
+    assert decay == [0.0, 0.05]  # biases without decay, weights with DeiT's 0.05
+    no_decay = next(g for g in adamw.param_groups if g["weight_decay"] == 0.0)
+    assert all(p.ndim == 1 for p in no_decay["params"])
+
+
+def test_main_names_an_adamw_table_by_its_optimizer(monkeypatch, tmp_path):
+    _stand_ins(monkeypatch)
+    _fake_clock(monkeypatch, SECONDS)
+    argv = ["--models", "zoo_poolformer_s12", "--batch", "2", "--img-size", "8", "--repeats", "1", "--warmup", "0"]
+    assert speed.main([*argv, "--optim", "adamw", "--out", str(tmp_path)]) == 0
+    kind = machine_slug(speed.describe().record())
+    meta = json.loads((tmp_path / f"speed_cpu_fp32_adamw_{kind}.json").read_text())
+    assert meta["settings"]["optim"] == "adamw"
+    assert "train step with the zoo's AdamW" in (tmp_path / f"speed_cpu_fp32_adamw_{kind}.md").read_text()
+    spread = (tmp_path / "speed_cpu_fp32_adamw_machines.md").read_text().splitlines()
+    assert _cells(spread[4])[3] == "fp32, batch 2, adamw"
+
+
+@pytest.mark.parametrize(
+    ("cpu_model", "capability", "flags", "kind"),
+    [
+        ("AMD EPYC", "AVX512", ["avx512_bf16"], "amd-epyc-avx512-bf16"),
+        ("AMD EPYC 9654 96-Core Processor", "AVX512", ["avx512_bf16"], "amd-epyc-avx512-bf16"),
+        ("Intel(R) Xeon(R) Processor", "AVX512", ["avx512_bf16", "amx_bf16"], "intel-xeon-avx512-amx"),
+        ("Intel(R) Xeon(R) Platinum 8480+", "AVX512", ["avx512_bf16", "amx_bf16"], "intel-xeon-avx512-amx"),
+        ("Intel(R) Core(TM) i7-1165G7 CPU @ 2.80GHz", "AVX2", [], "intel-core-avx2"),
+        ("Intel(R) Xeon(R) Gold 6148 CPU @ 2.40GHz", "AVX512", None, "intel-xeon-avx512"),
+    ],
+)
+def test_machine_kind_is_the_cpu_line_and_its_units(cpu_model, capability, flags, kind):
+    record = {"cpu_model": cpu_model, "cpu_capability": capability, "cpu_flags": flags, "gpu": "NVIDIA H200"}
+    assert machine_slug(record) == kind
+    assert machine_slug(record, "cuda:0") == "nvidia-h200"  # a GPU run: the GPU is the kind
+
+
+def _result(tmp_path, name, cpu_model, flags, date, ratios, **settings):
+    """A results JSON as the bench writes it (the fields the spread reads), named for its machine."""
+    result = {
+        "date": date,
+        "commit": "abc1234",
+        "threads": 2,
+        "cpu_model": cpu_model,
+        "cpu_capability": "AVX512",
+        "cpu_flags": flags,
+        "settings": {"dtype": "fp32", "batch": 32, "device": "cpu", **settings},
+        "rows": [{"model": m, "twin": m, "train_ratio": r, "train_ratio_ci": 0.1} for m, r in ratios.items()],
+    }
+    (tmp_path / f"{name}_{machine_slug(result)}.json").write_text(json.dumps(result))
+
+
+def test_spread_has_one_row_per_machine_kind_newest_first(tmp_path, capsys):
+    _result(tmp_path, "toy", "AMD EPYC", ["avx512_bf16"], "2026-12-02T03:57:11+00:00", {"a": 1.08, "b": 0.9})
+    xeon = ["avx512_bf16", "amx_bf16"]
+    _result(
+        tmp_path, "toy", "Intel(R) Xeon(R) Processor", xeon, "2026-12-04T10:00:00+00:00", {"a": 0.97}, optim="adamw"
+    )
+    _result(tmp_path, "toy_subset", "AMD EPYC", ["avx512_bf16"], "2026-12-05T00:00:00+00:00", {"a": 5.0})  # not toy's
+    assert speed.main(["--spread-only", "--out", str(tmp_path), "--name", "toy"]) == 0
+    lines = (tmp_path / "toy_machines.md").read_text().splitlines()
+    assert _cells(lines[2]) == ["machine", "date", "threads", "setting", "a", "b"]
+    rows = [_cells(line) for line in lines[4:6]]
+    assert rows[0][:3] == ["Intel(R) Xeon(R) Processor (AVX512, avx512_bf16, amx_bf16)", "2026-12-04", "2"]
+    assert rows[0][3:] == ["fp32, batch 32, adamw", "0.97x ± 0.10", "-"]  # model b not measured there
+    assert rows[1][:2] == ["AMD EPYC (AVX512, avx512_bf16)", "2026-12-02"]
+    assert rows[1][3:] == ["fp32, batch 32, sgd", "1.08x ± 0.10", "0.90x ± 0.10"]  # a file without optim: SGD
+    assert lines[6] == "" and "toy_intel-xeon-avx512-amx.md" in lines[7] and "toy_amd-epyc-avx512-bf16.md" in lines[7]
+    assert not (tmp_path / "toy_compiled_machines.md").exists()  # no compiled results: no spread
+
+
+def test_the_committed_speed_results_read_into_a_spread(tmp_path):
+    """The results files of the repository (renamed for their machine) are found and read."""
+    committed = sorted(speed.RESULTS.glob("speed_cpu_fp32_amd-epyc-avx512-bf16.json"))
+    assert committed, "zoo/bench/results/speed_cpu_fp32_<machine>.json is missing"
+    for path in committed:
+        (tmp_path / path.name).write_text(path.read_text())
+    assert speed.main(["--spread-only", "--out", str(tmp_path)]) == 0
+    rows = json.loads(committed[0].read_text())["rows"]
+    lines = (tmp_path / "speed_cpu_fp32_machines.md").read_text().splitlines()
+    header, cells = _cells(lines[2]), _cells(lines[4])
+    for r in rows:
+        if r.get("twin"):
+            assert cells[header.index(r["model"])] == f"{r['train_ratio']:.2f}x ± {r['train_ratio_ci']:.2f}"
 
 
 def test_main_rejects_an_unknown_layout(capsys):

@@ -260,6 +260,28 @@ def test_timm_weights_give_timms_logits(family, size, tmp_path):
     assert count_params(ours) == count_params(ref)
 
 
+@pytest.mark.parametrize("name", ["caformer_s18", "convformer_s18"])
+def test_features_are_timms_maps(name, tmp_path):
+    """forward_features and forward_intermediates give what timm's MetaFormer gives: maps (B, C, H, W),
+    CAFormer's attention stages (tokens here) included, equal to timm's on timm's weights."""
+    ref = randomized(timm.create_model(name))
+    torch.save(ref.state_dict(), tmp_path / "timm.pth")
+    ours = zoo.create_model(f"zoo_{name}", pretrained=str(tmp_path / "timm.pth"), **TIMM_HEAD).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        features = ours.forward_features(x)
+        assert features.shape == (2, 512, 2, 2)
+        torch.testing.assert_close(features, ref.forward_features(x), rtol=0, atol=1e-5)
+        (final, maps), (ref_final, ref_maps) = ours.forward_intermediates(x), ref.forward_intermediates(x)
+        torch.testing.assert_close(final, ref_final, rtol=0, atol=1e-5)
+        for a, b in zip(maps, ref_maps, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+        torch.testing.assert_close(ours.forward_head(features), ref.forward_head(ref_final), rtol=0, atol=1e-4)
+        ours.reset_classifier(0, "")  # timm's unpooled, headless output: the map again
+        ref.reset_classifier(0, "")
+        assert ours(x).shape == ref(x).shape == (2, 512, 2, 2)
+
+
 def test_timm_mlp_head_without_timm_head_warns_and_differs(tmp_path):
     """timm's MLP head normalises with eps 1e-6, the official one with 1e-5: loading timm's weights
     into the official head says so, and the logits do differ by more than the tolerance."""

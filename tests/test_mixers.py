@@ -306,4 +306,6 @@ def test_every_registered_mixer_is_covered_here():
         "sepconv",
         "random_mixing",
         "identity",
+        "conformer_conv",  # tests/test_parts_conformer.py
+        "attention_conformer_conv",
     }

@@ -19,13 +19,15 @@ from zoo.layers.mlp import (
 from zoo.names import UnknownComponentError
 
 DIM, HIDDEN = 16, 24
+# Options a mixer needs at this toy width (sparse_ffn's default block of 32 units exceeds HIDDEN).
+TOY_OPTIONS = {"sparse_ffn": {"block_size": 8, "controller_rank": 4}}
 
 
 @pytest.mark.parametrize("name", sorted([*CHANNEL_MIXERS, *CHANNEL_MIXER_ALIASES]))
 @pytest.mark.parametrize("shape", [(2, 5, DIM), (2, 3, 4, DIM)], ids=["tokens", "map_bhwc"])
 def test_every_registered_mixer_builds_keeps_shape_and_trains(name: str, shape: tuple[int, ...]) -> None:
     torch.manual_seed(0)
-    mixer = create_channel_mixer(name, DIM, hidden_dim=HIDDEN)
+    mixer = create_channel_mixer(name, DIM, hidden_dim=HIDDEN, options=TOY_OPTIONS.get(name))
     x = torch.randn(shape, requires_grad=True)
     y = mixer(x)
     assert y.shape == x.shape

@@ -1,5 +1,7 @@
 """Every optimizer of ``optim.name``: it trains, it resumes bit for bit on the CPU (preconditioners
-included), muon splits the params as its authors prescribe, and a wrong name is a one-line error.
+included), muon splits the params as its authors prescribe, a wrong name is a one-line error, the
+cited defaults (``@default`` arms) are the libraries' own, and ``describe_optimizer`` says what the
+factory builds (tests/test_train_shampoo.py: the scalable Shampoo itself).
 
 CI-sized: a ~11 k-parameter two-stage PoolFormer (``model.spec`` below), a few steps of batch 16.
 """
@@ -19,9 +21,12 @@ from zoo.models import Block
 from zoo.train import ConfigError, load_config, run
 from zoo.train.config import OptimConfig
 from zoo.train.optim import (
+    OPTIMIZER_DEFAULTS,
     OPTIMIZERS,
     CombinedOptimizer,
     create_optimizer,
+    default_overrides,
+    describe_optimizer,
     muon_param_sets,
 )
 
@@ -38,9 +43,11 @@ def _stage(dim: int) -> str:
 
 TINY_MODEL = f"model.spec={{stages: [{_stage(16)}, {_stage(32)}]}}"
 # Preconditioners refreshed every 2nd step, so that the refresh after the resume reads restored state.
+# shampoo: preconditioned from step 2, so that steps after the resume use restored inverse roots.
 EXTRA = {
     "soap": ["optim.precondition_frequency=2"],
-    "shampoo": ["optim.precondition_frequency=2"],
+    "shampoo": ["optim.precondition_frequency=2", "optim.start_preconditioning_step=2"],
+    "shampoo_plain": ["optim.precondition_frequency=2"],
     "kron": ["optim.precondition_frequency=2"],
 }
 
@@ -172,7 +179,9 @@ def test_unknown_name_is_one_line_naming_the_nearest():
     [
         ("optim.betas=[0.9, 0.95]", "lion", "adamw, lamb, muon"),
         ("optim.momentum=0.8", "adamw", "sgd, kron"),
-        ("optim.precondition_frequency=5", "adamw", "kron, soap, shampoo"),
+        ("optim.precondition_frequency=5", "adamw", "kron, soap, shampoo, shampoo_plain"),
+        ("optim.graft_type=adagrad", "shampoo_plain", "shampoo"),
+        ("optim.block_size=64", "soap", "shampoo"),
         ("optim.nesterov=false", "muon", "sgd"),
     ],
 )
@@ -222,3 +231,154 @@ def test_layer_decay_groups_follow_the_group_matcher(model_name):
     for i in reversed(range(num_layers)):
         members = sorted({".".join(n.split(".")[: 4 if ".blocks." in n else 3]) for n in by_layer[i]})
         print(f"  layer {i}: lr_scale {layer_scale[i]:.4f}  {len(by_layer[i]):2d} params  {', '.join(members)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Cited defaults (a study's MODEL:OPTIMIZER@default arm) and the description a study fingerprints
+
+
+def _library_default(cls_path: str, parameter: str):
+    import importlib
+    import inspect
+
+    module, name = cls_path.rsplit(".", 1)
+    return inspect.signature(getattr(importlib.import_module(module), name)).parameters[parameter].default
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZER_DEFAULTS))
+def test_cited_library_defaults_are_the_librarys_own(name):
+    d = OPTIMIZER_DEFAULTS[name]
+    assert {"optim.lr", "optim.weight_decay"} <= set(d.values) and d.source
+    if d.library is None:  # cited to a paper: sgd (He et al. 2016)
+        return
+    import importlib
+    import inspect
+
+    module, cls = d.library.rsplit(".", 1)
+    signature = inspect.signature(getattr(importlib.import_module(module), cls)).parameters
+    compared = [k for k in d.values if k.removeprefix("optim.") in signature]
+    assert "optim.lr" in compared
+    for key in compared:
+        library = _library_default(d.library, key.removeprefix("optim."))
+        assert d.values[key] == (tuple(library) if isinstance(library, (list, tuple)) else library), key
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZER_DEFAULTS))
+def test_default_overrides_load_into_the_values_cited(name):
+    cfg = load_config(None, [f"optim.name={name}", *default_overrides(name)])
+    for key, value in OPTIMIZER_DEFAULTS[name].values.items():
+        got = getattr(cfg.optim, key.removeprefix("optim."))
+        assert got == value and type(got) is type(value), key
+
+
+def test_default_overrides_of_an_optimizer_without_cited_defaults_is_one_line():
+    with pytest.raises(ConfigError) as e:
+        default_overrides("adamx")
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("@default: optimizer 'adamx' has no cited defaults")
+    assert "(did you mean 'adamw'?)" in msg and "shampoo_plain" in msg
+
+
+def _as_built(opt, part: str, key: str):
+    """The value of hyper-parameter ``key`` in the built optimizer (a group entry or an attribute)."""
+    target = opt.parts[part] if isinstance(opt, CombinedOptimizer) else opt
+    group = target.param_groups[0]
+    if key in group:
+        return group[key]
+    return getattr(target, key, KeyError)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_description_is_what_the_factory_builds(name):
+    import json
+
+    from zoo.train.optim import _plain
+
+    cfg = load_config(None, [f"optim.name={name}", "optim.lr=1e-2", TINY_MODEL])
+    d = describe_optimizer(cfg.optim)
+    assert json.loads(json.dumps(d)) == d  # JSON as it is
+    assert d["name"] == name and d["hyper_parameters"]["lr"] == 1e-2
+    model = zoo.create_model(cfg.model.name, num_classes=10, in_chans=1, **cfg.model.spec)
+    opt = create_optimizer(model, cfg)
+    checked = 0
+    for part, arguments in d["library_arguments"].items():
+        built_class = type(opt.parts[part] if isinstance(opt, CombinedOptimizer) else opt)
+        assert OPTIMIZERS[name].parts[part].rsplit(".", 1)[1] in {c.__name__ for c in built_class.__mro__}
+        for key, value in arguments.items():
+            built = _as_built(opt, part, key)
+            if built is KeyError or (callable(built) and not isinstance(built, type)):
+                continue  # neither kept in a group nor as an attribute (e.g. foreach), or a schedule
+            assert _plain(built) == value, f"{part}.{key}: built {built!r}, described {value!r}"
+            checked += 1
+    assert checked >= 3, f"{name}: only {checked} described values found in the built optimizer"
+
+
+def test_description_changes_with_the_implementation_and_any_resolved_value(monkeypatch):
+    import zoo.train.optim as optim
+
+    shampoo = load_config(None, ["optim.name=shampoo"]).optim
+    base = describe_optimizer(shampoo)
+    assert base["implementation"].startswith("pytorch_optimizer.ScalableShampoo ")
+    plain = describe_optimizer(load_config(None, ["optim.name=shampoo_plain"]).optim)
+    assert plain["implementation"].startswith("pytorch_optimizer.Shampoo ") and plain != base
+    for override in ("optim.precondition_frequency=10", "optim.graft_type=adagrad", "optim.block_size=64"):
+        assert describe_optimizer(load_config(None, ["optim.name=shampoo", override]).optim) != base, override
+    assert describe_optimizer(load_config(None, ["optim.name=shampoo", "optim.weight_decay=0.1"]).optim) != base
+    monkeypatch.setattr(optim, "_version", lambda module_path: "0.0.1")  # another library release
+    assert describe_optimizer(shampoo)["implementation"] != base["implementation"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The cost bench (python -m zoo.bench optim), at toy size into a temporary folder
+
+
+def test_cost_bench_writes_every_optimizers_ratio(tmp_path, capsys):
+    import json
+
+    from zoo.bench.__main__ import main
+
+    spec = TINY_MODEL.removeprefix("model.spec=")
+    argv = ["optim", "--spec", spec, "--batch", "4", "--block", "2", "--warmup-steps", "1", "--repeats", "2"]
+    assert main([*argv, "--threads", "1", "--out", str(tmp_path)]) == 0
+    machine = [p for p in tmp_path.glob("optim_steps_*.json") if p.stem != "optim_steps_machines"]
+    assert len(machine) == 1 and machine[0].with_suffix(".md").is_file() and machine[0].with_suffix(".csv").is_file()
+    result = json.loads(machine[0].read_text())
+    rows = {r["optimizer"]: r for r in result["rows"]}
+    assert sorted(rows) == sorted(OPTIMIZERS)
+    for r in rows.values():
+        assert r["step_ms"] > 0 and r["ratio"] == pytest.approx(r["step_ms"] / r["fwd_bwd_ms"])
+        assert r["ratio_min"] <= r["ratio"] <= r["ratio_max"]
+    assert rows["shampoo"]["implementation"].startswith("pytorch_optimizer.ScalableShampoo ")
+    assert result["settings"]["block"] == 2 and result["settings"]["batch"] == 4
+    table = machine[0].with_suffix(".md").read_text()
+    assert all(f"| {name} " in table for name in OPTIMIZERS)
+    spread = (tmp_path / "optim_steps_machines.md").read_text()
+    assert all(name in spread for name in OPTIMIZERS)
+    assert "results: " in capsys.readouterr().out
+
+
+def test_cost_bench_times_the_step_apart_from_the_gradients(monkeypatch):
+    import time
+
+    from zoo.bench.optim import Contender
+
+    torch.manual_seed(0)
+    cfg = load_config(None, [TINY_MODEL])
+    model = zoo.create_model(cfg.model.name, num_classes=10, in_chans=1, **cfg.model.spec)
+    batch = (torch.randn(2, 1, 32, 32), torch.tensor([0, 1]))
+    c = Contender("sgd", model, batch)
+    real_step = c.optimizer.step
+    monkeypatch.setattr(c.optimizer, "step", lambda: (time.sleep(0.2), real_step()))
+    fwd_bwd, step = c.block(2)
+    assert step >= 0.2 > fwd_bwd
+    assert all(p.grad is not None for p in c.model.parameters() if p.requires_grad)  # gradients were computed
+
+
+def test_cost_bench_rejects_an_unknown_optimizer_in_one_line(capsys):
+    from zoo.bench.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["optim", "--optimizers", "adamw,shampo"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.endswith(f"--optimizers: unknown 'shampo'; choose from {', '.join(OPTIMIZERS)}")

@@ -5,7 +5,7 @@
 
 ``add`` takes the run's final weights (``model_last.safetensors``: the last epoch, not the epoch
 that scored best on the validation split, so the reported top-1 is not selected on it), stores
-them in float16 (half the bytes: weights/ must stay under 30 MB), evaluates that float16 copy in
+them in float16 (half the bytes: weights/ must stay under BUDGET_BYTES), evaluates that float16 copy in
 float32 on the run's validation split with the run's own eval preprocessing, and writes the
 manifest entry: file, sha256, what the weights were trained for (classes, channels, input size,
 normalisation), the data, the recipe (config file, and the sha256 of the resolved config that is
@@ -101,17 +101,19 @@ def family(name: str) -> str:
 
 
 @torch.no_grad()
-def evaluate_top1(model: nn.Module, cfg, batch_size: int = 250) -> tuple[float, int]:
-    """Top-1 (%) and image count of ``model`` in float32 on ``cfg``'s validation split, with its
-    eval transform. Single process, no autocast: the number a user of the weights gets."""
+def evaluate_top1(model: nn.Module, cfg, batch_size: int = 250, precision: str = "fp32") -> tuple[float, int]:
+    """Top-1 (%) and image count of ``model`` on ``cfg``'s validation split, with its eval transform.
+    Single process; by default float32 without autocast: the number a user of the weights gets
+    (``precision="bf16"``: under bf16 autocast, as a bf16 training run evaluates)."""
     from .data import create_dataset, create_transform
 
     ds = create_dataset(cfg.data, "val", create_transform(cfg.aug, is_training=False))
     model.eval()
     correct = total = 0
-    for x, y in DataLoader(ds, batch_size=batch_size, num_workers=0):
-        correct += (model(x).argmax(dim=1) == y).sum().item()
-        total += len(y)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        for x, y in DataLoader(ds, batch_size=batch_size, num_workers=0):
+            correct += (model(x).argmax(dim=1) == y).sum().item()
+            total += len(y)
     return 100.0 * correct / total, total
 
 
@@ -195,9 +197,12 @@ def _config_path(run_name: str) -> str:
     return str(path.relative_to(WEIGHTS_DIR.parent)) if path.is_file() else run_name
 
 
-def measure(name: str, entry: dict[str, Any], weights_dir: Path = WEIGHTS_DIR) -> tuple[float, int]:
+def measure(
+    name: str, entry: dict[str, Any], weights_dir: Path = WEIGHTS_DIR, as_run: bool = False
+) -> tuple[float, int]:
     """Re-measure a shipped entry's top-1 (%) and the image count, from the file, with the recipe
-    stored in the file's header."""
+    stored in the file's header: in float32 at batch 250, or (``as_run``) as its training run
+    evaluated (:func:`run_eval_settings`)."""
     file = weights_dir / entry["file"]
     if _sha256(file) != entry["sha256"]:
         raise CheckpointError(f"{file}: sha256 does not match the manifest's {entry['sha256'][:12]}...")
@@ -205,24 +210,52 @@ def measure(name: str, entry: dict[str, Any], weights_dir: Path = WEIGHTS_DIR) -
     if _config_sha256(header["config"]) != entry["config_sha256"]:
         raise CheckpointError(f"{file}: its stored config does not match the manifest's config_sha256")
     model = create_model(name, pretrained=str(file), num_classes=entry["num_classes"], in_chans=entry["in_chans"])
-    return evaluate_top1(model, _resolved_config(header["config"]))
+    cfg = _resolved_config(header["config"])
+    if not as_run:
+        return evaluate_top1(model, cfg)
+    precision, batch = run_eval_settings(cfg)
+    return evaluate_top1(model, cfg, batch_size=batch, precision=precision)
+
+
+def run_eval_settings(cfg) -> tuple[str, int]:
+    """How a single-process training run of ``cfg`` evaluated: its precision (``auto`` resolved on
+    this machine, as the run resolved it on its own) and its eval batch (zoo.train.loop: twice the
+    micro-batch)."""
+    from .machine import describe, resolve_precision
+
+    precision, _ = resolve_precision(cfg.train.precision, describe(), "cpu")
+    return precision, 2 * (cfg.train.micro_batch_size or cfg.train.batch_size)
+
+
+COLUMNS_NOTE = (
+    "Top-1 % on each data set's validation split. *Training run's log*: the last epoch's figure the run "
+    "that made the file printed (its precision, its eval batch). *float32, shipped*: the float16 file "
+    "evaluated in float32 at batch 250 when it was shipped (the manifest's `top1`). *float32, now*: the "
+    "same evaluation by this command; the check fails where it differs from the shipped one. *As the run "
+    "evaluated*: only where the log and the float32 figures differ, the file evaluated with the run's "
+    "precision and eval batch, which says whether the difference is the evaluation's or the code's."
+)
 
 
 def table(rows: list[dict[str, Any]], baseline: str | None) -> str:
-    """Markdown: model, family, params, stored MB, manifest and re-measured top-1, error vs baseline."""
+    """Markdown: model, family, params, stored MB, the three top-1s (the training run's log, float32
+    when shipped, float32 now), the file as the run evaluated it (where the log differs), error vs
+    the baseline."""
     base = next((r for r in rows if r["name"] == baseline), None)
     head = (
-        "| model | family | params (M) | file MB | top-1 % (manifest) | top-1 % (re-measured) | "
-        f"err vs {baseline or 'baseline'} (pp) |"
+        "| model | family | params (M) | file MB | top-1 % (training run's log) | top-1 % (float32, shipped) | "
+        f"top-1 % (float32, now) | top-1 % (as the run evaluated) | err vs {baseline or 'baseline'} (pp) |"
     )
-    out = [head, "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    out = [head, "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         diff = (
             "baseline" if r is base else (f"{(100 - r['measured']) - (100 - base['measured']):+.1f}" if base else "—")
         )
+        log = "-" if r.get("train_log_top1") is None else f"{r['train_log_top1']:.1f}"
+        as_run = "-" if r.get("as_run") is None else f"{r['as_run']:.1f} ({r['as_run_settings']})"
         out.append(
             f"| {r['name']} | {r['family']} | {r['params'] / 1e6:.2f} | {r['bytes'] / 1e6:.1f} | "
-            f"{r['top1']:.1f} | {r['measured']:.1f} | {diff} |"
+            f"{log} | {r['top1']:.1f} | {r['measured']:.1f} | {as_run} | {diff} |"
         )
     return "\n".join(out)
 
@@ -234,28 +267,48 @@ def check(
     results: Path | None = None,
     argv: list[str] | None = None,
 ) -> int:
-    """Print the re-measured table; return 1 when an entry is off its manifest top-1 by more than
-    ``tolerance`` points (0.1 = one image of MNIST-5k's 1,000: another CPU's float32 kernels may
-    flip one borderline image), else 0. ``results``: also write the table as
-    ``results/weights_check.{md,csv,json}`` (the README's weights table is copied from it)."""
+    """Print the re-measured table; return 1 when an entry's float32 top-1 is off the one measured
+    when it was shipped by more than ``tolerance`` points (0.1 = one image of MNIST-5k's 1,000:
+    another CPU's float32 kernels may flip one borderline image), else 0. Where the training run's
+    log differs from the float32 figure, the file is also evaluated as the run evaluated and both
+    are printed (a note, not a failure: a code change since the run explains what the precision and
+    batch do not). ``results``: also write the table as ``results/weights_check.{md,csv,json}``."""
     manifest = read_manifest(weights_dir)
     unknown = [n for n in names or [] if n not in manifest]
     if unknown:
         raise CheckpointError(
             f"no shipped weights for {', '.join(unknown)}; weights/ has: {', '.join(sorted(manifest))}"
         )
-    rows, bad = [], []
+    rows, bad, notes = [], [], []
     for name in names or sorted(manifest, key=lambda n: (n in BASELINES, n)):
         entry = manifest[name]
         measured, _ = measure(name, entry, weights_dir)
-        rows.append({"name": name, **entry, "measured": measured})
+        row = {"name": name, **entry, "measured": measured, "as_run": None, "as_run_settings": None}
         if abs(measured - entry["top1"]) > tolerance:
-            bad.append(f"{name}: re-measured {measured:.2f} % vs manifest {entry['top1']:.2f} %")
+            bad.append(f"{name}: re-measured {measured:.2f} % vs {entry['top1']:.2f} % when shipped (float32)")
+        log = entry.get("train_log_top1")
+        if log is not None and abs(log - measured) > tolerance:
+            header = _header(weights_dir / entry["file"])
+            precision, batch = run_eval_settings(_resolved_config(header["config"]))
+            row["as_run"], _ = measure(name, entry, weights_dir, as_run=True)
+            row["as_run_settings"] = f"{precision}, batch {batch}"
+            verdict = (
+                "the evaluation explains the difference"
+                if abs(row["as_run"] - log) <= tolerance
+                else "the file no longer gives its run's figure: the code it runs changed since (see docs/changelog.md)"
+            )
+            notes.append(
+                f"{name}: the training run logged {log:.2f} %; as the run evaluated ({row['as_run_settings']}) "
+                f"{row['as_run']:.2f} %, in float32 {measured:.2f} %: {verdict}"
+            )
+        rows.append(row)
     baseline = next((r["name"] for r in rows if r["name"] in BASELINES), None)
     total = sum(p.stat().st_size for p in weights_dir.iterdir() if p.is_file())
     text = table(rows, baseline)
     print(text)
     print(f"\nweights/: {total / 1e6:.1f} MB of {BUDGET_BYTES / 1e6:.0f} MB")
+    for line in notes:
+        print("NOTE " + line)
     if results is not None:
         _write_results(results, text, rows, total, argv or [])
     for line in bad:
@@ -264,15 +317,15 @@ def check(
 
 
 def _write_results(results: Path, text: str, rows: list[dict[str, Any]], total: int, argv: list[str]) -> None:
-    from zoo.bench.report import command_line, environment, write_results
+    from zoo.bench.report import command_line, environment, machine_line, write_results
 
-    note = (
-        f"weights/ holds {total / 1e6:.1f} MB of its {BUDGET_BYTES / 1e6:.0f} MB budget; the manifest's top-1 is "
-        "the training run's, the re-measured one this command's, on each dataset's validation split."
-    )
-    columns = ["name", "family", "params", "bytes", "top1", "measured", "config", "command"]
-    meta = {"command": command_line("python -m zoo.weights", argv), **environment(torch.get_num_threads())}
-    paths = write_results(results, "weights_check", f"{text}\n\n{note}\n", rows, columns, meta)
+    note = f"weights/ holds {total / 1e6:.1f} MB of its {BUDGET_BYTES / 1e6:.0f} MB budget. {COLUMNS_NOTE}"
+    columns = ["name", "family", "params", "bytes", "train_log_top1", "top1", "measured", "as_run", "as_run_settings"]
+    columns += ["config", "command"]
+    prog = command_line("python -m zoo.weights", argv)
+    meta = {"command": prog, **environment(torch.get_num_threads())}
+    markdown = f"{text}\n\n{note}\n`{prog}`\n{machine_line(meta)}\n"
+    paths = write_results(results, "weights_check", markdown, rows, columns, meta)
     print(f"wrote {paths[0].with_suffix('')}.{{md,csv,json}}")
 
 

@@ -6,8 +6,10 @@ Run by ``run.sh``; edits the unpacked copy in place, never the installed timm:
   the ``zoo_*`` models;
 * ``test_models.py``'s filter lists get our models where timm lists its own models of that kind:
   ``NON_STD_FILTERS`` the token-sequence models (those whose ``forward_features`` returns
-  (B, N, C) tokens, read from the models: ViT, DeiT, gMLP, WideNet, CvT, CAFormer; timm lists its
-  ``vit_*``, ``deit*`` and ``gmlp_*`` there),
+  (B, N, C) tokens, read from the models: ViT, DeiT, gMLP, WideNet, CvT, CCT, ViT-Lite, compact
+  CVT; timm lists its ``vit_*``, ``deit*`` and ``gmlp_*`` there), each family's token layout
+  written beside it in the patched file (``token_layouts``); CAFormer returns maps as timm's does
+  (``ModelSpec.features_as_map``) and takes the standard tests,
   ``FEAT_INTER_FILTERS`` the timm module names our families register under (every zoo model has
   ``forward_intermediates`` and a getter-style ``features_only``), and the exclusion lists the
   tests timm itself would skip for a model of that kind, each with its reason (EXCLUSIONS below).
@@ -32,14 +34,36 @@ def token_output_patterns() -> list[str]:
     tokens: dict[str, list[bool]] = {}
     names = zoo.list_models()
     for name in names:
-        model = zoo.create_model(name, device="meta")
-        tokens.setdefault(name.split("_")[1], []).append(model.stages[-1].layout == "nlc")
+        tokens.setdefault(name.split("_")[1], []).append(_token_output(name))
     patterns = [f"zoo_{family}_*" for family, flags in tokens.items() if all(flags)]
     mixed = {family for family, flags in tokens.items() if any(flags) and not all(flags)}
-    for name in names:
-        if name.split("_")[1] in mixed and zoo.create_model(name, device="meta").stages[-1].layout == "nlc":
-            patterns.append(name)
+    patterns += [name for name in names if name.split("_")[1] in mixed and _token_output(name)]
     return patterns
+
+
+def _token_output(name: str) -> bool:
+    import zoo
+
+    model = zoo.create_model(name, device="meta")
+    return model.stages[-1].layout == "nlc" and not model.spec.features_as_map
+
+
+def token_layouts(patterns: list[str]) -> list[str]:
+    """One line per token-output pattern: what its ``forward_features`` returns, read from its first
+    model (prefix tokens first, then the H*W patch tokens row by row; what its pooling reads)."""
+    import fnmatch
+
+    import zoo
+
+    lines = []
+    for pattern in patterns:
+        name = next(n for n in zoo.list_models() if fnmatch.fnmatch(n, pattern))
+        model = zoo.create_model(name, device="meta")
+        stage, pool = model.stages[-1], model.spec.global_pool
+        prefix = " + ".join(t for t, on in (("class", stage.spec.class_token), ("dist", stage.spec.dist_token)) if on)
+        tokens = f"{prefix} + H*W" if prefix else "H*W"
+        lines.append(f"{pattern}: forward_features (B, {tokens}, C), pooled by {pool!r}")
+    return lines
 
 
 # (anchor in test_models.py, patterns, reason): tests timm itself excludes for a model of that kind,
@@ -108,8 +132,12 @@ def main(tests_dir: str) -> int:
         "modules of the zoo families (forward_intermediates, getter-style features_only)",
     )
     non_std = token_output_patterns()
+    layouts = "".join(f"\n    #   {line}" for line in token_layouts(non_std))
     text = _insert(
-        text, "NON_STD_FILTERS = [", non_std, "token-sequence features (B, N, C), like timm's vit_*, deit*, gmlp_*"
+        text,
+        "NON_STD_FILTERS = [",
+        non_std,
+        f"token-sequence features (B, N, C), like timm's vit_*, deit*, gmlp_*:{layouts}",
     )
     for anchor, patterns, reason in EXCLUSIONS:
         text = _insert(text, anchor, patterns, reason)

@@ -8,7 +8,14 @@
 #
 # Env: TIMM_SUITE_DIR (where the sdist is unpacked; default ${TMPDIR:-/tmp}/zoo-timm-suite-VERSION,
 # kept between runs), TIMM_SUITE_TIMEOUT (seconds for the whole run, default 7200; with
-# pytest-timeout installed each test also gets timm's own per-test limits).
+# pytest-timeout installed each test also gets timm's own per-test limits),
+# TIMM_SUITE_RESULTS (the results folder, default zoo/bench/results; "none" records nothing),
+# TIMM_SUITE_NAME (the results stem: default timm_suite for the whole run, timm_suite_selection
+# when pytest arguments select part of it).
+#
+# pytest's summary line, the command and the machine are recorded by `python -m zoo.bench suite
+# --from-log` as RESULTS/NAME.{md,csv,json}; the documentation's timm-suite figures are copied
+# from there (docs/reliability.md), never typed.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
@@ -37,12 +44,19 @@ args=(-q -p no:cacheprovider -rfEs -k zoo_)
 if "$python" -c 'import pytest_timeout' 2>/dev/null; then
     args+=(--timeout=600)
 fi
+results="${TIMM_SUITE_RESULTS:-$repo/zoo/bench/results}"
+name="${TIMM_SUITE_NAME:-timm_suite$([ "$#" -gt 0 ] && echo _selection)}"
+label="$("$python" -c 'import shlex, sys; print(shlex.join(["tests/timm_suite/run.sh", *sys.argv[1:]]))' "$@")"
+log="$dir/last_run.log"
 cd "$dir"
 set +e
-timeout "$limit" "$python" -m pytest tests/test_models.py "${args[@]}" "$@"
-rc=$?
+timeout "$limit" "$python" -m pytest tests/test_models.py "${args[@]}" "$@" 2>&1 | tee "$log"
+rc=${PIPESTATUS[0]}
 set -e
 if [ "$rc" -eq 124 ]; then
-    echo "timm suite: stopped after ${limit}s (TIMM_SUITE_TIMEOUT)" >&2
+    echo "timm suite: stopped after ${limit}s (TIMM_SUITE_TIMEOUT); nothing recorded" >&2
+elif [ "$results" != none ]; then
+    # a run cut short has no summary line: suite says so and records nothing; the suite's status stands
+    "$python" -m zoo.bench suite --from-log "$log" --label "$label" --name "$name" --results "$results" || true
 fi
 exit "$rc"

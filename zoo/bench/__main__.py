@@ -3,11 +3,15 @@
 Commands (each module has its own ``--help``):
   data    DeiT train pipeline images/s per core, zoo vs timm's create_transform
   moe     MoE layer tokens/s vs a dense MLP of the same active FLOPs
+  optim   one optimizer step of every optim.name as a multiple of the default model's forward+backward
+  norm-precision  L1 vs L2 norms' outputs and gradients in bf16 / fp16 against float32
+  sparse-ffn      sparse feed-forward ("Sparse is Enough") eval speed vs a dense MLP of equal parameters
   speed   params, MACs, eval / train-step images/s and memory; ratio to the timm twin
-  top1    top-1 error of models vs the ResNet baseline, same recipe, over seeds
-  ablate  one-change ablations of a base model (token mixer, channel mixer, ...)
-  sweep   equal-budget Optuna sweeps of arms (model, optimizer[, one change]): tuned, re-trained over seeds
-  readme  copy the results files' Markdown tables into README.md's marked blocks (--check: compare only)
+  (top1, ablate and sweep are studies now: python -m zoo.study COMMAND --help)
+  readme  copy the results files' Markdown tables into README.md's and docs/'s marked blocks (--check: compare only)
+  first-run  time the README's first command (install + train the default) from a fresh clone
+  suite   run the README's test command from a fresh clone; record pytest's summary line
+  data-stats  mean / std of the embedded data sets as served, beside zoo.data's normalisation constants
 """
 
 from __future__ import annotations
@@ -18,12 +22,16 @@ import sys
 COMMANDS = {
     "data": "zoo.bench.data",
     "moe": "zoo.bench.moe",
+    "optim": "zoo.bench.optim",
+    "norm-precision": "zoo.bench.norm_precision",
+    "sparse-ffn": "zoo.bench.sparse_ffn",
     "speed": "zoo.bench.speed",
-    "top1": "zoo.bench.top1",
-    "ablate": "zoo.bench.ablate",
-    "sweep": "zoo.bench.sweep",
     "readme": "zoo.bench.report",
+    "first-run": "zoo.bench.first_run",
+    "suite": "zoo.bench.suite",
+    "data-stats": "zoo.bench.data_stats",
 }
+MOVED = ("top1", "ablate", "sweep")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
+    if command in MOVED:  # one implementation of a comparison: the study package's
+        print(f"zoo.bench {command}: moved to `python -m zoo.study {command}` (see its --help)", file=sys.stderr)
+        return 2
     if command not in COMMANDS:
         from zoo.names import suggest
 

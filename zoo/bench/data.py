@@ -20,10 +20,13 @@ Without --images, the colour photographs of `skimage.data` (and some grey ones),
 resized to 500x375, and their mirror images are written as JPEG (quality 90) to a temp folder.
 
 The table, with notes under it (files, repeats, the ratio, the command, the machine), is printed
-and written to ``--out`` (default ``zoo/bench/results``) as ``NAME.md`` (exactly what is printed;
-``python -m zoo.bench readme`` copies it into README.md between ``<!-- results:NAME -->``
-markers), ``NAME.csv`` (the rows) and ``NAME.json`` (rows with every repeat's rate, command,
-commit, CPU, threads, versions); NAME is ``--name``, default ``data_pipeline``.
+and written to ``--out`` (default ``zoo/bench/results``) as ``NAME_<machine>.md`` (exactly what is
+printed), ``.csv`` (the rows) and ``.json`` (rows with every repeat's rate, command, commit, CPU,
+threads, versions), one set per machine kind (``zoo.bench.machines``), and then
+``NAME_machines.md``: the zoo / timm ratios on every machine kind met, newest first, the block the
+README shows (``python -m zoo.bench readme`` copies ``NAME.md`` files between
+``<!-- results:NAME -->`` markers). NAME is ``--name``, default ``data_pipeline``;
+``--spread-only`` rewrites ``NAME_machines.md`` from the files there and measures nothing.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ import cv2
 import numpy as np
 import torch
 
+from zoo.bench.machines import results_stem, write_spread
 from zoo.bench.report import RESULTS, command_line, environment, machine_line, markdown_table, write_results
 
 __all__ = ["main", "make_photo_jpegs", "timm_train_transform", "zoo_train_transform"]
@@ -229,6 +233,14 @@ def _notes(
     ]
 
 
+SPREAD_TITLE = "DeiT train pipeline, zoo / timm images per second per core, on every machine kind met:"
+
+
+def spread_cells(result: dict) -> dict[str, str]:
+    """A results file's row of the spread across machines: each zoo pipeline's ratio to timm's."""
+    return {r["pipeline"]: f"{r['ratio']:.2f}x" for r in result["rows"] if r["pipeline"] != r["vs"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark, print the table and write it; returns 0 (2 when no image files are found)."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -238,8 +250,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-images", type=int, default=200, help="images a timed pass (files cycle)")
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder (default: %(default)s)")
-    parser.add_argument("--name", default="data_pipeline", help="results file stem (default: %(default)s)")
+    parser.add_argument(
+        "--name", default="data_pipeline", help="results name (default: %(default)s; files NAME_<machine>)"
+    )
+    parser.add_argument(
+        "--spread-only", action="store_true", help="rewrite NAME_machines.md from the results in --out; measure nothing"
+    )
     args = parser.parse_args(argv)
+    if args.spread_only:
+        if path := write_spread(args.out, args.name, SPREAD_TITLE, spread_cells):
+            print(f"results: {path}")
+        return 0
 
     from zoo.data.image_io import find_images
 
@@ -265,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     settings = {k: getattr(args, k) for k in ("repeats", "min_images", "img_size")}
     meta = {"command": command, **env, "settings": {**settings, "images": source, "files": len(files)}}
-    paths = write_results(args.out, args.name, text, rows, COLUMNS, meta)
+    paths = write_results(args.out, results_stem(args.name, env), text, rows, COLUMNS, meta)
+    paths.append(write_spread(args.out, args.name, SPREAD_TITLE, spread_cells))
     print(f"results: {', '.join(map(str, paths))}")
     return 0
 

@@ -3,8 +3,8 @@
 Two settings, each with its own reference: 4 experts top-2 (WideNet's, GShard's) and 64 experts
 top-1 (Switch's regime, where per-expert overhead shows: many experts, few tokens each). In each,
 the reference is a dense ``Mlp(dim, hidden_dim=top_k * hidden)``, so every token does the same
-multiply-adds as its ``top_k`` experts (the router, ``dim x E``, is left out of the count; it is
-under 2% here), and the rows are:
+multiply-adds as its ``top_k`` experts (the router, ``dim x E``, is left out of the count: a share
+``E / (2 * top_k * hidden)`` of the experts' multiply-adds), and the rows are:
 
 - ``token_choice``: :class:`zoo.layers.moe.MoE`, default routing (one group an image, capacity
   factor 1.2, buffer trimmed to the largest expert load: the eager CPU default);
@@ -14,7 +14,7 @@ under 2% here), and the rows are:
   worth per token (or a fraction of a token fewer): the dense layer's FLOPs;
 - ``soft_moe``: :class:`zoo.layers.soft_moe.SoftMoE` with ``round(top_k * N / E)`` slots per
   expert, so as many slot rows as the top-k assignments; its three token-slot products (logits,
-  dispatch, combine) add ``1.5 * N / hidden`` to the expert FLOPs (19% here), which it pays.
+  dispatch, combine) add a share ``1.5 * N / hidden`` to the expert FLOPs, which it pays.
 
 Every MoE router has its rows rescaled to one norm (see ``_balanced_router_``).
 
@@ -35,12 +35,16 @@ them is well above the thread count.
     python -m zoo.bench moe [--settings 4e_top2,64e_top1] [--batch B --dim C --hidden H ...]
     python -m zoo.bench.moe ...
 
+The measured ratios are in ``zoo/bench/results/moe_machines.md`` (and ``moe_<machine>.md``).
 Each setting's table is printed as soon as it is measured, and the tables so far, with notes under
 them (settings, repeats, load average, the command, the machine), are written to ``--out``
 (default ``zoo/bench/results``) after every setting, so a run stopped midway keeps what it
-measured: ``NAME.md`` (exactly what is printed; ``python -m zoo.bench readme`` copies it into
-README.md between ``<!-- results:NAME -->`` markers), ``NAME.csv`` (the rows) and ``NAME.json``
-(rows, settings, command, commit, CPU, threads, versions); NAME is ``--name``, default ``moe``.
+measured: ``NAME_<machine>.md`` (exactly what is printed), ``.csv`` (the rows) and ``.json`` (rows,
+settings, command, commit, CPU, threads, versions), one set per machine kind
+(``zoo.bench.machines``); then ``NAME_machines.md``, every router's ratio on every machine kind met,
+newest first, the block the README shows (``python -m zoo.bench readme`` copies ``NAME.md`` files
+between ``<!-- results:NAME -->`` markers). NAME is ``--name``, default ``moe``; ``--spread-only``
+rewrites ``NAME_machines.md`` from the files there and measures nothing.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from zoo.bench.machines import results_stem, write_spread
 from zoo.bench.report import RESULTS, command_line, environment, machine_line, markdown_table, write_results
 from zoo.layers.mlp import Mlp
 from zoo.layers.moe import MoE, collect_aux_loss
@@ -74,10 +79,10 @@ class Setting:
 
 
 # The same experts in both (ViT-S width, 384 / 1536). 64 experts top-1 take a bigger batch: at 8
-# images an expert would multiply ~25 rows a step, where a bmm runs far below one big matmul (its
-# weight-gradient products have only that many rows to sum over); at 128 images each expert gets
-# ~400 rows (measured on 1 thread: ~0.7 of the dense rate at 64 images, ~0.85 at 128). A Switch
-# layer's experts see thousands of tokens a step.
+# images an expert would multiply 8 * 197 / 64 rows a step, where a bmm runs far below one big
+# matmul (its weight-gradient products have only that many rows to sum over); at 128 images each
+# expert gets 16 times as many, closer to a Switch layer's experts, which see thousands of tokens
+# a step (how the ratio grows with the batch: --batch, results in zoo/bench/results/moe_*.md).
 SETTINGS = {
     "4e_top2": Setting(experts=4, top_k=2, batch=8, dim=384, hidden=1536),
     "64e_top1": Setting(experts=64, top_k=1, batch=128, dim=384, hidden=1536),
@@ -132,7 +137,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: usable CPU cores)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS, help="results folder (default: %(default)s)")
-    p.add_argument("--name", default="moe", help="results file stem (default: %(default)s)")
+    p.add_argument("--name", default="moe", help="results name (default: %(default)s; files NAME_<machine>)")
+    p.add_argument(
+        "--spread-only", action="store_true", help="rewrite NAME_machines.md from the results in --out; measure nothing"
+    )
     args = p.parse_args(argv)
     unknown = [s for s in args.settings.split(",") if s not in SETTINGS]
     if unknown:
@@ -151,9 +159,9 @@ def _step(layer: nn.Module, x: torch.Tensor) -> None:
 
 def _balanced_router_(moe: MoE) -> MoE:
     """Rescale the router's rows to one norm. A random router favours the experts whose rows
-    happen to be longer (on isotropic input the longest row wins most often: at 64 experts the
-    busiest got 2.8x the idlest's tokens), an imbalance the balance loss removes in training;
-    with equal norms every expert is equally likely, as under a trained, balanced router."""
+    happen to be longer (on isotropic input the longest row wins most often), an imbalance the
+    balance loss removes in training; with equal norms every expert is equally likely, as under a
+    trained, balanced router."""
     with torch.no_grad():
         w = moe.router.weight
         w.mul_(w.norm(dim=1).mean() / w.norm(dim=1, keepdim=True))
@@ -164,7 +172,8 @@ def _layers(s: Setting, tokens: int, capacity_factor: float, padded: bool) -> di
     moe = dict(hidden_dim=s.hidden, num_experts=s.experts, top_k=s.top_k)
     # Expert choice takes ceil(factor * N * k / E) tokens of an image per expert: the factor whose
     # capacity is floor(k * N / E), so that it never does more than the dense layer's FLOPs (1.0
-    # would round 197 / 64 = 3.08 up to 4 tokens: 30% more). Soft MoE: as many slots as assignments.
+    # would round 197 / 64 up to 4 tokens an expert, more than the dense layer's work). Soft MoE: as
+    # many slots as assignments.
     ec_capacity = max(1, s.top_k * tokens // s.experts)
     ec_factor = ec_capacity * s.experts / (s.top_k * tokens)
     slots = max(1, round(s.top_k * tokens / s.experts))
@@ -296,11 +305,29 @@ def _notes(args: argparse.Namespace, settings: dict[str, Setting], done: list[st
     return lines
 
 
+SPREAD_TITLE = (
+    "MoE layers, tokens/s over the dense FFN's of equal active FLOPs (forward + backward), on every machine kind met:"
+)
+
+
+def spread_cells(result: dict) -> dict[str, str]:
+    """A results file's row of the spread across machines: every router's ratio, setting by setting."""
+    return {
+        f"{r['experts']}e top-{r['top_k']} {r['layer']}": f"{r['ratio']:.2f}"
+        for r in result["rows"]
+        if r["layer"] != "dense"
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     from zoo.machine import describe, keep_freed_memory
 
     argv = sys.argv[1:] if argv is None else list(argv)
     args = _parse(argv)
+    if args.spread_only:
+        if path := write_spread(args.out, args.name, SPREAD_TITLE, spread_cells):
+            print(f"results: {path}")
+        return 0
     threads = args.threads or len(os.sched_getaffinity(0))
     kept = keep_freed_memory() if args.allocator == "reuse" else None  # None also where it cannot (not glibc)
     args.allocator_line = f"as the training loop, {kept}" if kept else "the system allocator's defaults"
@@ -331,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
         notes = _notes(args, settings, list(settings)[: len(tables)], load_before)
         notes += [f"`{command}`", machine_line(env)]
         text = "\n\n".join(tables) + "\n\n" + "\n".join(notes)
-        paths = write_results(args.out, args.name, text, rows, COLUMNS, meta)
+        paths = write_results(args.out, results_stem(args.name, env), text, rows, COLUMNS, meta)
+        paths.append(write_spread(args.out, args.name, SPREAD_TITLE, spread_cells))
     print("\n" + "\n".join(notes))
     print(f"results: {', '.join(map(str, paths))}")
     return 0

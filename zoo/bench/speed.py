@@ -21,11 +21,20 @@ compared, so the ratio is between two computations of the same function.
 ``--compile`` adds a second table: both sides wrapped in ``torch.compile`` with the same mode, the
 first call of each (the compilation) in the warm-up, peak memory not measured.
 
+The train step ends with an optimizer step: ``--optim sgd`` (the default) is torch's plain SGD, the
+cheapest update, so the ratio is mostly the models'; ``--optim adamw`` is the optimizer the zoo
+trains with (``zoo.train.optim.create_optimizer``: timm's AdamW with DeiT's weight-decay groups),
+on both sides, so the ratio is the one a user training both models sees.
+
 The machine is printed first; each table is written to ``--out`` (default ``zoo/bench/results``)
-as ``NAME.md`` (what the README shows: ``python -m zoo.bench readme`` copies it between
-``<!-- results:NAME -->`` markers), ``NAME.csv`` and ``NAME.json`` (rows, command, commit, CPU,
-threads, versions); NAME is ``--name`` (default ``speed_<device>_<dtype>``), ``_compiled`` added
-for the compiled table.
+as ``NAME_<machine>.md`` (the table with its caption), ``.csv`` and ``.json`` (rows, command,
+commit, CPU, threads, versions), where ``<machine>`` names the machine kind
+(``zoo.bench.machines.machine_slug``: ``amd-epyc-avx512-bf16``, ``intel-xeon-avx512-amx``, a GPU's
+name), and then ``NAME_machines.md``: the train-step ratio of every model on every machine kind met
+(one row each, newest first), which the README shows (``python -m zoo.bench readme`` copies
+``NAME.md`` files between ``<!-- results:NAME -->`` markers). NAME is ``--name`` (default
+``speed_<device>_<dtype>``, then ``_<optim>`` unless SGD), ``_compiled`` added for the compiled
+table. ``--spread-only`` rewrites ``NAME_machines.md`` from the files already there and measures nothing.
 """
 
 from __future__ import annotations
@@ -49,8 +58,9 @@ import torch
 import zoo
 from zoo.bench import twins
 from zoo.bench.counts import count_macs, count_params
+from zoo.bench.machines import results_stem, write_spread
 from zoo.bench.report import RESULTS, command_line, environment, write_results
-from zoo.bench.stats import mean_ci
+from zoo.study.statistics import mean_ci
 from zoo.bench.twins import TWINS, twin_pair  # noqa: F401 - the twins' catalogue, importable from here as before
 from zoo.machine import describe
 
@@ -59,6 +69,18 @@ DEFAULT_MODELS = "zoo_poolformer_s12,zoo_vit_tiny_patch16_224,zoo_vit_small_patc
 LAYOUTS = ("nchw", "channels_last")
 SHORT = {"nchw": "NCHW", "channels_last": "CL"}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+OPTIMS = ("sgd", "adamw")  # the train step's update (module docstring)
+
+
+def _optimizer(model: torch.nn.Module, optim: str) -> torch.optim.Optimizer:
+    """``sgd``: torch's plain SGD; ``adamw``: the zoo's training AdamW (its factory, DeiT's groups).
+    A tiny learning rate either way: the weights barely move while they are timed."""
+    if optim == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=1e-6)
+    from zoo.train.config import OptimConfig, TrainConfig
+    from zoo.train.optim import create_optimizer
+
+    return create_optimizer(model, TrainConfig(optim=OptimConfig(name=optim, lr=1e-6)))
 
 
 class PeakMemory:
@@ -123,9 +145,11 @@ def _timed(fn, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def _steps(model: torch.nn.Module, x: torch.Tensor, dtype: str, key: tuple[str, str] = ("zoo", "nchw")):
+def _steps(
+    model: torch.nn.Module, x: torch.Tensor, dtype: str, key: tuple[str, str] = ("zoo", "nchw"), optim: str = "sgd"
+):
     """``(train_step, eval_step)`` of ``model`` on ``x``; each carries ``.key`` = (side, layout, step)."""
-    opt = torch.optim.SGD(model.parameters(), lr=1e-6)
+    opt = _optimizer(model, optim)
     device = x.device
 
     def train_step():
@@ -165,6 +189,7 @@ def _prepared(
     dtype: str,
     device: torch.device,
     compile_mode: str | None = None,
+    optim: str = "sgd",
 ):
     """Each side in each layout it runs: ``{(side, layout): (train_step, eval_step)}``, and
     ``{(side, layout): why}`` for the channels_last layouts whose first forward raised (an NCHW
@@ -173,7 +198,7 @@ def _prepared(
     for layout in layouts:
         for side, base in bases.items():
             model, x_in = _in_layout(base, x, layout, device, compile_mode)
-            train_step, eval_step = _steps(model, x_in, dtype, (side, layout))
+            train_step, eval_step = _steps(model, x_in, dtype, (side, layout), optim)
             try:
                 eval_step()  # the probe; under torch.compile, the eval graph's compilation
             except Exception as e:
@@ -186,7 +211,14 @@ def _prepared(
 
 
 def peak_memory_here(
-    name: str, batch: int, img_size: int, dtype: str, device: str, layouts: dict[str, str], threads: int
+    name: str,
+    batch: int,
+    img_size: int,
+    dtype: str,
+    device: str,
+    layouts: dict[str, str],
+    threads: int,
+    optim: str = "sgd",
 ) -> dict[str, int]:
     """Peak bytes of one train step (after one warm-up step) of the zoo model and of its twin, each
     in its layout of ``layouts`` (``{"zoo": "channels_last", "twin": "nchw"}``)."""
@@ -198,7 +230,7 @@ def peak_memory_here(
     peaks = {}
     for side, base in bases.items():
         model, x_in = _in_layout(base, x, layouts[side], dev, None)
-        train_step, _ = _steps(model, x_in, dtype)
+        train_step, _ = _steps(model, x_in, dtype, optim=optim)
         train_step()
         with PeakMemory(dev) as mem:
             train_step()
@@ -243,6 +275,7 @@ def measure(
     device: torch.device,
     layouts=LAYOUTS,
     compile_mode: str | None = None,
+    optim: str = "sgd",
 ) -> list[dict]:
     """One row per model (printed as it is measured): ours and the twin, each in every layout of
     ``layouts`` it runs, interleaved; ratios against the twin's faster layout. With
@@ -252,7 +285,9 @@ def measure(
         ours, ref, diff = twin_pair(name, img_size)
         bases = {"zoo": ours} | ({"twin": ref} if ref is not None else {})
         x = torch.randn(batch, 3, img_size, img_size, device=device)
-        steps, unsupported = _prepared(bases, x, layouts, dtype=dtype, device=device, compile_mode=compile_mode)
+        steps, unsupported = _prepared(
+            bases, x, layouts, dtype=dtype, device=device, compile_mode=compile_mode, optim=optim
+        )
         times = {key: {"train": [], "eval": []} for key in steps}
         # Under torch.compile the first train call compiles the training graph: never timed.
         for train_step, eval_step in steps.values():
@@ -279,6 +314,7 @@ def measure(
                 device=str(device),
                 layouts={side: best[(side, "train")] for side in bases},
                 threads=torch.get_num_threads(),
+                optim=optim,
             )
         row = {
             "model": name,
@@ -403,9 +439,11 @@ def caption(args: argparse.Namespace, command: str, env: dict, versions: dict[st
         else "CPU "
     ) + f"{env['cpu_model']} ({env['cpu_capability']}), {env['threads']} threads"
     what = f"both sides `torch.compile(mode={args.compile_mode!r})`" if compiled else "eager"
+    step = {"sgd": "SGD", "adamw": "the zoo's AdamW"}[args.optim]
     return (
         f"{where}; {', '.join(f'{k} {v}' for k, v in versions.items())}; {args.dtype}, batch {args.batch} at "
-        f"{args.img_size}, {what}; median of {args.repeats} interleaved repeats after {args.warmup} warm-up; "
+        f"{args.img_size}, {what}, train step with {step}; median of {args.repeats} interleaved repeats after "
+        f"{args.warmup} warm-up; "
         f"commit {env['commit']}, {env['date'][:10]}. Ratio = ours / twin at the twin's faster layout (NCHW or "
         f"channels_last, named per row), ± the half-width of the 95 % t interval of the per-repeat ratios; "
         f"ours at its faster layout too. `{command}`"
@@ -415,6 +453,25 @@ def caption(args: argparse.Namespace, command: str, env: dict, versions: dict[st
 def markdown(rows: list[dict], head: str) -> str:
     notes = [f"- {r['model']}: {r['unsupported']}" for r in rows if r["unsupported"]]
     return "\n".join([head, "", HEADER, *map(format_row, rows)] + (["", "Layouts left out:", *notes] if notes else []))
+
+
+def spread_title(name: str) -> str:
+    compiled = "both sides torch.compile-d" if name.endswith("_compiled") else "eager"
+    return (
+        f"Train-step speed, ours / the timm twin at its faster layout ({compiled}; ± the 95 % interval of the "
+        f"per-repeat ratios), on every machine kind met (`{name}`):"
+    )
+
+
+def spread_cells(result: dict) -> dict[str, str]:
+    """A results file's row of the spread across machines: its setting, then each model's ratio."""
+    settings = result.get("settings", {})
+    optim = settings.get("optim", "sgd")  # files written before --optim timed SGD
+    cells = {"setting": f"{settings.get('dtype', '?')}, batch {settings.get('batch', '?')}, {optim}"}
+    for r in result["rows"]:
+        if r.get("twin"):
+            cells[r["model"]] = _ratio(r["train_ratio"], r["train_ratio_ci"])
+    return cells
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -435,10 +492,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--channels-last", action="store_true", help="time channels_last only (= --layouts channels_last)")
     p.add_argument("--compile", action="store_true", help="a second table with both sides torch.compile-d")
     p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default", help="torch.compile mode of both sides")
+    p.add_argument("--optim", choices=OPTIMS, default="sgd", help="the train step's update (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", type=Path, default=RESULTS, help="results folder (default: %(default)s)")
-    p.add_argument("--name", default=None, help="results file stem (default: speed_<device>_<dtype>)")
+    p.add_argument(
+        "--name", default=None, help="results name (default: speed_<device>_<dtype>[_<optim>]; files NAME_<machine>)"
+    )
+    p.add_argument(
+        "--spread-only", action="store_true", help="rewrite NAME_machines.md from the results in --out; measure nothing"
+    )
     args = p.parse_args(argv)
+    device = torch.device(args.device)
+    name = args.name or f"speed_{device.type}_{args.dtype}" + ("" if args.optim == "sgd" else f"_{args.optim}")
+    if args.spread_only:
+        for spread in (name, f"{name}_compiled"):
+            if path := write_spread(args.out, spread, spread_title(spread), spread_cells):
+                print(f"results: {path}")
+        return 0
     layouts = (
         ("channels_last",) if args.channels_last else tuple(s.strip() for s in args.layouts.split(",") if s.strip())
     )
@@ -457,18 +527,17 @@ def main(argv: list[str] | None = None) -> int:
         if why := twins.missing(m):
             print(f"zoo.bench speed: {why}", file=sys.stderr)
             return 2
-    device = torch.device(args.device)
     machine, versions = describe(), _versions(models)
     print(f"machine: {machine.summary()}; {', '.join(f'{k} {v}' for k, v in versions.items())}")
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(
-        f"speed: batch {args.batch}, {args.img_size}x{args.img_size}, {args.dtype}, {where}; layouts "
-        f"{', '.join(layouts)}; median of {args.repeats} interleaved repeats after {args.warmup} warm-up"
+        f"speed: batch {args.batch}, {args.img_size}x{args.img_size}, {args.dtype}, {where}, train step with "
+        f"{args.optim}; layouts {', '.join(layouts)}; median of {args.repeats} interleaved repeats after "
+        f"{args.warmup} warm-up"
     )
     command, env = command_line(PROG, argv), environment(torch.get_num_threads())
     env["versions"].update(versions)
-    stem = args.name or f"speed_{device.type}_{args.dtype}"
-    settings = {k: getattr(args, k) for k in ("batch", "img_size", "repeats", "warmup", "dtype", "device")}
+    settings = {k: getattr(args, k) for k in ("batch", "img_size", "repeats", "warmup", "dtype", "device", "optim")}
     for compile_mode in [None] + ([args.compile_mode] if args.compile else []):
         if compile_mode:
             print(f"\ncompiled: both sides torch.compile(mode={compile_mode!r})")
@@ -483,9 +552,10 @@ def main(argv: list[str] | None = None) -> int:
             device=device,
             layouts=layouts,
             compile_mode=compile_mode,
+            optim=args.optim,
         )
         text = markdown(rows, caption(args, command, env, versions, compile_mode is not None))
-        name = stem + ("_compiled" if compile_mode else "")
+        table = name + ("_compiled" if compile_mode else "")
         meta = {
             "command": command,
             **env,
@@ -493,7 +563,8 @@ def main(argv: list[str] | None = None) -> int:
             "machine_summary": machine.summary(),
             "settings": {**settings, "layouts": list(layouts), "compile_mode": compile_mode},
         }
-        paths = write_results(args.out, name, text, rows, COLUMNS, meta)
+        paths = write_results(args.out, results_stem(table, meta["machine"], str(device)), text, rows, COLUMNS, meta)
+        paths.append(write_spread(args.out, table, spread_title(table), spread_cells))
         for r in rows:
             if r["unsupported"]:
                 print(f"  layouts left out, {r['model']}: {r['unsupported']}")

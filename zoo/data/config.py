@@ -18,12 +18,18 @@ from zoo.data.rand_augment import parse_rand_augment
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-# Mean / std of MNIST-5k as the zoo serves it (28x28 digits zero-padded to 32x32, values / 255),
-# measured on the 5,000 images; the familiar (0.1307, 0.3081) are for the unpadded 28x28 digits.
-MNIST_MEAN: tuple[float, float, float] = (0.1005, 0.1005, 0.1005)
-MNIST_STD: tuple[float, float, float] = (0.2757, 0.2757, 0.2757)
-# Mean / std of ELPV as the zoo serves it (300x300 solar cells area-averaged to 64x64, values / 255),
-# measured on the 2,624 images (at 300x300 the std is 0.1606, at 32x32 0.1511; the mean is 0.5968).
+# MNIST-5k's normalisation: the one source of the values configs/mnist5k_poolformer.yaml (and so every
+# MNIST-5k config, by `base:`) and every shipped MNIST-5k weight file were trained with. A recipe
+# constant, not a measurement: the served images' own statistics (28x28 digits zero-padded to 32x32,
+# values / 255) are close to it and are measured by `python -m zoo.bench data-stats`
+# (zoo/bench/results/data_stats.md). Changing it changes the recipe the shipped weights were
+# trained with (tests/test_shipped_weights.py would say so); tests/test_data_stats.py holds the
+# default config to it and it to the measured statistics.
+MNIST_MEAN: tuple[float, float, float] = (0.1014, 0.1014, 0.1014)
+MNIST_STD: tuple[float, float, float] = (0.2816, 0.2816, 0.2816)
+# ELPV's normalisation: the mean / std of all its images as the zoo serves them (300x300 solar cells
+# area-averaged to 64x64, values / 255), as `python -m zoo.bench data-stats` measures them
+# (zoo/bench/results/data_stats.md); tests/test_data_embedded.py checks them against the images.
 ELPV_MEAN: tuple[float, float, float] = (0.5968, 0.5968, 0.5968)
 ELPV_STD: tuple[float, float, float] = (0.1571, 0.1571, 0.1571)
 
@@ -161,7 +167,7 @@ class DataConfig:
     num_workers: loader processes; None sizes them from the cores this process may use
     (zoo.train.hardware.plan_threads). holdout: when > 0, a seeded stratified share of the
     *training* images becomes the validation split and the dataset's own validation images are
-    not read at all: the split a hyper-parameter search tunes on (zoo.bench.sweep), so that the
+    not read at all: the split a hyper-parameter search tunes on (zoo.study), so that the
     split it reports stays unseen.
     """
 

@@ -17,7 +17,9 @@ defines ``init_weights()``, which the model calls after the generic init.
 Registered: ``pooling`` (PoolFormer), ``attention`` (ViT/DeiT; CAFormer without biases),
 ``conv_attention`` (CvT's convolutional projection; depthwise or per-head groups), ``token_shift``
 (ShiftViT), ``spatial_gating`` (gMLP's whole gated unit), ``sepconv`` (ConvFormer's inverted
-separable convolution), ``random_mixing`` (RandFormer's frozen random token mixing), ``identity``.
+separable convolution), ``random_mixing`` (RandFormer's frozen random token mixing), ``identity``,
+``conformer_conv`` (Conformer's convolution module) and ``attention_conformer_conv`` (attention then
+that module in one block, Conformer's order).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from .fused import (
     has_global_hooks,
     has_hooks,
 )
-from .norm import GroupNorm1, GroupNorm1NoBias
+from .norm import GroupNorm1, GroupNorm1NoBias, create_norm
 
 TOKEN_MIXERS: dict[str, type[nn.Module]] = {}
 
@@ -586,3 +588,93 @@ class SpatialGating(nn.Module):
         v = self.norm(v)
         v = self.proj(v.transpose(1, 2)).transpose(1, 2)  # mix tokens: (B, hidden/2, N) -> (B, N, hidden/2)
         return self.drop2(self.fc2(u * v))  # (B, N, hidden/2) -> (B, N, C)
+
+
+@register_token_mixer("conformer_conv")
+class ConformerConv(nn.Module):
+    """Conformer's convolution module on a map: pointwise conv to ``2 * dim`` channels, GLU,
+    depthwise conv, BatchNorm, Swish, pointwise conv, dropout.
+
+    Gulati et al. 2020, "Conformer: Convolution-augmented Transformer for Speech Recognition",
+    https://arxiv.org/abs/2005.08100, figure 2: the module's LayerNorm is the block's ``norm1``
+    here (pre-norm), and its residual the block's. The first pointwise convolution has expansion
+    factor 2, which the GLU (``a * sigmoid(b)``, ``a, b`` the two halves) halves back to ``dim``;
+    Swish is SiLU. The paper convolves a 1-D sequence of audio frames (kernel 32); on an image
+    the depthwise convolution is 2-D, ``kernel_size`` x ``kernel_size`` (default 7, the depthwise
+    kernel of ConvFormer's ``sepconv`` in this zoo; odd, so the map keeps its size). Biases as
+    torchaudio's ``Conformer`` (``bias=True``).
+    """
+
+    layout = "nchw"
+
+    def __init__(self, dim: int, *, kernel_size: int = 7, bias: bool = True, drop: float = 0.0):
+        super().__init__()
+        if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 != 1:
+            raise ValueError(
+                f"conformer_conv: kernel_size must be an odd positive int (the map keeps its size), got {kernel_size!r}"
+            )
+        self.pointwise_conv1 = nn.Conv2d(dim, 2 * dim, 1, bias=bias)
+        self.glu = nn.GLU(dim=1)
+        self.depthwise_conv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim, bias=bias)
+        self.batch_norm = nn.BatchNorm2d(dim)
+        self.activation = nn.SiLU()
+        self.pointwise_conv2 = nn.Conv2d(dim, dim, 1, bias=bias)
+        self.dropout = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        x = self.glu(self.pointwise_conv1(x))  # (B, C, H, W) -> (B, 2C, H, W) -> (B, C, H, W)
+        x = self.activation(self.batch_norm(self.depthwise_conv(x)))  # depthwise: (B, C, H, W)
+        return self.dropout(self.pointwise_conv2(x))  # (B, C, H, W)
+
+
+@register_token_mixer("attention_conformer_conv")
+class AttentionConformerConv(nn.Module):
+    """Multi-head self-attention, then Conformer's convolution module, in one token-mixer branch.
+
+    Gulati et al. 2020, https://arxiv.org/abs/2005.08100, figure 1: a Conformer block runs
+    attention, then the convolution module, each a pre-normed residual. Here both sit in one
+    block's token-mixer branch (the channel mixer follows, as Conformer's second feed-forward)::
+
+        a = attention(z)                                   # z = the block's norm1(x)
+        c = conformer_conv(conv_norm(z + a))               # conv_norm: LayerNorm over channels
+        return a + c                                       # the block adds it: x + ls1 * (a + c)
+
+    One difference from the paper: a block hands its mixer ``norm1(x)``, never ``x``, so the
+    convolution module sees the attention's residual sum on the normalised stream (``z + a``)
+    where Conformer's sees it on the raw one (``x + a``). Prefix tokens (a class token) take part
+    in attention and skip the convolution (it runs on the patch tokens laid out as the map),
+    as CvT's convolutional projection treats them. Options: those of ``attention`` and
+    ``conformer_conv`` (its ``drop`` as ``conv_drop``).
+    """
+
+    layout = "nlc"
+    stage_context = ("num_prefix_tokens",)
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        num_heads: int | None = None,
+        head_dim: int = 32,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        kernel_size: int = 7,
+        conv_drop: float = 0.0,
+        num_prefix_tokens: int = 0,
+    ):
+        super().__init__()
+        self.num_prefix_tokens = num_prefix_tokens
+        self.attention = Attention(
+            dim, num_heads=num_heads, head_dim=head_dim, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop
+        )
+        self.conv_norm = create_norm("layernorm", dim, "nchw")
+        self.conv = ConformerConv(dim, kernel_size=kernel_size, drop=conv_drop)
+
+    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        B, _, C = x.shape
+        p = self.num_prefix_tokens
+        a = self.attention(x, grid)  # (B, N, C)
+        fmap = (x + a)[:, p:].transpose(1, 2).reshape(B, C, *grid)  # patch tokens: (B, H*W, C) -> (B, C, H, W)
+        c = self.conv(self.conv_norm(fmap), grid).flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, H*W, C)
+        return a + F.pad(c, (0, 0, p, 0))  # prefix tokens get no convolution: (B, p + H*W, C)

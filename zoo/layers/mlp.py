@@ -19,6 +19,8 @@ Names in the registry:
 ``moe``                   :class:`zoo.layers.moe.MoE` (routed mixture of experts: token or expert choice,
                           routing groups of one image by default)
 ``soft_moe``              :class:`zoo.layers.soft_moe.SoftMoE` (Soft MoE: soft slots, nothing dropped)
+``sparse_ffn``            :class:`zoo.layers.sparse_ffn.SparseFFN` ("Sparse is Enough": one unit a block
+                          of ``block_size``, picked by a low-rank controller)
 ``identity``              :class:`IdentityChannelMixer` (no channel mixing, no parameters)
 ========================  ===================================================================
 
@@ -56,6 +58,7 @@ from .init import trunc_normal_init_
 from .moe import MoE
 from .norm import create_norm
 from .soft_moe import SoftMoE
+from .sparse_ffn import SparseFFN
 
 __all__ = [
     "CHANNEL_MIXERS",
@@ -240,6 +243,7 @@ CHANNEL_MIXERS: dict[str, Callable[..., nn.Module]] = {
     "squared_relu_glu": functools.partial(GluMlp, act="squared_relu"),
     "moe": MoE,
     "soft_moe": SoftMoE,
+    "sparse_ffn": SparseFFN,
     "identity": IdentityChannelMixer,
 }
 # Alias -> the entry it names. An alias is resolved before anything else, so it takes the same

@@ -4,7 +4,7 @@ Importing this package registers every family (``zoo_*``) here and in timm's reg
 """
 
 # metaformer before poolformer: its timm layout (MetaFormer-v2 keys) must be tried before PoolFormer v1's.
-from . import cvt, gmlp, metaformer, poolformer, vit, widenet  # noqa: F401  (registers the families)
+from . import cct, cvt, gmlp, metaformer, poolformer, vit, widenet  # noqa: F401  (registers the families)
 from .backbone import Block, Stage, ZooModel
 from .pretrained import CheckpointError, load_state_into, read_state_dict
 from .registry import BASELINES, create_model, get_spec, list_models

@@ -29,7 +29,7 @@ from timm.models import register_notrace_function, register_notrace_module
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..layers.embed import ConvEmbed
+from ..layers.embed import ConvEmbed, sine_position_table
 from ..layers.init import trunc_normal_init_
 from ..layers.mixers import TOKEN_MIXERS, RandomMixing, SpatialGating, create_token_mixer, token_mixer_layout
 from ..layers.mlp import MlpHead, create_channel_mixer
@@ -68,18 +68,24 @@ def feature_take_indices(num_features: int, indices: int | Sequence[int] | None 
 def channels_last_on_cpu(x: torch.Tensor) -> torch.Tensor:
     # channels_last on the CPU: oneDNN's pooling and 1x1 convolutions run natively on it,
     # with no reorder between layers; on a GPU cuDNN's kernels are the faster ones in NCHW,
-    # so maps stay as they come there. Both are timed in the README's speed tables
-    # (zoo_poolformer_s12 on the CPU; the H100 table and the note under it).
+    # so maps stay as they come there. The CPU side is timed in the README's speed table
+    # (zoo_poolformer_s12).
     # (A function timm's FX tracer wraps: the branch reads the tensor's device.)
     return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else x
 
 
 @register_notrace_function
 def pos_embed_at(
-    pos_embed: torch.Tensor, grid: tuple[int, int], new_grid: tuple[int, int], num_prefix_tokens: int, dynamic: bool
+    pos_embed: torch.Tensor,
+    grid: tuple[int, int],
+    new_grid: tuple[int, int],
+    num_prefix_tokens: int,
+    dynamic: bool,
+    sine: bool = False,
 ) -> torch.Tensor:
-    """The position embedding for a ``new_grid`` of patch tokens: as built, or interpolated when the
-    model was created with ``dynamic_img_size=True``. (FX-wrapped: it compares sizes of the input.)"""
+    """The position embedding for a ``new_grid`` of patch tokens: as built, or for a model created
+    with ``dynamic_img_size=True`` interpolated (learned) or recomputed for the new token count (a
+    sine table). (FX-wrapped: it compares sizes of the input.)"""
     new_grid = (int(new_grid[0]), int(new_grid[1]))
     if new_grid == tuple(grid):
         return pos_embed
@@ -89,6 +95,11 @@ def pos_embed_at(
             f"gives {new_grid[0]}x{new_grid[1]}: create the model with the img_size you feed it, or "
             "with dynamic_img_size=True (the embedding is then interpolated per input)"
         )
+    if sine:
+        table = sine_position_table(
+            num_prefix_tokens + new_grid[0] * new_grid[1], pos_embed.shape[-1], pos_embed.device
+        )
+        return table.to(pos_embed.dtype)
     return resample_abs_pos_embed(pos_embed, list(new_grid), num_prefix_tokens=num_prefix_tokens)
 
 
@@ -106,6 +117,21 @@ def check_input(x: torch.Tensor, name: str, in_chans: int, min_size: int) -> Non
         raise ValueError(f"{name} needs images of at least {min_size}x{min_size}, got {x.shape[-2]}x{x.shape[-1]}")
 
 
+class SequencePool(nn.Module):
+    """Sequence pooling (Hassani et al., "Escaping the Big Data Paradigm with Compact Transformers",
+    https://arxiv.org/abs/2104.05704): a learned score per token, softmax over the tokens, and the
+    score-weighted sum of the tokens, in place of a class token. ``attention`` is the official
+    ``attention_pool`` linear layer."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.attention = nn.Linear(dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights = self.attention(x).softmax(dim=1)  # (B, N, C) -> (B, N, 1), summing to 1 over N
+        return (weights.transpose(1, 2) @ x).squeeze(1)  # (B, 1, N) @ (B, N, C) -> (B, C)
+
+
 class LayerScale(nn.Module):
     """Learned per-channel scale: of a residual branch (layer scale, CaiT,
     https://arxiv.org/abs/2103.17239) or of the residual path (res scale, MetaFormer-v2)."""
@@ -120,7 +146,8 @@ class LayerScale(nn.Module):
 
 
 class Block(nn.Module):
-    """Token mixer then channel mixer, each pre-normed, scaled and added to the residual.
+    """Token mixer then channel mixer, each pre-normed, scaled and added to the residual (or, with
+    ``channel_norm="residual"``, the second norm applied to the residual stream itself: CCT).
 
     ``token_mixer`` and ``channel_mixer`` are built by the stage and may be shared with other
     blocks (weight sharing); norms and layer scales always belong to this block. A block without
@@ -139,9 +166,12 @@ class Block(nn.Module):
         layer_scale: float | None,
         drop_path: float,
         res_scale: float | None = None,
+        channel_norm: str = "pre",
     ):
         super().__init__()
         self.layout = layout
+        # CCT's block normalises the residual stream itself before the channel mixer's branch
+        self.norm_residual = channel_norm == "residual"
 
         def scale(init: float | None) -> nn.Module:
             return LayerScale(dim, init, layout) if init is not None else nn.Identity()
@@ -171,7 +201,11 @@ class Block(nn.Module):
         y = fused(x, self.norm1, self.ls1, self.res_scale1, self.drop_path) if fused is not None else None
         x = y if y is not None else self.res_scale1(x) + self.drop_path(self.ls1(self.token_mixer(self.norm1(x), grid)))
         if self.channel_mixer is not None:
-            x = self.res_scale2(x) + self.drop_path(self.ls2(self._mix_channels(self.norm2(x))))
+            if self.norm_residual:  # CCT: x = norm2(x); x = x + mlp(x)
+                x = self.norm2(x)
+                x = self.res_scale2(x) + self.drop_path(self.ls2(self._mix_channels(x)))
+            else:
+                x = self.res_scale2(x) + self.drop_path(self.ls2(self._mix_channels(self.norm2(x))))
         return x
 
 
@@ -192,13 +226,22 @@ class Stage(nn.Module):
         dim = spec.dim
         # MetaFormer-v2 normalises the previous stage's map before downsampling it
         self.embed_pre_norm = create_norm(spec.embed.pre_norm, in_dim, "nchw")
+        e = spec.embed
         self.embed = ConvEmbed(
             in_dim,
             dim,
-            kernel=spec.embed.kernel,
-            stride=spec.embed.stride,
-            padding=spec.embed.padding,
-            norm=spec.embed.norm,
+            kernel=e.kernel,
+            stride=e.stride,
+            padding=e.padding,
+            norm=e.norm,
+            bias=e.bias,
+            layers=e.layers,
+            hidden_dim=e.hidden_dim,
+            act=e.act,
+            pool_kernel=e.pool_kernel,
+            pool_stride=e.pool_stride,
+            pool_padding=e.pool_padding,
+            init=e.init,
         )
         layout = token_mixer_layout(spec.token_mixer)
         has_tokens = spec.num_prefix_tokens > 0 or spec.pos_embed
@@ -217,7 +260,11 @@ class Stage(nn.Module):
 
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if spec.class_token else None
         self.dist_token = nn.Parameter(torch.zeros(1, 1, dim)) if spec.dist_token else None
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, dim)) if spec.pos_embed else None
+        self.sine_pos_embed = spec.pos_embed == "sine"
+        if self.sine_pos_embed:  # fixed: a buffer, in the state dict as CCT's checkpoints hold it
+            self.register_buffer("pos_embed", sine_position_table(num_tokens, dim))
+        else:
+            self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, dim)) if spec.pos_embed else None
 
         context = {"num_tokens": num_tokens, "num_prefix_tokens": self.num_prefix_tokens, "grid": self.grid}
         hidden = int(dim * spec.mlp_ratio)
@@ -246,6 +293,7 @@ class Stage(nn.Module):
                 layer_scale=spec.layer_scale,
                 res_scale=spec.res_scale,
                 drop_path=drop_path[i],
+                channel_norm=spec.channel_norm,
             )
             for i in range(spec.depth)
         )
@@ -262,7 +310,9 @@ class Stage(nn.Module):
         if prefix:
             x = torch.cat([*prefix, x], dim=1)  # (B, prefix + H*W, C)
         if self.pos_embed is not None:
-            x = x + pos_embed_at(self.pos_embed, self.grid, (H, W), self.num_prefix_tokens, self.dynamic_img_size)
+            x = x + pos_embed_at(
+                self.pos_embed, self.grid, (H, W), self.num_prefix_tokens, self.dynamic_img_size, self.sine_pos_embed
+            )
         return x, (H, W)
 
     def to_map(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -317,7 +367,7 @@ class ZooModel(nn.Module):
         self.global_pool = spec.global_pool
         self.distilled_training = False
         last = spec.stages[-1]
-        _check_pool(name, spec.global_pool, last.class_token)
+        _check_pool(name, spec.global_pool, last.num_prefix_tokens > 0)
         if spec.distilled and not last.dist_token:
             raise ValueError(f"{name}: distilled=True needs a distillation token in the last stage")
         if spec.dynamic_img_size and any(_per_token_weights(s) for s in spec.stages):
@@ -344,7 +394,7 @@ class ZooModel(nn.Module):
                     raise
                 raise prefixed from None
             stages.append(stage)
-            reduction *= s.embed.stride
+            reduction *= s.embed.reduction
             size, in_dim, start = stage.grid, s.dim, start + s.depth
             if len(spec.stages) > 1:
                 feature_info.append({"num_chs": s.dim, "reduction": reduction, "module": f"stages.{i}"})
@@ -366,6 +416,8 @@ class ZooModel(nn.Module):
             raise ValueError(f"{name}: an MLP head (head_mlp_ratio) and distilled=True do not combine")
         # The MLP head drops out between its norm and fc2 (official MetaFormer-v2); a linear head before it.
         self.head_drop = nn.Dropout(spec.drop_rate if spec.head_mlp_ratio is None else 0.0)
+        # CCT's sequence pooling: its weights belong to the head, built when the pooling asks for them
+        self.seq_pool = SequencePool(last.dim) if spec.global_pool == "seqpool" else None
         self.head = self._new_head(spec.num_classes)
         self.head_dist = self._new_head(spec.num_classes) if spec.distilled else None
         self.pretrained_cfg = self.default_cfg = spec_pretrained_cfg(spec, name)
@@ -382,7 +434,7 @@ class ZooModel(nn.Module):
                 m.init_weights()
         for stage in self.stages:
             for t in (stage.cls_token, stage.dist_token, stage.pos_embed):
-                if t is not None:
+                if isinstance(t, nn.Parameter):  # (a sine position table is a fixed buffer)
                     trunc_normal_init_(t)
         self._has_moe = bool(moe_modules(self))
 
@@ -488,10 +540,15 @@ class ZooModel(nn.Module):
         returns the unpooled map or tokens. The new head is made on the model's device and dtype.
         """
         if global_pool is not None:
-            _check_pool(self.name, global_pool, self.stages[-1].cls_token is not None)
+            _check_pool(self.name, global_pool, self.stages[-1].num_prefix_tokens > 0)
             self.global_pool = global_pool
         ref = next(self.parameters())
         dd = {"device": ref.device, "dtype": ref.dtype}
+        if self.global_pool == "seqpool" and self.seq_pool is None:  # switched to sequence pooling: new weights
+            with torch.device(ref.device):
+                self.seq_pool = SequencePool(self.num_features).to(dtype=ref.dtype)
+            self.seq_pool.apply(_init_weights)
+            self.seq_pool.train(self.training)
         self.num_classes = num_classes
         self.head = self._new_head(num_classes, **dd)
         if self.head_dist is not None:
@@ -526,7 +583,11 @@ class ZooModel(nn.Module):
         size = (img_size, img_size) if isinstance(img_size, int) else (int(img_size[0]), int(img_size[1]))
         for stage in self.stages:
             grid = (stage.embed.out_size(size[0]), stage.embed.out_size(size[1]))
-            if stage.pos_embed is not None and grid != stage.grid:
+            if stage.sine_pos_embed and grid != stage.grid:  # a fixed table: recomputed for the new token count
+                n = stage.num_prefix_tokens + grid[0] * grid[1]
+                table = sine_position_table(n, stage.spec.dim, stage.pos_embed.device)
+                stage.pos_embed = table.to(stage.pos_embed)  # (assigning a tensor replaces the buffer)
+            elif stage.pos_embed is not None and grid != stage.grid:
                 with torch.no_grad():
                     new = resize_pos_embed(stage.pos_embed.data, grid, stage.num_prefix_tokens)
                 stage.pos_embed = nn.Parameter(new, requires_grad=stage.pos_embed.requires_grad)
@@ -537,19 +598,30 @@ class ZooModel(nn.Module):
             self.spec = dataclasses.replace(self.spec, img_size=in_size[1])
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Last stage's output: tokens (B, N, C) or a map (B, C, H, W); normed when the norm
-        sits on the map."""
+        """Last stage's output: tokens (B, N, C) or a map (B, C, H, W) (always a map with
+        ``features_as_map``); normed when the norm sits on the map."""
         self._check_input(x)
         self._reset_aux_loss()
-        x, _ = self._run_stages(x)
+        x, grid, _ = self._run_stages(x)
+        if self.spec.features_as_map:  # timm's CAFormer layout: maps, whatever the last stage ran on
+            x = self.stages[-1].to_map(x, grid)
         return self.norm(x) if self.spec.head_norm_on == "map" else x
 
+    def _maps_out(self) -> bool:
+        """Whether forward_features gives maps (B, C, H, W) rather than tokens (B, N, C)."""
+        return self.stages[-1].layout == "nchw" or self.spec.features_as_map
+
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
-        """timm's global pools: over the map's positions, or the patch tokens ("token": the class token)."""
+        """timm's global pools: over the map's positions, or the patch tokens ("token": the class
+        token); "seqpool": CCT's learned weights over all tokens (a map's positions flattened first)."""
         pool = self.global_pool
         if not pool:
             return x
-        if self.stages[-1].layout == "nchw":
+        if pool == "seqpool":  # no prefix tokens here: the spec and reset_classifier refuse them
+            if self._maps_out():
+                x = x.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, H*W, C)
+            return self.seq_pool(x)
+        if self._maps_out():
             dims: tuple[int, ...] = (2, 3)  # (B, C, H, W) -> (B, C)
         else:
             if pool == "token":
@@ -564,7 +636,7 @@ class ZooModel(nn.Module):
     def _channels(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """A layer over the channels: the last axis, or axis 1 of an unpooled map (decided by the
         model's state, not the tensor's rank, so that FX can trace it)."""
-        if not self.global_pool and self.stages[-1].layout == "nchw":
+        if not self.global_pool and self._maps_out():
             return layer(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (B, C, H, W) <-> (B, H, W, C)
         return layer(x)
 
@@ -599,12 +671,12 @@ class ZooModel(nn.Module):
         *,
         norm_taps: bool = False,
         stop: tuple[int, int | None] | None = None,
-    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, int]]]:
+    ) -> tuple[torch.Tensor, tuple[int, int], list[tuple[torch.Tensor, int, tuple[int, int]]]]:
         """The stage walk: each stage embeds the previous one's output (as an NCHW map) and runs its
         blocks. Returns the last block's output and, at each (stage, block) of ``taps``, that block's
         output as it is (tokens or map; through the final norm where ``norm_taps`` and the norm's
-        stage) with its stage index. ``stop``: the (stage, block) to end at, ``block`` None for the
-        whole stage; None runs everything."""
+        stage) with its stage index and grid; the last block's grid comes second. ``stop``: the
+        (stage, block) to end at, ``block`` None for the whole stage; None runs everything."""
         last_stage, last_block = (len(self.stages) - 1, None) if stop is None else stop
         intermediates = []
         grid = self.stages[0].grid  # each stage's output grid, set by the loop before it is read
@@ -618,7 +690,7 @@ class ZooModel(nn.Module):
                 if (i, j) in taps:
                     y = self.norm(x) if norm_taps and i == self._norm_stage else x
                     intermediates.append((y, i, grid))
-        return x, intermediates
+        return x, grid, intermediates
 
     def _tap(self, y: torch.Tensor, i: int, grid: tuple[int, int], output_fmt: str, return_prefix_tokens: bool):
         """A tap in timm's ``output_fmt``: NCHW maps or NLC tokens (patch tokens only), with the
@@ -658,10 +730,12 @@ class ZooModel(nn.Module):
         last_stage, last_block = taps[max_index] if stop_early else (len(self.stages) - 1, None)
         # The final norm is built for the last stage of the spec; it never applies to another stage.
         map_norm = self.spec.head_norm_on == "map" and self._norm_stage is not None
-        x, found = self._run_stages(x, wanted, norm_taps=norm and map_norm, stop=(last_stage, last_block))
-        intermediates = [self._tap(y, i, grid, output_fmt, return_prefix_tokens) for y, i, grid in found]
+        x, grid, found = self._run_stages(x, wanted, norm_taps=norm and map_norm, stop=(last_stage, last_block))
+        intermediates = [self._tap(y, i, g, output_fmt, return_prefix_tokens) for y, i, g in found]
         if intermediates_only:
             return intermediates
+        if self.spec.features_as_map:  # as forward_features: a map
+            x = self.stages[last_stage].to_map(x, grid)
         if map_norm and last_stage == self._norm_stage:
             x = self.norm(x)
         return x, intermediates
@@ -735,6 +809,7 @@ def _per_token_weights(stage: StageSpec) -> bool:
 
 
 def _check_pool(name: str, pool: str, has_class_token: bool) -> None:
+    """``pool`` is one of timm's (or seqpool) and fits the last stage's prefix tokens."""
     from .specs import GLOBAL_POOLS
 
     if pool not in GLOBAL_POOLS:
@@ -742,6 +817,11 @@ def _check_pool(name: str, pool: str, has_class_token: bool) -> None:
         raise ValueError(f"{name}: global_pool={pool!r}: expected one of {list(GLOBAL_POOLS)}{hint}")
     if pool == "token" and not has_class_token:
         raise ValueError(f"{name}: global_pool='token' needs a class token in the last stage")
+    if pool == "seqpool" and has_class_token:
+        raise ValueError(
+            f"{name}: global_pool='seqpool' pools all tokens with learned weights; the last stage has a class "
+            "token (use 'token', or a model without one)"
+        )
 
 
 def spec_pretrained_cfg(spec: ModelSpec, name: str) -> dict:
@@ -749,8 +829,7 @@ def spec_pretrained_cfg(spec: ModelSpec, name: str) -> dict:
     checkpoint's tag overlays file, tag, preprocessing and class count; see registry.py)."""
     size = (spec.img_size, spec.img_size)
     for s in spec.stages:
-        e = s.embed
-        size = tuple((n + 2 * e.padding - e.kernel) // e.stride + 1 for n in size)
+        size = (s.embed.out_size(size[0]), s.embed.out_size(size[1]))
     fixed = (any(s.pos_embed for s in spec.stages) and not spec.dynamic_img_size) or any(
         _per_token_weights(s) for s in spec.stages
     )

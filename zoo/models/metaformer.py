@@ -19,6 +19,9 @@ Token mixers per stage: IdentityFormer ``identity``; RandFormer ``identity`` twi
 tokens); PoolFormerV2 ``pooling``; ConvFormer ``sepconv``; CAFormer ``sepconv`` twice then
 ``attention`` (heads of 32 channels, no biases).
 
+Features: ``forward_features`` and ``forward_intermediates`` return maps (B, C, H, W) for every
+family, CAFormer's token stages included, as timm's ``MetaFormer`` does (``features_as_map``).
+
 Checkpoints: timm's ports of PoolFormerV2, ConvFormer and CAFormer (``stem.conv``,
 ``stages.i.downsample``, ``head.fc``) and the official layout (``downsample_layers``,
 ``stages.i.j``) load with ``zoo.create_model(name, pretrained=<file>)``. timm's MLP head normalises
@@ -103,6 +106,9 @@ def metaformer_v2(
         head_norm_on="pooled",
         head_mlp_ratio=4.0 if family.mlp_head else None,
         crop_pct=1.0,  # the official and timm's eval crop for every MetaFormer-v2 model
+        # features as maps (B, C, H, W), as timm's MetaFormer returns them: CAFormer's attention stages
+        # run on tokens here, and forward_features / forward_intermediates give them back as maps
+        features_as_map=True,
         paper=PAPER,
     )
 

@@ -31,6 +31,9 @@ class Layout:
     rules: tuple[tuple[str, str], ...]  # (regex, replacement), applied in order to every key
     # A warning to give when this layout is loaded into a given model (an architecture caveat), or None.
     note: Callable[[nn.Module], str | None] = lambda model: None
+    # For the error when the weights do not fit: the architecture a state dict in OUR key layout holds
+    # (e.g. "CCT-7/3x1"), applied to the renamed checkpoint and to the model's own state; None: no summary.
+    describe: Callable[[StateDict], str] | None = None
 
 
 _LAYOUTS: list[Layout] = []
@@ -45,6 +48,10 @@ def exact_logits_hint(difference: str, overrides: dict) -> str:
 
 def register_layout(layout: Layout) -> None:
     _LAYOUTS.append(layout)
+
+
+def _layout_named(name: str) -> Layout | None:
+    return next((layout for layout in _LAYOUTS if layout.name == name), None)
 
 
 class CheckpointError(ValueError):
@@ -196,7 +203,18 @@ def _adapt(state: StateDict, model: nn.Module, source: str) -> None:
             from .backbone import resize_pos_embed
 
             stage = model.get_submodule(k.rsplit(".", 1)[0])
-            state[k] = resize_pos_embed(v, stage.grid, stage.num_prefix_tokens)
+            if getattr(stage, "sine_pos_embed", False):  # a fixed table: the model's own, for its token count
+                state[k] = own[k]
+            else:
+                state[k] = resize_pos_embed(v, stage.grid, stage.num_prefix_tokens)
+    for k, v in own.items():  # a sine table is fixed: a checkpoint that learned its positions is another model
+        stage = model.get_submodule(k.rsplit(".", 1)[0]) if k.endswith("pos_embed") else None
+        if getattr(stage, "sine_pos_embed", False) and k in state and v.device.type != "meta":
+            if not torch.allclose(state[k].to(v), v, atol=1e-5):
+                raise CheckpointError(
+                    f"{source}: {k} holds learned positions, the model a fixed sine table "
+                    "(pos_embed='sine'): create it with pos_embed='learned'"
+                )
 
 
 def _mismatch_message(model: nn.Module, state: StateDict) -> str | None:
@@ -224,6 +242,12 @@ def load_state_into(model: nn.Module, state: StateDict, source: str) -> str:
     problem = _mismatch_message(model, state)
     if problem:
         arch = getattr(model, "name", type(model).__name__)
+        found = _layout_named(layout)
+        if found is not None and found.describe is not None:  # say which architecture each side is
+            theirs, ours = found.describe(state), found.describe(model.state_dict())
+            raise CheckpointError(
+                f"{source}: a {layout} checkpoint of {theirs} does not fit {arch}, a {ours}: {problem}"
+            )
         raise CheckpointError(f"{source}: weights do not fit {arch} (layout {layout}): {problem}")
     model.load_state_dict(state, strict=True)
     return layout

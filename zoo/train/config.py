@@ -17,7 +17,7 @@ relative to it, merged section by section); it is the only key that is not a fie
     ema:        enabled, decay, warmup
     distill:    type, teacher, teacher_checkpoint, alpha, tau
     checkpoint: every_steps, keep_last
-    log:        progress, tensorboard, plot
+    log:        progress, tensorboard, plot, trackers
     debug:      nan_at_steps
 """
 
@@ -94,7 +94,7 @@ class LoopConfig:
 class OptimConfig:
     # Library, fixed hyper-parameters and their sources: zoo.train.optim.OPTIMIZERS. muon: torch's
     # Muon on the blocks' 2-D weights, AdamW on the rest.
-    name: Literal["adamw", "sgd", "lamb", "lion", "kron", "soap", "shampoo", "sm3", "muon"] = "adamw"
+    name: Literal["adamw", "sgd", "lamb", "lion", "kron", "soap", "shampoo", "shampoo_plain", "sm3", "muon"] = "adamw"
     lr: float | None = field(default=None, metadata=bounds(gt=0))  # absolute; None: the scaling rule
     base_lr: float = field(default=5e-4, metadata=bounds(gt=0))  # DeiT: lr = 5e-4 * batch / 512
     lr_base_batch: int = field(default=512, metadata=bounds(ge=1))
@@ -105,9 +105,16 @@ class OptimConfig:
     eps: float = field(default=1e-8, metadata=bounds(gt=0))  # adamw, lamb, muon's AdamW part
     momentum: float = field(default=0.9, metadata=bounds(ge=0, lt=1))  # sgd, kron
     nesterov: bool = True  # sgd
-    # soap: eigenbasis refresh every N steps (default 10); shampoo: inverse roots every N steps
-    # (default 1); kron: preconditioner update every N steps (default: timm's probability schedule).
+    # soap: eigenbasis refresh every N steps; shampoo, shampoo_plain: inverse roots every N steps;
+    # kron: preconditioner update every N steps (None: each one's default, OPTIMIZERS).
     precondition_frequency: int | None = field(default=None, metadata=bounds(ge=1))
+    # shampoo (Anil et al. 2020) only; None: the defaults in OPTIMIZERS["shampoo"]. graft_type: whose
+    # per-layer step size the Shampoo direction takes (a pytorch-optimizer LayerWiseGrafting name);
+    # block_size: largest preconditioner block; start_preconditioning_step: first step that uses the
+    # preconditioners (before it, the graft's own update; None: precondition_frequency + 1).
+    graft_type: str | None = None
+    block_size: int | None = field(default=None, metadata=bounds(ge=1))
+    start_preconditioning_step: int | None = field(default=None, metadata=bounds(ge=1))
     clip_grad: float | None = field(default=None, metadata=bounds(gt=0))  # max global grad norm
     # No weight decay on 1-d params (norms, biases) nor on model.no_weight_decay() names (tokens,
     # position embeddings): DeiT's rule.
@@ -123,7 +130,7 @@ class OptimConfig:
         # Which optimizer reads which field is zoo.train.optim's table (imported here: optim imports config).
         from dataclasses import fields
 
-        from .optim import OPTIMIZERS, per_optimizer_fields
+        from .optim import OPTIMIZERS, check_shampoo_fields, per_optimizer_fields
 
         def shown(v: Any) -> str:  # as YAML writes it
             return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(to_dict(v))
@@ -136,6 +143,7 @@ class OptimConfig:
                     f"{key}: optim.name {self.name!r} does not use it (read by {', '.join(users)}); "
                     f"leave it at its default {shown(defaults[key])}"
                 )
+        check_shampoo_fields(self)
 
 
 @dataclass(frozen=True)
@@ -185,8 +193,17 @@ class CheckpointConfig:
 @dataclass(frozen=True)
 class LogConfig:
     progress: bool = True  # tqdm bar on the main process
-    tensorboard: bool = True  # when torch.utils.tensorboard is importable
+    # Also TensorBoard when it is installed (through Accelerate, as log.trackers: [tensorboard] does,
+    # which requires it): the soft default that stored configs carry.
+    tensorboard: bool = True
     plot: bool = True  # curves.png at the end
+    # Accelerate's experiment trackers that get the per-epoch metrics, each kept under
+    # <run>/trackers (MLflow: a local SQLite store; W&B: offline): zoo.train.metrics.Trackers.
+    trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = field(default_factory=list)
+
+    def validate(self) -> None:
+        if len(set(self.trackers)) != len(self.trackers):
+            raise ValueError(f"trackers: each tracker once, got {self.trackers}")
 
 
 @dataclass(frozen=True)
@@ -264,7 +281,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 # How a run executes on a machine, not what it trains: two configs that differ only here are
 # the same recipe (a shipped checkpoint's command stays its command on any machine).
-EXECUTION_KEYS = ("data.num_workers", "train.num_threads", "log.progress", "log.tensorboard", "log.plot")
+EXECUTION_KEYS = (
+    "data.num_workers",
+    "train.num_threads",
+    "log.progress",
+    "log.tensorboard",
+    "log.plot",
+    "log.trackers",
+)
 
 
 def recipe_changes(a: TrainConfig, b: TrainConfig) -> list[str]:

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 import yaml
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import set_seed
+from accelerate.utils import ProjectConfiguration, set_seed
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from torch import nn
@@ -75,8 +75,8 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import TrainConfig, changed_keys, config_to_yaml
-from .metrics import JsonLog, TensorBoard, plot_curves, read_epochs, topk_correct, truncate_log
-from .optim import create_optimizer, lr_at
+from .metrics import JsonLog, Trackers, plot_curves, read_epochs, topk_correct, tracker_names, truncate_log
+from .optim import create_optimizer, lr_at, optimizer_summary
 from .strict import ConfigError, to_dict
 
 __all__ = ["LoopState", "RunResult", "TrainingStopped", "evaluate", "run"]
@@ -98,6 +98,14 @@ class RunResult:
     steps: int
     wall_s: float
     stopped_by: str | None = None  # "on_epoch" when the caller's callback ended the run early
+    # last epoch's balanced error (%, the mean of the per-class error rates) and per-class recall (%)
+    balanced_err: float | None = None
+    recall: list[float] | None = None
+    # where this process's wall time went: startup (until the first step), train (the steps and
+    # their data loading), eval, checkpoint, finish (exports, plots); a study's overhead figure
+    seconds: dict[str, float] = field(default_factory=dict)
+    precision: str | None = None  # as resolved (auto -> bf16/fp32)
+    threads: int | None = None  # compute threads
 
 
 @dataclass
@@ -182,7 +190,11 @@ class Session:
     meta: dict[str, Any]  # written into every exported weights file's header
     metrics_log: JsonLog
     steps_log: JsonLog
-    tb: TensorBoard
+    trackers: Trackers  # Accelerate's experiment trackers (log.trackers)
+    precision: str = ""
+    seconds: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys(("startup", "train", "eval", "checkpoint"), 0.0)
+    )
 
     @property
     def run_dir(self) -> Path:
@@ -206,24 +218,31 @@ def run(
     written, and ``TrainingStopped`` when too many consecutive steps were non-finite (after saving
     a checkpoint).
     """
+    s: Session | None = None
     try:
         t0 = time.time()
         setup = build(cfg, resume)
         open_run_dir(cfg, setup)
         s = prepare(cfg, setup)
+        s.trackers.start(cfg.name, to_dict(cfg), resumed=setup.resume_from is not None)  # before restore's truncation
         st = restore(s, setup.resume_from)
         if cfg.debug.nan_at_steps and s.accelerator.process_index == 0:
             s.criterion = _NanAtSteps(s.criterion, cfg.debug.nan_at_steps, st)
         last, stopped_by = None, None
         s.model.train()
+        s.seconds["startup"] = time.time() - t0
         while st.epoch < cfg.train.epochs and not _reached_max_steps(cfg, st):
+            t_epoch, checkpoint_s = time.time(), s.seconds["checkpoint"]
             end_of_epoch = train_one_epoch(s, st)
+            s.seconds["train"] += time.time() - t_epoch - (s.seconds["checkpoint"] - checkpoint_s)
             last = end_epoch(s, st, end_of_epoch)
             if on_epoch is not None and on_epoch(last):
                 stopped_by = "on_epoch"
                 break
         return finish(s, st, last, time.time() - t0, stopped_by)
     finally:
+        if s is not None:  # closed already unless the run raised (an open MLflow run would refuse the next)
+            s.trackers.end()
         # Accelerate keeps its settings (mixed precision, accumulation steps) in process-wide
         # singletons that refuse different values later; forget them so that another run() in this
         # process (tests, notebooks) may choose its own. The process group (PartialState) stays.
@@ -272,8 +291,13 @@ def build(cfg: TrainConfig, resume: str | None) -> Setup:
         if not hasattr(model, "set_distilled_training"):
             raise ConfigError(f"distill.type: {cfg.model.name} has no distillation token; use a *_distilled_* model")
         teacher = _create_teacher(cfg, num_classes, in_chans)
+    trackers = tracker_names(cfg.log.trackers, cfg.log.tensorboard)
     accelerator = Accelerator(
-        cpu=cpu, mixed_precision={"fp32": "no"}.get(precision, precision), gradient_accumulation_steps=accum
+        cpu=cpu,
+        mixed_precision={"fp32": "no"}.get(precision, precision),
+        gradient_accumulation_steps=accum,
+        log_with=trackers or None,
+        project_config=ProjectConfiguration(logging_dir=str(cfg.run_dir / "trackers")),
     )
     # the process's allocator changes only once everything above has passed its checks
     allocator = (keep_freed_memory() if allocator == "reuse" else None) or "the system allocator's defaults"
@@ -396,6 +420,7 @@ def prepare(cfg: TrainConfig, setup: Setup) -> Session:
     # on resume): save_checkpoint / load_checkpoint keep it as safetensors.
     ema = ModelEmaV3(model, decay=cfg.ema.decay, use_warmup=cfg.ema.warmup) if cfg.ema.enabled else None
     optimizer = create_optimizer(model, cfg)
+    _print(acc, f"optimizer: {optimizer_summary(cfg.optim)}")
     prepared, optimizer = acc.prepare(model, optimizer)
     mixup = create_mixup(cfg.aug, setup.num_classes)
     criterion = _train_criterion(cfg, mixup is not None)
@@ -428,7 +453,8 @@ def prepare(cfg: TrainConfig, setup: Setup) -> Session:
         meta=meta,
         metrics_log=JsonLog(run_dir / "metrics.jsonl", main),
         steps_log=JsonLog(run_dir / "steps.jsonl", main),
-        tb=TensorBoard(run_dir / "tb", cfg.log.tensorboard and main),
+        trackers=Trackers(acc, run_dir),
+        precision=setup.precision,
     )
 
 
@@ -573,7 +599,9 @@ def _optimizer_step(s: Session, st: LoopState, micro_losses: list[torch.Tensor])
 def end_epoch(s: Session, st: LoopState, end_of_epoch: bool) -> dict[str, Any]:
     """Evaluate, log and checkpoint after (part of) an epoch; the metrics record."""
     epoch_done = st.epoch + 1
+    t_eval = time.time()
     record = _evaluate_and_log(s, st, epoch_done, partial=not end_of_epoch)
+    s.seconds["eval"] += time.time() - t_eval
     ema_bit = f", EMA {record['ema_top1']:.2f}%" if s.ema is not None else ""
     _print(
         s.accelerator,
@@ -600,6 +628,8 @@ def _evaluate_and_log(s: Session, st: LoopState, epoch_done: int, partial: bool)
         "val_top1": res["top1"],
         "val_top5": res["top5"],
         "val_err1": 100 - res["top1"],
+        "val_balanced_err1": res["balanced_err"],
+        "val_recall": res["recall"],
         "lr": s.optimizer.param_groups[0]["lr"],
         "img_per_s": sums.images / max(sums.time, 1e-9),
         "skipped_steps": sums.skipped,
@@ -610,7 +640,7 @@ def _evaluate_and_log(s: Session, st: LoopState, epoch_done: int, partial: bool)
     if partial:
         record["partial"] = True
     s.metrics_log.write(record)
-    s.tb.scalars(record, epoch_done, "epoch/")
+    s.trackers.log(record)
     if res["top1"] > st.best_top1:
         st.best_top1, st.best_epoch = res["top1"], epoch_done
         if s.accelerator.is_main_process:
@@ -623,11 +653,14 @@ def _evaluate_and_log(s: Session, st: LoopState, epoch_done: int, partial: bool)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, accelerator: Accelerator) -> dict[str, float]:
-    """Top-1/top-5 (%) and mean cross-entropy over the whole validation split, all processes."""
+def evaluate(model: nn.Module, loader: DataLoader, accelerator: Accelerator) -> dict[str, Any]:
+    """Top-1/top-5 (%), mean cross-entropy, balanced error (%: the mean over classes of each
+    class's error rate, for imbalanced sets) and per-class recall (%) over the whole validation
+    split, all processes."""
     was_training = model.training
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # loss, top1, top5, n
+    confusion: torch.Tensor | None = None  # (true class, predicted class) counts
     for x, y in loader:
         x, y = x.to(accelerator.device, non_blocking=True), y.to(accelerator.device, non_blocking=True)
         with accelerator.autocast():
@@ -640,16 +673,30 @@ def evaluate(model: nn.Module, loader: DataLoader, accelerator: Accelerator) -> 
             dtype=torch.float64,
             device=sums.device,
         )
+        k = logits.shape[1]
+        counts = torch.bincount(y * k + logits.argmax(1), minlength=k * k).view(k, k)  # (true, predicted)
+        confusion = counts if confusion is None else confusion + counts
     sums = accelerator.reduce(sums, reduction="sum")
+    if confusion is not None:  # every process saw at least one batch of a non-empty split
+        confusion = accelerator.reduce(confusion.to(torch.float64), reduction="sum")
     model.train(was_training)
     n = max(sums[3].item(), 1.0)
-    return {"loss": sums[0].item() / n, "top1": 100 * sums[1].item() / n, "top5": 100 * sums[2].item() / n}
+    out = {"loss": sums[0].item() / n, "top1": 100 * sums[1].item() / n, "top5": 100 * sums[2].item() / n}
+    if confusion is None:
+        return {**out, "balanced_err": float("nan"), "recall": []}
+    from zoo.study.statistics import balanced_accuracy, per_class_recall  # the study tables' definitions
+
+    cm = confusion.cpu().numpy()
+    recall = [100 * r for r in per_class_recall(cm)]  # nan for a class absent from the split
+    return {**out, "balanced_err": 100 * (1 - balanced_accuracy(cm)), "recall": recall}
 
 
 def _checkpoint(s: Session, st: LoopState) -> None:
+    t0 = time.time()
     save_checkpoint(
         s.accelerator, s.ckpt_dir, asdict(st), s.cfg.checkpoint.keep_last, s.ema.module if s.ema is not None else None
     )
+    s.seconds["checkpoint"] += time.time() - t0
 
 
 def _stop(s: Session, st: LoopState) -> None:
@@ -662,7 +709,7 @@ def _stop(s: Session, st: LoopState) -> None:
     _checkpoint(s, st)
     if s.accelerator.is_main_process:
         export_weights(s.unwrapped, s.run_dir / "model_last.safetensors", {**s.meta, "stopped": st.stop_reason})
-    s.tb.close()
+    s.trackers.end()
     raise TrainingStopped(
         f"stopped: {st.stop_reason}; the last good weights are in {s.ckpt_dir} and "
         f"{s.run_dir / 'model_last.safetensors'}"
@@ -675,6 +722,7 @@ def _stop(s: Session, st: LoopState) -> None:
 def finish(s: Session, st: LoopState, last: dict[str, Any] | None, wall: float, stopped_by: str | None) -> RunResult:
     """Export the last and EMA weights, plot, print and return the summary."""
     cfg, acc = s.cfg, s.accelerator
+    t_finish = time.time()
     records = read_epochs(s.run_dir / "metrics.jsonl") if acc.is_main_process or last is None else []
     if last is None:  # resumed a finished run: report from the logs
         last = records[-1] if records else None
@@ -684,7 +732,7 @@ def finish(s: Session, st: LoopState, last: dict[str, Any] | None, wall: float, 
             export_weights(s.ema.module, s.run_dir / "model_ema.safetensors", {**s.meta, "step": st.step, "ema": "1"})
         if cfg.log.plot:
             plot_curves(records, s.run_dir / "curves.png", f"{cfg.model.name} on {_dataset_name(cfg)}")
-    s.tb.close()
+    s.trackers.end()
     acc.wait_for_everyone()
     top1 = last["val_top1"] if last else float("nan")
     ema_top1 = last.get("ema_top1") if last else None
@@ -711,6 +759,11 @@ def finish(s: Session, st: LoopState, last: dict[str, Any] | None, wall: float, 
         steps=st.step,
         wall_s=wall,
         stopped_by=stopped_by,
+        balanced_err=last.get("val_balanced_err1") if last else None,
+        recall=last.get("val_recall") if last else None,
+        seconds={**s.seconds, "finish": time.time() - t_finish},
+        precision=s.precision,
+        threads=torch.get_num_threads(),
     )
 
 

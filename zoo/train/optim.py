@@ -25,20 +25,22 @@ Libraries, and why:
   differently (``set_seed(seed, device_specific=True)``), so the processes' preconditioners, and
   then their weights, would drift apart; with it the draws come from Kron's own generator, whose
   state is in ``state_dict()`` (``rng_state``).
-* soap, shampoo, sm3: pytorch-optimizer (``pytorch_optimizer``). heavyball 3.2 implements SOAP
-  too (it has no plain Shampoo, only KL-Shampoo, and no SM3), so SOAP was timed both ways: one
-  optimizer step on zoo_poolformer_mini_32 (batch 64 at 32x32, gradients recomputed before each
-  step and not timed), same hyper-parameters (lr 3e-3, betas (0.95, 0.95), shampoo_beta 0.95,
-  precondition_frequency 10, no dimension merging, heavyball's precondition schedule off),
-  ``torch.set_num_threads(1)``, both in one process, alternating, 30 steps each after 12 warm-up
-  steps; CPU "AMD EPYC" (lscpu), ``torch.backends.cpu.get_cpu_capability()`` AVX512, torch 2.14.1,
-  pytorch-optimizer 4.1.0, heavyball 3.2.1. heavyball eager (``heavyball.utils.compile_mode =
-  None``): median 184 ms against pytorch-optimizer's 139 ms, 1.32x slower (paired per-step
-  ratio 1.33x; means 242 / 171 ms). heavyball as shipped (torch.compile, mode
-  "max-autotune-no-cudagraphs"), in a second run of the same script: median 271 ms against
-  209 ms, 1.30x slower (paired 1.31x), after a 17-minute compile on this (shared, 2-core)
-  machine. pytorch-optimizer is the choice: it is already a dependency, and heavyball loses
-  either way on this CPU (so heavyball is not added to setup.cfg).
+* soap, shampoo, shampoo_plain, sm3: pytorch-optimizer (``pytorch_optimizer``), the one library
+  that has all of them (heavyball 3.2 has SOAP, but of Shampoo only KL-Shampoo, and no SM3), so that
+  they share one implementation of the common parts; heavyball is not a dependency.
+* shampoo: pytorch-optimizer's ``ScalableShampoo``, the Shampoo of Anil et al. 2020 ("Scalable
+  Second Order Optimization for Deep Learning", arXiv 2002.09018) as its authors run it: layer-wise
+  grafting (the update takes the direction of Shampoo and the per-layer magnitude of a simpler
+  optimizer), block-diagonal preconditioners, statistics every step, inverse roots every
+  ``optim.precondition_frequency`` steps from ``optim.start_preconditioning_step`` on. Its defaults
+  and their sources are ``OPTIMIZERS["shampoo"]``. Three things differ from the library as shipped,
+  each where it departs from the authors' code (google-research ``scalable_shampoo``): the shape
+  interpretation (``authors_merged_shape``), the power iteration's start vector (a fixed seed,
+  ``_scalable_shampoo_class``), and the state dict: the library keeps a preconditioner and a
+  graft object per parameter, which a ``weights_only`` load refuses, so they are saved as their
+  tensors and rebuilt on load, and a resume is exact.
+  ``shampoo_plain`` is pytorch-optimizer's plain ``Shampoo`` (Gupta et al. 2018: no grafting, one
+  full preconditioner per dimension, inverse roots by SVD at every step by default).
 * muon: ``torch.optim.Muon`` on the 2-D weight matrices of the backbone's blocks, ``torch.optim.
   AdamW`` on everything else (stem/patch embeddings, head, norms, biases, layer scales, tokens,
   position embeddings), as Keller Jordan's post and torch's own Muon docs prescribe. Muon's
@@ -49,11 +51,8 @@ Libraries, and why:
   ``g["lr"] = lr_at(step) * g.get("lr_scale", 1.0)``). The two are one optimizer for the loop
   through ``CombinedOptimizer`` (why our own: below).
 
-What a step costs here (same CPU, one run, the optimizers interleaved, 1 thread, median of 10
-steps after 3, zoo_poolformer_mini_32 at batch 64), as a multiple of that model's forward+backward:
-sgd 0.02x, lion and adamw 0.06x, lamb 0.09x, sm3 0.10x, muon 0.21x, soap 0.9x, kron 2.6x (eager,
-timm's update-every-step phase), shampoo 10x (every param's inverse roots by SVD at every step,
-its default; ``optim.precondition_frequency`` spaces them out).
+What a step of each costs, as a multiple of the default model's forward+backward:
+``python -m zoo.bench optim`` writes it to ``zoo/bench/results/optim_steps*.md`` (one file per CPU kind).
 
 Why no ``timm.scheduler`` object: a scheduler is state that has to be stepped the right number
 of times, saved and restored -- and Accelerate steps a *prepared* scheduler once per process.
@@ -65,7 +64,10 @@ timm's ``CosineLRScheduler`` (``warmup_prefix=False``, one cycle, the form DeiT 
 
 from __future__ import annotations
 
+import enum
+import functools
 import importlib
+import importlib.metadata
 import inspect
 import math
 from collections.abc import Callable, Iterable, Mapping
@@ -82,11 +84,19 @@ from .strict import ConfigError
 __all__ = [
     "MUON_LR_SCALE",
     "OPTIMIZERS",
+    "OPTIMIZER_DEFAULTS",
     "CombinedOptimizer",
+    "Defaults",
     "OptimizerSpec",
+    "authors_merged_shape",
+    "check_shampoo_fields",
     "create_optimizer",
+    "default_overrides",
+    "describe_optimizer",
+    "graft_types",
     "lr_at",
     "muon_param_sets",
+    "optimizer_summary",
     "peak_lr",
     "per_optimizer_fields",
 ]
@@ -124,9 +134,9 @@ def _timm(opt: str) -> Factory:
 
 def _kron(model: nn.Module, lr: float, o: OptimConfig, kwargs: dict[str, Any]) -> torch.optim.Optimizer:
     """timm's Kron, eager on the CPU. timm wraps Kron's four tensor functions in ``torch.compile``
-    (``Kron._init_fns``), and inductor compiles them anew for every parameter shape: measured here,
-    the first 4 steps of zoo_poolformer_mini_32 took 202 s on the CPU, compiling. Compiled and
-    eager are each deterministic, so a run and its resume (same device) compute the same."""
+    (``Kron._init_fns``), and inductor compiles them anew for every parameter shape, so on the CPU
+    the first steps of a small model are spent compiling for minutes. Compiled and eager are each
+    deterministic, so a run and its resume (same device) compute the same."""
     opt = _timm("kron")(model, lr, o, kwargs)
     if all(p.device.type == "cpu" for g in opt.param_groups for p in g["params"]):
         from timm.optim import kron
@@ -207,6 +217,176 @@ def _sm3(model: nn.Module, lr: float, o: OptimConfig, kwargs: dict[str, Any]) ->
     return SM3W(_decay_groups(model, o), lr=lr, **_checked_kwargs(SM3, kwargs))
 
 
+def graft_types() -> list[str]:
+    """The graft names ``optim.graft_type`` accepts: pytorch-optimizer's ``LayerWiseGrafting``, lower-case."""
+    from pytorch_optimizer.optimizer.utils.graft import LayerWiseGrafting
+
+    return [g.name.lower() for g in LayerWiseGrafting]
+
+
+def _scalable_shampoo(model: nn.Module, lr: float, o: OptimConfig, kwargs: dict[str, Any]) -> torch.optim.Optimizer:
+    """pytorch-optimizer's ``ScalableShampoo`` over timm's weight-decay groups, each parameter's
+    state built here (``_new_shampoo_state``) and saved as tensors."""
+    from pytorch_optimizer import ScalableShampoo
+    from pytorch_optimizer.optimizer.utils.graft import LayerWiseGrafting
+
+    kwargs = {**kwargs, "graft_type": LayerWiseGrafting[kwargs["graft_type"].upper()]}
+    opt = _scalable_shampoo_class()(_decay_groups(model, o), lr=lr, **_checked_kwargs(ScalableShampoo, kwargs))
+    for group in opt.param_groups:
+        for p in group["params"]:
+            opt.state[p].update(_new_shampoo_state(opt, p, group["betas"][1]))  # init_group then skips p
+    return opt
+
+
+def authors_merged_shape(shape: Iterable[int], max_dim: int) -> list[int]:
+    """Shampoo's shape interpretation as its authors wrote it (google-research scalable_shampoo,
+    ``merge_small_dims``): neighbouring dimensions are merged while their product stays within
+    ``max_dim`` (the block size), e.g. a conv weight (64, 32, 3, 3) -> [64, 32, 9] at 128.
+
+    Why our own: pytorch-optimizer 4.1's ``merge_small_dims`` prepends a dimension of size 1 to
+    any shape whose first dimension exceeds ``max_dim`` ((256, 64) -> [1, 256, 64]), which turns
+    the inverse 4th roots of a matrix into 6th roots (the exponent is 2 x the number of
+    dimensions), and returns [1] for any vector of at most ``max_dim`` elements."""
+    shape = list(shape)
+    if shape and all(d == 1 for d in shape):
+        return [1]
+    merged, product = [], 1
+    for d in shape:
+        if product * d <= max_dim:
+            product *= d
+        else:
+            if product > 1:
+                merged.append(product)
+            product = d
+    if product > 1:
+        merged.append(product)
+    return merged
+
+
+def _new_shampoo_state(opt: torch.optim.Optimizer, p: torch.Tensor, beta2: float) -> dict[str, Any]:
+    """One parameter's ScalableShampoo state, as ``ScalableShampoo.init_group`` builds it but for the
+    authors' shape interpretation (``authors_merged_shape``) and their preconditioning of vectors.
+
+    The library preconditions tensors of two or more (merged) dimensions only; the authors' code
+    gives a vector (a bias, a norm's scale, or a small tensor merged into one dimension) its full
+    n x n statistics (in blocks) and their inverse square roots (exponent 2 x one dimension). Here a
+    vector is viewed as (n, 1) and preconditioned on its first dimension only (the library's
+    ``PreConditionerType.INPUT``), which is that."""
+    from pytorch_optimizer.optimizer.shampoo import PreConditioner, build_graft
+    from pytorch_optimizer.optimizer.utils.partition import PreConditionerType
+
+    merged = authors_merged_shape(p.shape, opt.block_size) if opt.shape_interpretation else list(p.shape)
+    vector = len(merged) == 1 and merged != [1] and opt.pre_conditioner_type == PreConditionerType.ALL
+    pre_conditioner = PreConditioner(
+        # shape: merged dimensions, e.g. (64, 32, 3, 3) -> (64, 32, 9); a vector (n,) -> (n, 1)
+        var=p.detach().reshape([*merged, 1] if vector else merged),
+        beta2=beta2,
+        inverse_exponent_override=opt.inverse_exponent_override,
+        block_size=opt.block_size,
+        skip_preconditioning_rank_lt=opt.skip_preconditioning_rank_lt,
+        no_preconditioning_for_layers_with_dim_gt=opt.no_preconditioning_for_layers_with_dim_gt,
+        shape_interpretation=False,  # done above
+        pre_conditioner_type=PreConditionerType.INPUT if vector else opt.pre_conditioner_type,
+        matrix_eps=opt.matrix_eps,
+        use_svd=opt.use_svd,
+    )
+    pre_conditioner.original_shape = p.shape  # it returns the preconditioned gradient in p's shape
+    return {
+        "momentum": torch.zeros_like(p, memory_format=torch.preserve_format),
+        "pre_conditioner": pre_conditioner,
+        "graft": build_graft(p, opt.graft_type, opt.diagonal_eps),
+    }
+
+
+# ScalableShampoo keeps, per parameter, a ``PreConditioner`` and a ``Graft`` object in its state;
+# torch.load(weights_only=True) (Accelerate's load_state) refuses such objects. In a saved state
+# each object becomes the tensors it holds (the rest of it follows from the parameter and the
+# hyper-parameters); a load builds fresh objects (``_new_shampoo_state``) and puts the tensors
+# back, unconverted (torch's own load would cast them to the parameter's dtype).
+_SHAMPOO_TENSORS = {
+    "pre_conditioner": ("statistics", "pre_conditioners"),
+    "graft": ("momentum", "statistics"),  # SGD/SQRTN/NONE grafts hold momentum only
+}
+
+
+_POWER_ITERATION_SEED = 1729  # the authors' (google-research scalable_shampoo, power_iteration)
+
+
+@functools.cache
+def _scalable_shampoo_class() -> type:
+    """``ScalableShampoo`` with its power iteration seeded as the authors' and a state dict of
+    tensors only (a subclass rather than torch's state-dict hooks: pytorch-optimizer's
+    ``load_state_dict`` rebuilds each state from the saved keys after torch's load and its hooks)."""
+    from pytorch_optimizer import ScalableShampoo
+
+    class ScalableShampooTensorState(ScalableShampoo):
+        @torch.no_grad()
+        def step(self, closure: Callable[[], Any] | None = None) -> Any:
+            """The library's step, its random draws from a fixed seed: the power iteration that
+            scales the inverse roots' ridge starts from ``torch.randn``, i.e. the global RNG, which
+            each process of a multi-process run seeds differently (their preconditioners, then
+            weights, would drift apart) and which the step would advance. The authors' code starts
+            it from a fixed vector (``np.random.RandomState(1729)``); here each step's draws
+            come from that seed, and the global RNG is left as it was."""
+            loss = None
+            if closure is not None:  # outside the fork: the closure's randomness is the run's
+                with torch.enable_grad():
+                    loss = closure()
+            cuda = sorted({p.device.index or 0 for g in self.param_groups for p in g["params"] if p.is_cuda})
+            with torch.random.fork_rng(devices=cuda, device_type="cuda"):
+                torch.random.default_generator.manual_seed(_POWER_ITERATION_SEED)
+                for index in cuda:
+                    torch.cuda.default_generators[index].manual_seed(_POWER_ITERATION_SEED)
+                super().step()
+            return loss
+
+        def state_dict(self) -> dict[str, Any]:
+            state_dict = super().state_dict()
+            packed = {}
+            for index, st in state_dict["state"].items():
+                flat = {k: v for k, v in st.items() if k not in _SHAMPOO_TENSORS}
+                for key, attrs in _SHAMPOO_TENSORS.items():
+                    for attr in attrs:
+                        if hasattr(st[key], attr):
+                            flat[f"{key}.{attr}"] = getattr(st[key], attr)  # a tensor or a list of tensors
+                packed[index] = flat
+            return {**state_dict, "state": packed}
+
+        def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+            saved = state_dict["state"]
+            super().load_state_dict(
+                {**state_dict, "state": {i: {k: v for k, v in st.items() if "." not in k} for i, st in saved.items()}}
+            )
+            saved_params = [i for g in state_dict["param_groups"] for i in g["params"]]
+            params = [(p, g["betas"][1]) for g in self.param_groups for p in g["params"]]
+            for index, (p, beta2) in zip(saved_params, params, strict=True):  # torch's own index mapping
+                if index in saved:
+                    self._restore_objects(p, beta2, saved[index])
+
+        def _restore_objects(self, p: torch.Tensor, beta2: float, saved: dict[str, Any]) -> None:
+            fresh = _new_shampoo_state(self, p, beta2)
+            for key, attrs in _SHAMPOO_TENSORS.items():
+                for attr in attrs:
+                    if hasattr(fresh[key], attr):
+                        tensors = _same_layout(getattr(fresh[key], attr), saved[f"{key}.{attr}"], p, f"{key}.{attr}")
+                        setattr(fresh[key], attr, tensors)
+                self.state[p][key] = fresh[key]
+
+    return ScalableShampooTensorState
+
+
+def _same_layout(fresh: Any, saved: Any, p: torch.Tensor, what: str) -> Any:
+    """``saved`` on ``p``'s device, after checking it has the layout of the freshly built ``fresh``."""
+    if isinstance(fresh, torch.Tensor) and isinstance(saved, torch.Tensor) and fresh.shape == saved.shape:
+        return saved.to(p.device)
+    if isinstance(fresh, list) and isinstance(saved, list) and len(fresh) == len(saved):
+        return [_same_layout(f, s, p, what) for f, s in zip(fresh, saved, strict=True)]
+    raise ValueError(
+        f"optimizer state: shampoo's {what} for a parameter of shape {list(p.shape)} does not match this "
+        f"optimizer's (was it saved with another optim.block_size or graft_type?)"
+    )
+
+
 # Muon's learning rate relative to the configured (AdamW) one: 1.0 with the Moonlight matching above.
 MUON_LR_SCALE = 1.0
 
@@ -238,10 +418,10 @@ def _muon(model: nn.Module, lr: float, o: OptimConfig, kwargs: dict[str, Any]) -
             muon_groups.append({**g, "params": mats, "lr_scale": g.get("lr_scale", 1.0) * MUON_LR_SCALE})
         if rest:
             adamw_groups.append({**g, "params": rest})
-    adamw_kwargs = {k: kwargs.pop(f"adamw_{k}") for k in ("betas", "eps")}
-    parts = {"muon": torch.optim.Muon(muon_groups, lr=lr * MUON_LR_SCALE, **kwargs)}
+    by_part = _split_kwargs(OPTIMIZERS["muon"].parts, kwargs)
+    parts = {"muon": torch.optim.Muon(muon_groups, lr=lr * MUON_LR_SCALE, **by_part["muon"])}
     if adamw_groups:
-        parts["adamw"] = torch.optim.AdamW(adamw_groups, lr=lr, **adamw_kwargs)
+        parts["adamw"] = torch.optim.AdamW(adamw_groups, lr=lr, **by_part["adamw"])
     return CombinedOptimizer(parts)
 
 
@@ -331,15 +511,22 @@ class OptimizerSpec:
     # Hyper-parameters fixed here (beyond lr and weight decay), each from ``source``.
     defaults: Mapping[str, Any]
     source: str
+    # The class(es) the factory builds, by part name (one part but for muon). With several parts,
+    # a keyword argument "<part>_<name>" goes to that part as <name>, the others to the first part.
+    parts: Mapping[str, str]
     # optim.* fields this optimizer reads -> the keyword argument(s) they become. A field left
     # None (precondition_frequency) keeps the optimizer's default from ``defaults``/the library.
     reads: Mapping[str, Callable[[Any], dict[str, Any]]] = field(default_factory=dict)
+    via_timm: bool = False  # built by timm's factory (which adds its own defaults)
+    changed_here: str = ""  # what the factory changes in the library's class (said in its description)
 
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     "adamw": OptimizerSpec(
         _timm("adamw"),
         {},
+        parts={"adamw": "torch.optim.AdamW"},
+        via_timm=True,
         reads=_BETAS_EPS,
         source="torch.optim.AdamW via timm; Loshchilov & Hutter 2019. optim.betas (0.9, 0.999) and optim.eps "
         "1e-8 default to torch's defaults, which DeiT uses",
@@ -347,6 +534,8 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "sgd": OptimizerSpec(
         _timm("sgd"),
         {},
+        parts={"sgd": "torch.optim.SGD"},
+        via_timm=True,
         reads={"momentum": _kw("momentum"), "nesterov": _kw("nesterov")},
         source="torch.optim.SGD via timm ('sgd' = Nesterov); optim.momentum 0.9 and optim.nesterov true "
         "default to timm's factory defaults (momentum 0.9, nesterov for 'sgd')",
@@ -354,6 +543,8 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "lamb": OptimizerSpec(
         _timm("lamb"),
         {},
+        parts={"lamb": "timm.optim.Lamb"},
+        via_timm=True,
         reads=_BETAS_EPS,
         source="timm.optim.Lamb; You et al. 2020. betas (0.9, 0.999) as timm; optim.eps defaults to 1e-8 "
         "(timm's Lamb default is 1e-6, which configs/rsb_a3_resnet50_imagenet.yaml sets)",
@@ -361,6 +552,8 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "lion": OptimizerSpec(
         _timm("lion"),
         {"betas": (0.9, 0.99)},
+        parts={"lion": "timm.optim.Lion"},
+        via_timm=True,
         source="timm.optim.Lion; Chen et al. 2023 ('Symbolic Discovery of Optimization Algorithms'): "
         "betas (0.9, 0.99), the paper's default and timm's. The paper advises an lr 3-10x lower and "
         "a weight decay 3-10x higher than AdamW's",
@@ -368,6 +561,8 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "kron": OptimizerSpec(
         _kron,
         {"deterministic": True},
+        parts={"kron": "timm.optim.kron.Kron"},
+        via_timm=True,
         reads={"momentum": _kw("momentum"), "precondition_frequency": _kw("preconditioner_update_probability", _every)},
         source="timm.optim.Kron (PSGD-Kron; Li 2015/2018, Evan Walters' kron_torch). momentum 0.9 (timm's), "
         "precond_lr 0.1, precond_init_scale 1.0, max_size_triangular 2048: timm's defaults; "
@@ -386,6 +581,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             "precondition_1d": False,
             "correct_bias": True,
         },
+        parts={"soap": "pytorch_optimizer.SOAP"},
         reads={"precondition_frequency": _kw("precondition_frequency")},
         source="pytorch_optimizer.SOAP; Vyas et al. 2024 ('SOAP: Improving and Stabilizing Shampoo using Adam', "
         "official README: betas (0.95, 0.95), precondition_frequency 10), pytorch-optimizer's defaults "
@@ -393,17 +589,59 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         "merging, 1-d params Adam in the original basis); decoupled weight decay",
     ),
     "shampoo": OptimizerSpec(
+        _scalable_shampoo,
+        {
+            "graft_type": "sgd",
+            "block_size": 128,
+            "betas": (0.9, 0.95),
+            "nesterov": True,
+            "preconditioning_compute_steps": 50,
+            "start_preconditioning_step": 51,
+            "statistics_compute_steps": 1,
+            "decoupled_weight_decay": True,
+        },
+        parts={"shampoo": "pytorch_optimizer.ScalableShampoo"},
+        changed_here="the authors' shape interpretation, vectors preconditioned, power iteration seeded 1729, "
+        "state saved as tensors",
+        reads={
+            "graft_type": _kw("graft_type"),
+            "block_size": _kw("block_size"),
+            # N also moves the default start to N + 1 (the first step after the first roots, as
+            # praxis pairs them); optim.start_preconditioning_step, read next, overrides it.
+            "precondition_frequency": lambda n: {
+                "preconditioning_compute_steps": n,
+                "start_preconditioning_step": n + 1,
+            },
+            "start_preconditioning_step": _kw("start_preconditioning_step"),
+        },
+        source="pytorch_optimizer.ScalableShampoo; Anil, Gupta, Koren, Regan & Singer 2020 ('Scalable Second "
+        "Order Optimization for Deep Learning', arXiv 2002.09018), as the authors' own configs set it "
+        "(google/praxis praxis/optimizers.py, DistributedShampoo): graft sgd, block_size 128, betas "
+        "(0.9, 0.95), Nesterov, statistics every step: its HParamsImageClassification; inverse roots "
+        "every 50 steps, preconditioned from step 51: its HParamsLanguageModeling schedule (its "
+        "default is every 100 from 101; the library's, every 1000 from 25, would leave a run of a few "
+        "thousand steps mostly on the graft's direction; every step, the image config's, is the cost "
+        "zoo/bench/results/optim_steps*.md shows for shampoo_plain). Roots by coupled Newton "
+        "iteration, diagonal_eps 1e-10, matrix_eps 1e-6, dimensions above 8192 not preconditioned: "
+        "the library's defaults, = praxis's. decoupled_weight_decay True so that optim.weight_decay "
+        "is decoupled decay as for adamw, lion, soap and muon",
+    ),
+    "shampoo_plain": OptimizerSpec(
         _grouped("pytorch_optimizer.Shampoo"),
         {"momentum": 0.0, "preconditioning_compute_steps": 1, "matrix_eps": 1e-6, "weight_decouple": True},
+        parts={"shampoo_plain": "pytorch_optimizer.Shampoo"},
         reads={"precondition_frequency": _kw("preconditioning_compute_steps")},
         source="pytorch_optimizer.Shampoo; Gupta, Koren & Singer 2018 ('Shampoo: Preconditioned Stochastic Tensor "
-        "Optimization'): statistics initialised to 1e-6 * I, inverse roots recomputed every step, no "
-        "momentum: pytorch-optimizer's defaults. weight_decouple True (the library's default is L2) so "
-        "that optim.weight_decay is decoupled decay as for adamw, lion, soap and muon",
+        "Optimization'): no grafting, one preconditioner per dimension, statistics initialised to "
+        "1e-6 * I, inverse roots (SVD) recomputed every step, no momentum: pytorch-optimizer's "
+        "defaults. weight_decouple True (the library's default is L2) so that optim.weight_decay is "
+        "decoupled decay as for adamw, lion, soap and muon",
     ),
     "sm3": OptimizerSpec(
         _sm3,
         {"momentum": 0.0, "beta": 0.0, "eps": 1e-30},
+        parts={"sm3": "pytorch_optimizer.SM3"},
+        changed_here="decoupled weight decay",
         source="pytorch_optimizer.SM3; Anil, Gupta, Koren & Singer 2019 ('Memory-Efficient Adaptive "
         "Optimization'): momentum 0, beta 0 (accumulated squares, as AdaGrad), eps 1e-30: "
         "pytorch-optimizer's defaults; plus decoupled weight decay (_sm3). SM3, like "
@@ -419,6 +657,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             "eps": 1e-7,
             "adjust_lr_fn": "match_rms_adamw",
         },
+        parts={"muon": "torch.optim.Muon", "adamw": "torch.optim.AdamW"},
         reads={"betas": _kw("adamw_betas", tuple), "eps": _kw("adamw_eps")},
         source="torch.optim.Muon + torch.optim.AdamW. Muon: Keller Jordan 2024 (kellerjordan.github.io/posts/muon): "
         "momentum 0.95, Nesterov, 5 Newton-Schulz steps with coefficients (3.4445, -4.7750, 2.0315), "
@@ -431,14 +670,232 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
 def create_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """The optimizer ``cfg.optim.name`` over ``model``'s params, with DeiT's weight-decay rule when
     ``optim.no_decay_on_1d`` (see the module docstring and ``OPTIMIZERS``)."""
-    o = cfg.optim
+    return OPTIMIZERS[cfg.optim.name].factory(model, peak_lr(cfg), cfg.optim, _resolved_kwargs(cfg.optim))
+
+
+def _resolved_kwargs(o: OptimConfig) -> dict[str, Any]:
+    """The keyword arguments the factory gets: the table's fixed values, then the optim.* fields read."""
     spec = OPTIMIZERS[o.name]
     kwargs = dict(spec.defaults)
     for name, to_kwargs in spec.reads.items():
         value = getattr(o, name)
         if value is not None:
             kwargs.update(to_kwargs(value))
-    return spec.factory(model, peak_lr(cfg), o, kwargs)
+    return kwargs
+
+
+def _split_kwargs(parts: Mapping[str, str], kwargs: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """``OptimizerSpec.parts``' rule: "<part>_<name>" goes to that (non-first) part, the rest to the first."""
+    first, *others = parts
+    by_part: dict[str, dict[str, Any]] = {part: {} for part in parts}
+    for key, value in kwargs.items():
+        part = next((q for q in others if key.startswith(f"{q}_")), first)
+        by_part[part][key.removeprefix(f"{part}_") if part != first else key] = value
+    return by_part
+
+
+# ---------------------------------------------------------------------------------------------
+# What a run trains with, said out loud and fingerprinted
+
+
+def _version(module_path: str) -> str:
+    return importlib.metadata.version(module_path.split(".")[0])
+
+
+def _plain(value: Any) -> Any:
+    """A JSON value: enums by name, tuples as lists, dtypes and callables by name."""
+    if isinstance(value, enum.Enum):
+        return value.name.lower()
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return getattr(value, "__qualname__", None) or str(value)
+
+
+def _library_arguments(path: str, via_timm: bool, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """Every keyword argument of the class at ``path`` as the factory resolves it: the class's
+    defaults, timm's factory defaults where timm builds it, the table's and the config's values.
+    lr and weight_decay are the config's (``describe_optimizer``'s top level)."""
+    cls = _load(path)
+    skip = {"self", "params", "lr", "weight_decay"}
+    resolved = {
+        name: p.default
+        for name, p in inspect.signature(cls).parameters.items()
+        if name not in skip and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+    }
+    if via_timm:  # as timm's OptimizerRegistry.create_optimizer adds them (setdefault: ours win)
+        info = _timm_info(cls)
+        resolved.update(info.defaults or {})
+        if info.has_momentum:
+            resolved["momentum"] = inspect.signature(create_optimizer_v2).parameters["momentum"].default
+    resolved.update(kwargs)
+    return _plain(resolved)
+
+
+def _timm_info(cls: type) -> Any:
+    """timm's registry entry (``OptimInfo``) that builds ``cls``."""
+    from timm.optim import get_optimizer_info
+
+    name = next(n for n, spec in OPTIMIZERS.items() if spec.via_timm and _load(spec.parts[n]) is cls)
+    return get_optimizer_info(name)
+
+
+def describe_optimizer(o: OptimConfig) -> dict[str, Any]:
+    """What ``optim.name`` trains with, JSON-serialisable: the implementation (class, library and
+    version) and every hyper-parameter the factory resolves, so that a study's design fingerprint
+    changes when either does."""
+    spec = OPTIMIZERS[o.name]
+    implementation = " + ".join(f"{path} {_version(path)}" for path in spec.parts.values())
+    if spec.via_timm:
+        from_timm = all(path.startswith("timm.") for path in spec.parts.values())
+        implementation += " via timm's factory" if from_timm else f" via timm {_version('timm')}"
+    if spec.changed_here:
+        implementation += f" with {spec.changed_here}"
+    common: dict[str, Any] = {"lr": o.lr}
+    if o.lr is None:  # DeiT's scaling rule
+        common.update(base_lr=o.base_lr, lr_base_batch=o.lr_base_batch)
+    common.update(
+        weight_decay=o.weight_decay, no_decay_on_1d=o.no_decay_on_1d, layer_decay=o.layer_decay, clip_grad=o.clip_grad
+    )
+    by_part = _split_kwargs(spec.parts, _resolved_kwargs(o))
+    return {
+        "name": o.name,
+        "implementation": implementation,
+        "hyper_parameters": common,
+        "library_arguments": {
+            part: _library_arguments(path, spec.via_timm, by_part[part]) for part, path in spec.parts.items()
+        },
+    }
+
+
+def optimizer_summary(o: OptimConfig) -> str:
+    """One line for the run's log: the implementation, and for shampoo its grafting and schedule."""
+    d = describe_optimizer(o)
+    line = f"{o.name} ({d['implementation']})"
+    if o.name == "shampoo":
+        a = d["library_arguments"]["shampoo"]
+        line += (
+            f": graft {a['graft_type']}, blocks of {a['block_size']}, statistics every "
+            f"{a['statistics_compute_steps']} step(s), inverse roots every {a['preconditioning_compute_steps']} "
+            f"steps, preconditioned from step {a['start_preconditioning_step']} (before: the graft's update)"
+        )
+    return line
+
+
+def check_shampoo_fields(o: OptimConfig) -> None:
+    """One-line errors (ValueError "key: ...", OptimConfig.validate) for shampoo's own fields."""
+    if o.graft_type is not None and o.graft_type not in graft_types():
+        raise ValueError(
+            f"graft_type: {o.graft_type!r} is not a graft pytorch-optimizer's ScalableShampoo has; "
+            f"expected one of {', '.join(graft_types())}"
+        )
+    if o.name == "shampoo":
+        kwargs = _resolved_kwargs(o)
+        every, start = kwargs["preconditioning_compute_steps"], kwargs["start_preconditioning_step"]
+        if start < every:
+            raise ValueError(
+                f"start_preconditioning_step: {start} comes before the first inverse roots (step {every}, "
+                f"precondition_frequency), so those steps would be preconditioned by the identity; use >= {every}"
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# Default hyper-parameters (a study's MODEL:OPTIMIZER@default arm)
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """An optimizer's default hyper-parameters as ``optim.*`` config values, and where they come from.
+
+    ``library``: the class whose own defaults these are (a test compares them), None where the
+    source is a paper."""
+
+    values: Mapping[str, Any]
+    source: str
+    library: str | None = None
+
+
+OPTIMIZER_DEFAULTS: dict[str, Defaults] = {
+    "adamw": Defaults(
+        {"optim.lr": 1e-3, "optim.weight_decay": 1e-2, "optim.betas": (0.9, 0.999), "optim.eps": 1e-8},
+        "torch.optim.AdamW's defaults (Loshchilov & Hutter 2019, 'Decoupled Weight Decay Regularization', "
+        "with Adam's betas and eps from Kingma & Ba 2015)",
+        library="torch.optim.AdamW",
+    ),
+    "sgd": Defaults(
+        {"optim.lr": 0.1, "optim.weight_decay": 1e-4, "optim.momentum": 0.9, "optim.nesterov": False},
+        "He et al. 2016 ('Deep Residual Learning for Image Recognition', arXiv 1512.03385, section 3.4): "
+        "SGD, momentum 0.9, weight decay 1e-4, lr 0.1 at batch 256 (torch's SGD has no meaningful lr default)",
+    ),
+    "lamb": Defaults(
+        {"optim.lr": 1e-3, "optim.weight_decay": 1e-2, "optim.betas": (0.9, 0.999), "optim.eps": 1e-6},
+        "timm.optim.Lamb's defaults (You et al. 2020, 'Large Batch Optimization for Deep Learning')",
+        library="timm.optim.Lamb",
+    ),
+    "lion": Defaults(
+        {"optim.lr": 1e-4, "optim.weight_decay": 0.0},
+        "timm.optim.Lion's defaults (Chen et al. 2023, 'Symbolic Discovery of Optimization Algorithms': "
+        "betas (0.9, 0.99); an lr 3-10x below AdamW's)",
+        library="timm.optim.Lion",
+    ),
+    "kron": Defaults(
+        {"optim.lr": 1e-3, "optim.weight_decay": 0.0, "optim.momentum": 0.9},
+        "timm.optim.Kron's defaults (PSGD-Kron: Li 2018; Evan Walters' kron_torch)",
+        library="timm.optim.kron.Kron",
+    ),
+    "soap": Defaults(
+        {"optim.lr": 3e-3, "optim.weight_decay": 1e-2},
+        "pytorch_optimizer.SOAP's defaults, = the official SOAP README's (Vyas et al. 2024, arXiv 2409.11321)",
+        library="pytorch_optimizer.SOAP",
+    ),
+    "shampoo": Defaults(
+        {"optim.lr": 1e-3, "optim.weight_decay": 0.0},
+        "pytorch_optimizer.ScalableShampoo's defaults (weight decay 0 as the authors' distributed_shampoo); "
+        "grafting and schedule: OPTIMIZERS['shampoo']",
+        library="pytorch_optimizer.ScalableShampoo",
+    ),
+    "shampoo_plain": Defaults(
+        {"optim.lr": 1e-3, "optim.weight_decay": 0.0},
+        "pytorch_optimizer.Shampoo's defaults (Gupta, Koren & Singer 2018)",
+        library="pytorch_optimizer.Shampoo",
+    ),
+    "sm3": Defaults(
+        {"optim.lr": 0.1, "optim.weight_decay": 0.0},
+        "pytorch_optimizer.SM3's default lr; SM3 has no weight decay (Anil et al. 2019, 'Memory-Efficient "
+        "Adaptive Optimization'), so none",
+        library="pytorch_optimizer.SM3",
+    ),
+    "muon": Defaults(
+        {"optim.lr": 1e-3, "optim.weight_decay": 0.1},
+        "torch.optim.Muon's defaults (lr 1e-3, weight decay 0.1, as Moonlight's (Liu et al. 2025, arXiv "
+        "2502.16982) for both its Muon and AdamW parts); the AdamW part keeps torch's betas and eps",
+        library="torch.optim.Muon",
+    ),
+}
+
+
+def _yaml_value(value: Any) -> str:
+    """``value`` as an override's right-hand side (read back as YAML)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return f"[{', '.join(_yaml_value(v) for v in value)}]"
+    return repr(value)
+
+
+def default_overrides(name: str) -> list[str]:
+    """``optim.*=value`` overrides (beside ``optim.name=name``) that train ``name`` with its cited defaults."""
+    if name not in OPTIMIZER_DEFAULTS:
+        from zoo.names import suggest
+
+        raise ConfigError(
+            f"@default: optimizer {name!r} has no cited defaults{suggest(name, OPTIMIZER_DEFAULTS)}; "
+            f"those that do: {', '.join(sorted(OPTIMIZER_DEFAULTS))}"
+        )
+    return [f"{k}={_yaml_value(v)}" for k, v in OPTIMIZER_DEFAULTS[name].values.items()]
 
 
 def per_optimizer_fields() -> Iterable[str]:

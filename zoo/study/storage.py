@@ -1,10 +1,13 @@
-"""The sweep's state in an Optuna storage: studies, slots, claims and heartbeats.
+"""The study's state in an Optuna storage: studies, slots, rungs, claims and heartbeats.
 
-A sweep is one design study (its user attr ``design``: arms, space, budget, epochs, data, config)
-and, per arm, a tuning study and a final study. Every trial to run is a *slot* queued in advance
-(``enqueue_trial`` with its params and ``user_attrs["slot"]``): the N points of the space for a
-tuning study, the fresh seeds for a final one. Workers pop queued trials (``ask``: atomic in the
-storage), so the budget is the slots, never a count that two workers could both read as short.
+A study is one design study (its user attr ``design``, see ``zoo.study.design``) and, per arm,
+one Optuna study per rung of the bracket (``STUDY:rungK:ARM``) and a final study
+(``STUDY:final:ARM``). Every trial to run is a *slot* queued in advance (``enqueue_trial`` with
+its params and ``user_attrs["slot"]``, the index of its Sobol point): rung 0 queues every point,
+rung k + 1 is queued only once every slot of rung k has a complete trial (the best ``1/eta``, ties
+to the lower slot), the finals once the last rung is complete. Workers pop queued trials (``ask``:
+atomic in the storage), so the budget is the slots, never a count that two workers could both
+read as short, and every arm spends the same steps whatever the workers do.
 
 What can still go wrong, and what handles it:
 * a worker dies mid-trial: its heartbeat stops, the next worker's ``fail_stale_trials`` fails the
@@ -18,17 +21,18 @@ What can still go wrong, and what handles it:
 
 from __future__ import annotations
 
-import json
 import random
 import threading
 import time
 import warnings
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from zoo.bench.sweep import Plan
+from zoo.study.design import added_arms, diff
 
-WAITING_OR_LIVE = ("WAITING", "RUNNING", "COMPLETE", "PRUNED")
+if TYPE_CHECKING:
+    from zoo.study.design import Plan
+
+WAITING_OR_LIVE = ("WAITING", "RUNNING", "COMPLETE")
 
 
 class DesignError(ValueError):
@@ -88,66 +92,54 @@ def open_storage(url: str, heartbeat: int, grace: int):
     return storage
 
 
-def _diff(saved: dict, design: dict) -> str:
-    for k, v in design.items():
-        if saved.get(k) != v:
-            return f"{k}: {json.dumps(saved.get(k))} in the storage, {json.dumps(v)} here"
-    return "?"
+def saved_design(storage, name: str) -> dict | None:
+    """The design stored with study ``name``, or None when the storage has no such study."""
+    import optuna
 
-
-def _added_arms(saved: dict, design: dict) -> list[str] | None:
-    """The arms ``design`` adds to ``saved``, or None when it changes anything else.
-
-    Adding arms keeps the design: every arm's budget is the same slots at the same points of the
-    same space, so an arm tuned later is tuned as it would have been with the others; the stored
-    arms must keep their exact recipes (config fingerprints), or their trials would mix designs.
-    """
-    rest = [k for k in design if k not in ("arms", "config")]
-    if any(saved.get(k) != design[k] for k in rest) or set(saved) != set(design):
+    try:
+        return optuna.load_study(study_name=name, storage=storage).user_attrs.get("design")
+    except KeyError:
         return None
-    if not set(saved["arms"]) <= set(design["arms"]):
-        return None
-    if any(saved["config"][a] != design["config"].get(a) for a in saved["arms"]):
-        return None
-    return [a for a in design["arms"] if a not in saved["arms"]] or None  # a reordering is not an addition
 
 
 class Studies:
-    """The sweep's studies in one storage: the design, a tuning and a final study per arm."""
+    """The study's Optuna studies in one storage: the design, per arm its rungs and its finals."""
 
     def __init__(self, plan: Plan, storage):
         import optuna
 
         self.plan, self.storage = plan, storage
+        saved = saved_design(storage, plan.study)
+        # The precision is pinned when the study is created: a study resumed on another CPU kind
+        # keeps its numerics (a changed --set train.precision is another design, refused below).
+        plan.precision = saved["precision"] if saved else plan.resolve_precision()
         design = plan.design()
-        meta = optuna.create_study(storage=storage, study_name=plan.study, load_if_exists=True)
-        if "design" not in meta.user_attrs:
-            meta.set_user_attr("design", design)
-            meta = optuna.load_study(study_name=plan.study, storage=storage)  # a concurrent start may have won
-        saved = meta.user_attrs["design"]
+        if saved is None:
+            meta = optuna.create_study(storage=storage, study_name=plan.study, load_if_exists=True)
+            if "design" not in meta.user_attrs:
+                meta.set_user_attr("design", design)
+            saved = optuna.load_study(study_name=plan.study, storage=storage).user_attrs["design"]
         if saved != design:
-            added = _added_arms(saved, design)
+            added = added_arms(saved, design)
             if added is None:
                 raise DesignError(
-                    f"storage: study {plan.study!r} was made with another design ("
-                    f"{_diff(saved, design)}); use another --study or storage"
+                    f"storage: study {plan.study!r} was made with another design ({diff(saved, design)}); "
+                    "use another --study or storage"
                 )
-            meta.set_user_attr("design", design)  # a concurrent worker adding the same arms writes the same
+            optuna.load_study(study_name=plan.study, storage=storage).set_user_attr("design", design)
             print(f"storage: study {plan.study!r}: arms added ({', '.join(added)}); the others' trials kept")
-        self.pruner = (
-            optuna.pruners.MedianPruner(n_startup_trials=plan.prune_startup, n_warmup_steps=plan.prune_after)
-            if plan.prune
-            else optuna.pruners.NopPruner()
-        )
-        self.tune = {a.label: self._study(f"{plan.study}:tune:{a.label}", self.tune_slots()) for a in plan.arms}
+        self.design = design
+        self.rungs: dict[str, list[Any]] = {a.label: [] for a in plan.arms}  # arm -> its rung studies so far
         self.final: dict[str, Any] = {}
+
+    # ---- the studies, created in order as the bracket advances
 
     def _study(self, name: str, slots: dict[int, tuple[dict, dict]] | None):
         """Load or create; the creator (one process: names are unique) queues the slots."""
         import optuna
 
         # Every trial is queued with its params: the sampler is never asked for a point.
-        kw = {"storage": self.storage, "pruner": self.pruner, "sampler": optuna.samplers.RandomSampler(0)}
+        kw = {"storage": self.storage, "sampler": optuna.samplers.RandomSampler(0)}
         try:
             study = optuna.create_study(study_name=name, direction="minimize", **kw)
         except optuna.exceptions.DuplicatedStudyError:
@@ -156,37 +148,78 @@ class Studies:
             ensure_slots(study, slots)
         return study
 
-    def tune_slots(self) -> dict[int, tuple[dict, dict]]:
-        return {n: (p, {"kind": "tune"}) for n, p in enumerate(self.plan.points())}
+    def rung_slots(self, arm: str, k: int) -> dict[int, tuple[dict, dict]]:
+        """Rung 0: every point. Rung k > 0: rung k - 1's best (its value, then its slot)."""
+        if k == 0:
+            return {n: (p, {"kind": "tune", "rung": 0}) for n, p in enumerate(self.plan.points())}
+        keep = self.plan.bracket.rungs()[k][0]
+        ranked = sorted(finished(self.rungs[arm][k - 1]).items(), key=lambda st: (st[1].value, st[0]))
+        return {slot: (t.params, {"kind": "tune", "rung": k}) for slot, t in ranked[:keep]}
 
-    def final_slots(self, arm: str) -> dict[int, tuple[dict, dict]] | None:
-        best = min(
-            finished(self.tune[arm], "COMPLETE").values(), key=lambda t: (t.value, t.user_attrs["slot"]), default=None
-        )
-        if best is None:
-            return None
-        return {
-            i: (best.params, {"kind": "final", "seed": s, "from_trial": best.user_attrs["slot"]})
-            for i, s in enumerate(self.plan.final_seeds())
-        }
+    def rung_done(self, arm: str, k: int) -> bool:
+        return len(finished(self.rungs[arm][k])) >= self.plan.bracket.rungs()[k][0]
 
-    def tune_done(self, arm: str) -> bool:
-        return len(finished(self.tune[arm])) >= self.plan.trials
+    def final_slots(self, arm: str) -> dict[int, tuple[dict, dict]]:
+        if self.rungs[arm]:
+            slot, best = min(finished(self.rungs[arm][-1]).items(), key=lambda st: (st[1].value, st[0]))
+            params, source = best.params, {"from_slot": slot}
+        else:
+            params, source = {}, {}
+        return {i: (params, {"kind": "final", "seed": s, **source}) for i, s in enumerate(self.plan.final_seeds())}
 
-    def final_study(self, arm: str):
-        if arm not in self.final and self.tune_done(arm):
-            self.final[arm] = self._study(f"{self.plan.study}:final:{arm}", self.final_slots(arm))
-        return self.final.get(arm)
+    def advance(self, arm: str) -> None:
+        """Load or create the arm's studies up to the first unfinished rung (or its finals)."""
+        label = arm
+        tuned = self.plan.tuned(next(a for a in self.plan.arms if a.label == label))
+        rungs = self.rungs[label]
+        n = len(self.plan.bracket.rungs()) if tuned else 0
+        while len(rungs) < n and (not rungs or self.rung_done(label, len(rungs) - 1)):
+            k = len(rungs)
+            rungs.append(self._study(f"{self.plan.study}:rung{k}:{label}", self.rung_slots(label, k)))
+        if label not in self.final and len(rungs) == n and (n == 0 or self.rung_done(label, n - 1)):
+            self.final[label] = self._study(f"{self.plan.study}:final:{label}", self.final_slots(label))
+
+    def load_existing(self) -> None:
+        """Load every study the storage holds for this study's arms (a report reads them; nothing queued)."""
+        import optuna
+
+        names = set(optuna.get_all_study_names(self.storage))
+        kw = {"storage": self.storage, "sampler": optuna.samplers.RandomSampler(0)}
+        for label, rungs in self.rungs.items():
+            while f"{self.plan.study}:rung{len(rungs)}:{label}" in names:
+                rungs.append(optuna.load_study(study_name=f"{self.plan.study}:rung{len(rungs)}:{label}", **kw))
+            if label not in self.final and f"{self.plan.study}:final:{label}" in names:
+                self.final[label] = optuna.load_study(study_name=f"{self.plan.study}:final:{label}", **kw)
+
+    def requeue(self) -> int:
+        """Queue the slots that have only failed trials, in every study loaded; how many."""
+        queued = 0
+        for label, rungs in self.rungs.items():
+            for k, study in enumerate(rungs):
+                if not self.rung_done(label, k):
+                    queued += ensure_slots(study, self.rung_slots(label, k))
+            if label in self.final:
+                queued += ensure_slots(self.final[label], self.final_slots(label))
+        return queued
+
+    def done(self, arm: str) -> bool:
+        return arm in self.final and len(finished(self.final[arm])) >= self.plan.seeds
+
+    def jobs(self) -> list[tuple[str, int | None, Any]]:
+        """(arm, rung or None for the finals, study): the lowest rung first, the finals last."""
+        out = [(arm, k, s) for arm, rungs in self.rungs.items() for k, s in enumerate(rungs)]
+        out.sort(key=lambda job: job[1])
+        return out + [(arm, None, s) for arm, s in self.final.items()]
 
     def all(self) -> list:
-        return [*self.tune.values(), *self.final.values()]
+        return [s for _, _, s in self.jobs()]
 
 
 def finished(study, *states: str) -> dict[int, Any]:
-    """Slot -> its first finished trial (COMPLETE or PRUNED unless ``states`` says)."""
+    """Slot -> its first finished trial (COMPLETE unless ``states`` says)."""
     from optuna.trial import TrialState
 
-    want = tuple(TrialState[s] for s in (states or ("COMPLETE", "PRUNED")))
+    want = tuple(TrialState[s] for s in (states or ("COMPLETE",)))
     out: dict[int, Any] = {}
     for t in study.get_trials(deepcopy=False, states=want):
         out.setdefault(t.user_attrs.get("slot"), t)
@@ -244,7 +277,7 @@ def surplus(study, number: int, slot: int | None) -> str | None:
             t.number != number
             and t.user_attrs.get("slot") == slot
             and (
-                t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+                t.state == TrialState.COMPLETE
                 or (t.state in (TrialState.WAITING, TrialState.RUNNING) and t.number < number)
             )
         ):
