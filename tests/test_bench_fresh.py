@@ -62,6 +62,17 @@ def test_readme_commands_are_the_first_fenced_block(tmp_path):
     ours = fresh.readme_commands(Path(__file__).parents[1] / "README.md")
     assert ours[:2] == ["pip install -e . && python train_vision.py", 'pip install -e ".[dev]" && pytest']
     assert fresh.uses_pip(ours[0]) and fresh.uses_pip("python -m pip install x") and not fresh.uses_pip("pytest")
+    readme.write_text("# x\n\n```bash\npytest\n```\n")
+    with pytest.raises(fresh.FreshRunError, match="expected the two"):
+        fresh.readme_commands(readme)
+
+
+def test_a_command_past_its_timeout_is_stopped(tmp_path):
+    src = make_repo(tmp_path / "src", TOY_COMMANDS)
+    with fresh.fresh_checkout(src) as checkout:
+        fresh.make_venv(checkout, with_pip=False)
+        with pytest.raises(fresh.FreshRunError, match="stopped after"):
+            fresh.run_timed(checkout, "sleep 30", timeout=0.5, echo=False)  # silent: the watchdog stops it
 
 
 def test_first_run_times_the_readme_command_in_a_fresh_clone(tmp_path, capsys):
@@ -106,7 +117,13 @@ def test_the_venv_must_import_the_clone(tmp_path):
     with fresh.fresh_checkout(src) as checkout:
         fresh.make_venv(checkout, with_pip=False)
         with pytest.raises(fresh.FreshRunError, match="not the clone"):
-            fresh.check_imports_clone(checkout)  # finds this checkout's zoo, not a clone's
+            fresh.check_imports_clone(checkout, installed=False)  # finds this checkout's zoo, not a clone's
+    src = make_repo(tmp_path / "with_zoo", TOY_COMMANDS)
+    with fresh.fresh_checkout(src) as checkout:
+        fresh.make_venv(checkout, with_pip=False)
+        assert checkout.root in fresh.check_imports_clone(checkout, installed=False).parents
+        with pytest.raises(fresh.FreshRunError, match="not the clone"):  # nothing installed it into the venv
+            fresh.check_imports_clone(checkout, installed=True)
 
 
 @pytest.mark.parametrize(

@@ -103,7 +103,7 @@ def test_every_results_file_is_shown_in_the_docs():
     every file of its bench (``zoo.bench.generated.TABLE_PREFIXES``)."""
     text = "".join(doc.read_text() for doc in DOCS)
     shown = set(re.findall(r"<!-- results:([\w.-]+) -->", text))
-    prefixes = [p for name, p in generated.TABLE_PREFIXES.items() if f"<!-- generated:{name} -->" in text]
+    prefixes = [p for name, (p, _) in generated.TABLE_PREFIXES.items() if f"<!-- generated:{name} -->" in text]
     missing = [
         md.name
         for md in sorted(report.RESULTS.glob("*.md"))
@@ -157,3 +157,14 @@ def test_a_missing_results_file_reads_not_measured_yet_with_its_command(tmp_path
     readme.write_text("<!-- results:first_run -->\n<!-- /results -->\n")
     assert report.sync_file(readme, tmp_path) == ["first_run"]
     assert "Not measured yet: `python -m zoo.bench first-run`" in readme.read_text()
+
+
+@pytest.mark.slow  # builds PoolFormer-S12 twice: seconds on a quiet machine, more on a shared one
+def test_the_readme_python_example_runs():
+    """The first screen's "load a backbone" example, executed as written."""
+    block = re.search(r"^```python\n(.*?)^```", (REPO / "README.md").read_text(), re.DOTALL | re.MULTILINE)
+    assert block, "no python example in the README"
+    namespace: dict = {}
+    exec(compile(block[1], "README.md", "exec"), namespace)
+    assert namespace["model"].num_classes == 10 and len(namespace["feats"].feature_info) == 4
+    assert namespace["digits"].pretrained_cfg["tag"] == "mnist5k"

@@ -99,6 +99,20 @@ def test_straight_through_gradient_is_the_softmaxs():
     assert layer.controller_down.weight.grad.abs().sum() > 0
 
 
+def test_low_precision_mask_is_exactly_one_hot_with_float32_noise():
+    """bf16 logits (as under autocast): the straight-through forward is exactly 0/1 (not 1 + p - p
+    rounded), and the Gumbel noise is the float32 draw the authors' code makes, not a bf16 one."""
+    layer = build(temperature=5.0).train()
+    logits = torch.randn(64, HIDDEN // N, N).to(torch.bfloat16)
+    torch.manual_seed(11)
+    mask = layer.train_mask(logits, hard=True)
+    assert mask.dtype == torch.bfloat16 and set(mask.unique().tolist()) == {0.0, 1.0}
+    torch.manual_seed(11)
+    uniform = torch.empty(logits.shape, dtype=torch.float32).uniform_(1e-6, 1.0 - 1e-6)
+    choice = (logits.log_softmax(dim=-1) - 5.0 * torch.log(-torch.log(uniform))).argmax(dim=-1)
+    assert torch.equal(mask.argmax(dim=-1), choice)
+
+
 def test_hard_mask_trains_only_the_chosen_units():
     layer = build().train()
     x = torch.randn(1, DIM, dtype=torch.float64)

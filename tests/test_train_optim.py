@@ -332,28 +332,29 @@ def test_description_changes_with_the_implementation_and_any_resolved_value(monk
 # The cost bench (python -m zoo.bench optim), at toy size into a temporary folder
 
 
-def test_cost_bench_writes_every_optimizers_ratio(tmp_path, capsys):
+def test_cost_bench_writes_each_optimizers_ratio(tmp_path, capsys):
     import json
 
     from zoo.bench.__main__ import main
 
+    names = ["sgd", "shampoo", "muon"]  # a few, to stay fast: the bench runs all by default
     spec = TINY_MODEL.removeprefix("model.spec=")
     argv = ["optim", "--spec", spec, "--batch", "4", "--block", "2", "--warmup-steps", "1", "--repeats", "2"]
-    assert main([*argv, "--threads", "1", "--out", str(tmp_path)]) == 0
+    assert main([*argv, "--optimizers", ",".join(names), "--threads", "1", "--out", str(tmp_path)]) == 0
     machine = [p for p in tmp_path.glob("optim_steps_*.json") if p.stem != "optim_steps_machines"]
     assert len(machine) == 1 and machine[0].with_suffix(".md").is_file() and machine[0].with_suffix(".csv").is_file()
     result = json.loads(machine[0].read_text())
     rows = {r["optimizer"]: r for r in result["rows"]}
-    assert sorted(rows) == sorted(OPTIMIZERS)
+    assert sorted(rows) == sorted(names)
     for r in rows.values():
         assert r["step_ms"] > 0 and r["ratio"] == pytest.approx(r["step_ms"] / r["fwd_bwd_ms"])
         assert r["ratio_min"] <= r["ratio"] <= r["ratio_max"]
     assert rows["shampoo"]["implementation"].startswith("pytorch_optimizer.ScalableShampoo ")
     assert result["settings"]["block"] == 2 and result["settings"]["batch"] == 4
     table = machine[0].with_suffix(".md").read_text()
-    assert all(f"| {name} " in table for name in OPTIMIZERS)
+    assert all(f"| {name} " in table for name in names)
     spread = (tmp_path / "optim_steps_machines.md").read_text()
-    assert all(name in spread for name in OPTIMIZERS)
+    assert all(f" {name} " in spread.splitlines()[2] for name in names)  # the header row
     assert "results: " in capsys.readouterr().out
 
 

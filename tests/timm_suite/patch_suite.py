@@ -87,6 +87,15 @@ EXCLUSIONS: list[tuple[str, list[str], str]] = [
         "routing statistics (dict expansion), which TorchScript cannot; every other family scripts after FX",
     ),
     (
+        # (the anchor runs to the test's name: the features test above it has the same parametrize line)
+        "module=FEAT_INTER_FILTERS, exclude_filters=EXCLUDE_FILTERS))\n@pytest.mark.parametrize('batch_size', [1])\n"
+        "def test_model_forward_intermediates(",
+        ["zoo_cct_2_3x2_32"],
+        "test_model_forward_intermediates asserts at least 3 feature levels; CCT-2/3x2 has 2 blocks, so 2 taps "
+        "(an isotropic model's taps are its blocks, as timm's ViTs'); its intermediates are checked by "
+        "test_model_forward_intermediates_features and test_prune_intermediate_layers_contract",
+    ),
+    (
         "exclude_filters=EXCLUDE_FILTERS + ['*huge*',",
         ["zoo_widenet_h"],
         "test_prune_intermediate_layers_contract: WideNet-H is ViT-H's width (1280, 32 taps), one of the "
@@ -102,6 +111,9 @@ def _insert(text: str, anchor: str, items: list[str], comment: str) -> str:
             "this timm release changed its layout: update tests/timm_suite/patch_suite.py"
         )
     listed = "".join(f"{item!r}, " for item in items)
+    if "EXCLUDE_FILTERS))\n" in anchor:  # a decorator's exclude list, closed: add ours to it
+        ours = anchor.replace("EXCLUDE_FILTERS))", f"EXCLUDE_FILTERS + [\n    # zoo: {comment}\n    {listed}]))", 1)
+        return text.replace(anchor, ours, 1)
     if anchor.endswith(("[", ",")):
         return text.replace(anchor, f"{anchor}\n    # zoo: {comment}\n    {listed}", 1)
     head, tail = anchor.rsplit(", ", 1)  # filters + [ours], the call's last argument

@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             timed = run_timed(checkout, command, args.timeout)
             if timed.returncode != 0:
                 raise FreshRunError(f"{command!r} exited with {timed.returncode} (its output is above)")
-            check_imports_clone(checkout)
+            check_imports_clone(checkout, installed=uses_pip(command))
             run = read_run(checkout.root, timed.output)
     except FreshRunError as e:
         print(f"zoo.bench first-run: {e}", file=sys.stderr)

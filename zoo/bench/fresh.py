@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -63,7 +64,10 @@ def readme_commands(readme: Path) -> list[str]:
     m = FENCE.search(text)
     if m is None:
         raise FreshRunError(f"{readme}: no fenced code block; expected the two commands at the top")
-    return [line.strip() for line in m["body"].splitlines() if line.strip() and not line.startswith("#")]
+    commands = [line.strip() for line in m["body"].splitlines() if line.strip() and not line.startswith("#")]
+    if len(commands) < 2:
+        raise FreshRunError(f"{readme}: the first code block holds {len(commands)} command(s); expected the two")
+    return commands
 
 
 def _git(*args: str, cwd: Path) -> str:
@@ -124,27 +128,36 @@ def run_timed(checkout: Checkout, command: str, timeout: float | None = None, ec
         text=True,
     )
     assert proc.stdout is not None
+    watchdog = threading.Timer(timeout, proc.kill) if timeout is not None else None
+    if watchdog is not None:  # kills a command that hangs without printing, too
+        watchdog.start()
     try:
         for line in proc.stdout:
             lines.append(line)
             if echo:
                 sys.stderr.write(line)
-            if timeout is not None and time.perf_counter() - t0 > timeout:
-                proc.kill()
-                raise FreshRunError(f"{command!r}: still running after {timeout:.0f} s (--timeout)")
         rc = proc.wait()
     finally:
+        if watchdog is not None:
+            watchdog.cancel()
         if proc.poll() is None:
             proc.kill()
-    return Timed(command=command, returncode=rc, wall_s=time.perf_counter() - t0, output="".join(lines))
+    wall = time.perf_counter() - t0
+    if timeout is not None and wall >= timeout:
+        raise FreshRunError(f"{command!r}: stopped after {timeout:.0f} s (--timeout)")
+    return Timed(command=command, returncode=rc, wall_s=wall, output="".join(lines))
 
 
-def check_imports_clone(checkout: Checkout, package: str = "zoo") -> Path:
-    """Where the venv's Python imports ``package`` from when started in the clone (as the README's
-    commands start); a path outside the clone means the run measured another checkout."""
+def check_imports_clone(checkout: Checkout, installed: bool, package: str = "zoo") -> Path:
+    """Where the venv's Python imports ``package`` from; a path outside the clone means the run
+    measured another checkout. ``installed`` (the command ran pip): asked from outside the clone, so
+    the answer is the venv's installed package, as pytest imports it; otherwise from the clone's
+    root, as a script in it (``python train_vision.py``) imports it."""
+    # where `import zoo` would load it from, without running it (torch's import alone takes seconds)
+    code = f"import importlib.util as u; print(u.find_spec({package!r}).origin)"
     proc = subprocess.run(
-        [str(checkout.venv / "bin" / "python"), "-c", f"import {package}; print({package}.__file__)"],
-        cwd=checkout.root,
+        [str(checkout.venv / "bin" / "python"), "-c", code],
+        cwd=checkout.root.parent if installed else checkout.root,
         env=_env(checkout),
         capture_output=True,
         text=True,

@@ -248,7 +248,7 @@ def parts_table(results: Path | None = None) -> str:
     return "\n".join(out) + "\n"
 
 
-def every_table(prefix: str) -> Callable[[Path], str]:
+def every_table(prefix: str, command: str) -> Callable[[Path], str]:
     """A generator of every ``results/PREFIX*.md``, newest run first (the JSON's date; a run's files
     by name): the benches keep one results file per machine and setting, and the docs show them all."""
 
@@ -259,7 +259,7 @@ def every_table(prefix: str) -> Callable[[Path], str]:
             date = json.loads(meta.read_text()).get("date", "") if meta.is_file() else ""
             found.append((date, md.stem, md))
         if not found:
-            return f"_No `{prefix}*` results yet._\n"
+            return f"_Not measured yet: `{command}` writes it._\n"
         found.sort(key=lambda t: t[1])
         found.sort(key=lambda t: t[0], reverse=True)
         found.sort(key=lambda t: t[0] != "")  # summaries without a JSON of their own (across machines) first
@@ -269,7 +269,13 @@ def every_table(prefix: str) -> Callable[[Path], str]:
 
 
 # Generated blocks that show every results file of a bench (one a machine and setting).
-TABLE_PREFIXES = {"speed_tables": "speed_", "moe_tables": "moe", "data_pipeline_tables": "data_pipeline"}
+TABLE_PREFIXES = {
+    "speed_tables": ("speed_", "python -m zoo.bench speed"),
+    "moe_tables": ("moe", "python -m zoo.bench moe"),
+    "data_pipeline_tables": ("data_pipeline", "python -m zoo.bench data"),
+    "optim_tables": ("optim_steps", "python -m zoo.bench optim"),
+    "sparse_ffn_tables": ("sparse_ffn", "python -m zoo.bench sparse-ffn"),
+}
 
 _ROWS_CACHE: list[dict[str, Any]] = []
 
@@ -285,5 +291,5 @@ GENERATORS: dict[str, Callable[[Path], str]] = {
     "models_full": lambda results: models_full_table(_rows()),
     "headline": headline,
     "parts": parts_table,
-    **{name: every_table(prefix) for name, prefix in TABLE_PREFIXES.items()},
+    **{name: every_table(prefix, command) for name, (prefix, command) in TABLE_PREFIXES.items()},
 }

@@ -120,19 +120,8 @@ def _input(kind: str, shape: tuple[int, ...], generator: torch.Generator) -> tor
     return {"normal": x, "shifted": 100 + 10 * x, "wide": 300 * x}[kind]
 
 
-def _axes(name: str, layout: str, ndim: int) -> tuple[int, ...]:
-    """The axes norm ``name`` takes its statistics over (as zoo.layers.norm's L1 twin does)."""
-    channel = 1 if layout == "nchw" else ndim - 1
-    if name.startswith("batchnorm"):
-        return tuple(a for a in range(ndim) if a != channel)
-    if name.startswith("layernorm"):
-        return (channel,)
-    return tuple(range(1, ndim))  # groupnorm1: all but the batch axis
-
-
-def l2_same_ops(name: str, layout: str, x: torch.Tensor, eps: float) -> torch.Tensor:
-    """The L2 norm with the L1 norms' ops: ``(x - mu) / sqrt(mean((x - mu)^2) + eps)``, no affine."""
-    axes = _axes(name, layout, x.ndim)
+def l2_same_ops(axes: tuple[int, ...], x: torch.Tensor, eps: float) -> torch.Tensor:
+    """The L2 norm with the L1 norms' ops: ``(x - mu) / sqrt(mean((x - mu)^2) + eps)`` over ``axes``, no affine."""
     centered = x - x.mean(dim=axes, keepdim=True)
     return centered / torch.sqrt(centered.square().mean(dim=axes, keepdim=True) + eps)
 
@@ -140,9 +129,14 @@ def l2_same_ops(name: str, layout: str, x: torch.Tensor, eps: float) -> torch.Te
 def _run(name: str, layout: str, x: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Norm ``name`` in ``x``'s dtype, training mode: its output and the input's gradient, in float32."""
     base = name.removesuffix(SAME_OPS)
-    norm = create_norm(base, x.shape[1 if layout == "nchw" else -1], layout).to(x.device, x.dtype).train()
+    channels = x.shape[1 if layout == "nchw" else -1]
+    norm = create_norm(base, channels, layout).to(x.device, x.dtype).train()
     x = x.detach().requires_grad_(True)
-    y = l2_same_ops(base, layout, x, norm.eps) if name.endswith(SAME_OPS) else norm(x)
+    if name.endswith(SAME_OPS):  # over the axes the L1 twin takes its statistics over
+        axes = create_norm(dict(PAIRS)[base], channels, layout).stat_axes(x)
+        y = l2_same_ops(axes, x, norm.eps)
+    else:
+        y = norm(x)
     y.backward(grad)
     return y.detach().float(), x.grad.float()
 

@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from zoo.bench.counts import count_params
 from zoo.bench.machines import results_stem, write_spread
 from zoo.bench.report import RESULTS, command_line, environment, machine_line, markdown_table, write_results
 from zoo.layers.mlp import Mlp
@@ -92,14 +93,10 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def _params(layer: nn.Module) -> int:
-    return sum(p.numel() for p in layer.parameters())
-
-
 def dense_twin(sparse: SparseFFN, dim: int) -> Mlp:
     """A ReLU ``Mlp`` whose hidden width gives it ``sparse``'s parameter count (to one unit):
     ``2 * dim * h + h + dim`` parameters for hidden width ``h``."""
-    hidden = round((_params(sparse) - dim) / (2 * dim + 1))
+    hidden = round((count_params(sparse) - dim) / (2 * dim + 1))
     return Mlp(dim, hidden_dim=hidden, act="relu")
 
 
@@ -156,7 +153,7 @@ def measure(args: argparse.Namespace) -> list[dict]:
                     "layer": name,
                     "block_size": size,
                     "hidden": hidden,
-                    "params": _params(layer),
+                    "params": count_params(layer),
                     "us_per_call": 1e6 * seconds[name],
                     "ratio": seconds[dense] / seconds[name],
                 }

@@ -60,9 +60,9 @@ from zoo.bench import twins
 from zoo.bench.counts import count_macs, count_params
 from zoo.bench.machines import results_stem, write_spread
 from zoo.bench.report import RESULTS, command_line, environment, write_results
-from zoo.study.statistics import mean_ci
 from zoo.bench.twins import TWINS, twin_pair  # noqa: F401 - the twins' catalogue, importable from here as before
 from zoo.machine import describe
+from zoo.study.statistics import mean_ci
 
 PROG = "python -m zoo.bench speed"
 DEFAULT_MODELS = "zoo_poolformer_s12,zoo_vit_tiny_patch16_224,zoo_vit_small_patch16_224"

@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             command = readme_commands(checkout.root / "README.md")[1]
             make_venv(checkout, with_pip=uses_pip(command))
             timed = run_timed(checkout, command, args.timeout)
-            check_imports_clone(checkout)
+            check_imports_clone(checkout, installed=uses_pip(command))
             counts = parse_summary(summary_line(timed.output))
     except (FreshRunError, IndexError) as e:
         print(f"zoo.bench suite: {e}", file=sys.stderr)

@@ -103,7 +103,8 @@ class _L1Norm(nn.Module):
     ``layout="nchw"``: channels on axis 1 of a (B, C, ...) map; ``"nlc"``: channels on the last
     axis of a (B, ..., C) tensor (tokens, or a pooled (B, C) vector). The scale divides with
     ``eps`` added to it (``(x - mu) / (scale + eps)``): the L1 scale is an estimate of sigma, not
-    of a variance, so eps is added where torch's norms add it under their square root.
+    of a variance, so eps is added where torch's norms add it under their square root, as the
+    authors' ``L1BatchNorm2d`` does (eladhoffer/convNet.pytorch, ``models/modules/lp_norm.py``).
     """
 
     def __init__(self, dim: int, *, layout: str, eps: float, affine: bool = True):
@@ -123,6 +124,15 @@ class _L1Norm(nn.Module):
         shape[self.channel_axis(x)] = -1
         return v.view(shape)  # (C,) -> (1, C, 1, 1) on maps, (1, 1, C) on tokens
 
+    def stat_axes(self, x: torch.Tensor) -> tuple[int, ...]:
+        """The axes of ``x`` the norm takes its mean and scale over."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        axes = self.stat_axes(x)
+        mean = x.mean(dim=axes, keepdim=True)
+        return self.normalise(x, mean, l1_scale(x - mean, axes))
+
     def normalise(self, x: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         y = (x - mean) / (scale + self.eps)
         if self.weight is None:
@@ -140,10 +150,8 @@ class L1LayerNorm(_L1Norm):
     over the channels as a LayerNorm does): ``y = (x - mu) / (sqrt(pi/2) * mean|x - mu| + eps) * w + b``.
     """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        axis = (self.channel_axis(x),)
-        mean = x.mean(dim=axis, keepdim=True)
-        return self.normalise(x, mean, l1_scale(x - mean, axis))
+    def stat_axes(self, x: torch.Tensor) -> tuple[int, ...]:
+        return (self.channel_axis(x),)
 
 
 class L1GroupNorm1(_L1Norm):
@@ -154,10 +162,8 @@ class L1GroupNorm1(_L1Norm):
     ``mu`` and the mean over every axis but the batch's.
     """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        axes = tuple(range(1, x.ndim))
-        mean = x.mean(dim=axes, keepdim=True)
-        return self.normalise(x, mean, l1_scale(x - mean, axes))
+    def stat_axes(self, x: torch.Tensor) -> tuple[int, ...]:
+        return tuple(range(1, x.ndim))
 
 
 class L1BatchNorm(_L1Norm):
@@ -171,6 +177,8 @@ class L1BatchNorm(_L1Norm):
     ``track_running_stats=False`` keeps none and uses the batch's statistics in eval too. The
     running scale averages the batch scales as they were used (no n/(n-1) factor: BatchNorm's
     unbiased variance has one, but the mean absolute deviation's bias depends on the distribution).
+    The authors' code averages ``1 / (scale + eps)`` instead, with the momentum on the old value
+    (their ``running.mul_(momentum).add_(batch * (1 - momentum))``); ours follows torch's convention.
     """
 
     def __init__(
@@ -194,10 +202,13 @@ class L1BatchNorm(_L1Norm):
             for name in ("running_mean", "running_scale", "num_batches_tracked"):
                 self.register_buffer(name, None)
 
+    def stat_axes(self, x: torch.Tensor) -> tuple[int, ...]:
+        return tuple(a for a in range(x.ndim) if a != self.channel_axis(x))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training and self.track_running_stats:
             return self.normalise(x, self.per_channel(self.running_mean, x), self.per_channel(self.running_scale, x))
-        axes = tuple(a for a in range(x.ndim) if a != self.channel_axis(x))
+        axes = self.stat_axes(x)
         mean = x.mean(dim=axes, keepdim=True)
         scale = l1_scale(x - mean, axes)
         if self.training and self.track_running_stats:

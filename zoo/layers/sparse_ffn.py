@@ -52,7 +52,10 @@ class SparseFFN(nn.Module):
 
     The mask multiplies the activated units (the paper's ``max(0, x W1 + b1) * Controller(x)``);
     trax's code multiplies before its ReLU and has no ``b1``, which gives the same forward with a
-    ReLU. Options and their defaults: ``block_size`` 32 (trax's ``n_elements_in_block``),
+    ReLU but not the same controller gradient: there an unchosen unit's product is 0, where the
+    ReLU passes no gradient, so only the chosen unit's mask entry is trained, while here every
+    unit's entry gets its activation times the output's gradient (the straight-through gradient
+    of the paper's formula). Options and their defaults: ``block_size`` 32 (trax's ``n_elements_in_block``),
     ``controller_rank`` 64 (trax's ``d_lowrank``), ``temperature`` 0.1 and ``quant_prob`` 0.3
     (trax's), ``act`` ReLU (the paper's).
     ``block_size`` must divide ``hidden_dim`` (``dim * mlp_ratio`` in a stage).
@@ -110,11 +113,16 @@ class SparseFFN(nn.Module):
         default to fresh draws; a test passes them to fix the noise."""
         probs = logits.softmax(dim=-1)
         if gumbel is None:  # the authors' clamp of the uniform draw, so that no log is infinite
-            uniform = torch.empty_like(logits).uniform_(1e-6, 1.0 - 1e-6)
+            # drawn in float32 at least, as the authors' code: under bf16 autocast the logits are
+            # bf16, whose coarse grid below 1 cuts the Gumbel tail short and biases its mean
+            noise_dtype = torch.promote_types(logits.dtype, torch.float32)
+            uniform = torch.empty(logits.shape, dtype=noise_dtype, device=logits.device).uniform_(1e-6, 1.0 - 1e-6)
             gumbel = -torch.log(-torch.log(uniform))
         choice = (logits.log_softmax(dim=-1) + self.temperature * gumbel).argmax(dim=-1)  # (..., blocks)
         one_hot = F.one_hot(choice, self.block_size).to(probs.dtype)
-        straight_through = one_hot + probs - probs.detach()  # forward: one-hot; backward: softmax's gradient
+        # forward: exactly the one-hot (probs - probs is 0 in any dtype; one_hot + probs - probs
+        # rounds 1 + p in bf16); backward: the softmax's gradient
+        straight_through = one_hot + (probs - probs.detach())
         if hard is None:  # one draw a call, on the device (no host sync)
             hard = torch.rand((), device=logits.device) < self.quant_prob
         return torch.where(torch.as_tensor(hard, device=logits.device), straight_through, probs)

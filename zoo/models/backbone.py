@@ -12,7 +12,9 @@ are learned per-channel scales, or ones where the stage has none.
 A stage opens with a strided convolution (stem, downsampling or patch embedding) and runs its
 blocks in the layout its token mixer declares: channels-first maps (kept in channels_last memory
 so the channel mixer is a plain matmul, no copy) or token sequences with optional class /
-distillation tokens and a learned position embedding. The model speaks timm's interface.
+distillation tokens and a learned or fixed (sine) position embedding. The head pools by timm's
+global pools or CCT's sequence pooling (https://arxiv.org/abs/2104.05704). The model speaks timm's
+interface.
 """
 
 # No ``from __future__ import annotations`` here: an FX trace of ZooModel (torchvision's feature
@@ -549,6 +551,8 @@ class ZooModel(nn.Module):
                 self.seq_pool = SequencePool(self.num_features).to(dtype=ref.dtype)
             self.seq_pool.apply(_init_weights)
             self.seq_pool.train(self.training)
+        elif self.global_pool != "seqpool":  # switched away: its weights go, as timm's ViT drops its attn_pool
+            self.seq_pool = None
         self.num_classes = num_classes
         self.head = self._new_head(num_classes, **dd)
         if self.head_dist is not None:
@@ -758,7 +762,9 @@ class ZooModel(nn.Module):
             self._norm_stage = None
         if prune_head:
             self.head_dist = None
-            self.reset_classifier(0)
+            # sequence pooling's weights belong to the head: they go with it, the output unpooled
+            # (timm's ViT: reset_classifier(0, "") drops its attention pool)
+            self.reset_classifier(0, "" if self.seq_pool is not None else None)
         return take
 
 

@@ -179,7 +179,7 @@ def summarise(
                 "arm": arm,
                 "params_m": (params or {}).get(arm, 0) / 1e6,
                 "tuned": tuned[arm],
-                "best_config": fmt_params(last.params) if last else ("cited defaults" if not tuned[arm] else ""),
+                "best_config": fmt_params(last.params) if last else "" if tuned[arm] else untuned_config(arm),
                 "best_tuning": last.value if last else math.nan,
                 "final": mean,
                 "final_ci95": half,
@@ -212,6 +212,11 @@ def summarise(
     return table
 
 
+def untuned_config(arm: str) -> str:
+    """What an untuned arm trains: its optimizer's cited defaults (``@default``) or the recipe."""
+    return "cited defaults" if arm.endswith("@default") else "the recipe"
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.0f} %"
 
@@ -226,8 +231,8 @@ def markdown(
     balanced = metric == "balanced_err"
     head = (
         f"| arm | params (M) | best config | final {metric} % (95% CI, seeds) | vs {baseline} (95% CI) | "
-        f"Holm p | vs {baseline} (Bonferroni CI) | robust at rung 0: <= {bar:.2f} % (Wilson 95% CI) | steps | "
-        "core-s | trials failed/retried/diverged |"
+        f"Holm p | vs {baseline} (Bonferroni CI) | robust at rung 0: <= {bar:.2f} % (Wilson 95% CI) | tuning steps | "
+        "tuning core-s | trials failed/retried/diverged |"
     )
     rule = "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     if balanced:

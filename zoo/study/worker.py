@@ -116,7 +116,7 @@ def work(plan: Plan, studies: Studies, train_fn: Callable, poll: float, max_tria
                 continue
             for label in arms:  # a rung another worker just completed opens the next one
                 studies.advance(label)
-            if any(s for _, _, s in studies.jobs() if claimable(s)):
+            if any(claimable(s) for _, _, s in studies.jobs()):
                 continue
             if all(studies.done(a) for a in arms):
                 return ran

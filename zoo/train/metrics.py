@@ -13,7 +13,8 @@ per-epoch record of metrics.jsonl at the optimizer step it was taken (so a parti
 full one never share a step). A resumed run continues the same MLflow and W&B run (their ids are
 kept in ``<run>/trackers/runs.json``) and does not send again what the stopped run had sent:
 resume is exact, so those records would be the same numbers; the hyper-parameters are sent once,
-at the start (MLflow refuses a changed value; a config changed on resume is printed by the loop).
+at the start (MLflow refuses a changed value; a config changed on resume is printed by the loop),
+so a tracker first named on a resume gets the epochs from there on, without them.
 """
 
 from __future__ import annotations
