@@ -151,7 +151,8 @@ def test_training_draws_noise_and_mask_kind():
         ({"block_size": 5}, "block_size 5 does not divide the hidden width 24"),
         ({"block_size": 0}, "block_size must be a positive int"),
         ({"controller_rank": 1.5}, "controller_rank must be a positive int"),
-        ({"block_size": 4, "quant_prob": 2.0}, "quant_prob must be in"),
+        ({"block_size": 4, "quant_prob": 2.0}, "quant_prob must be a number in"),
+        ({"block_size": 4, "temperature": "1e-1"}, "temperature must be a number >= 0, got '1e-1'"),
     ],
 )
 def test_bad_options_are_one_line(options, message):

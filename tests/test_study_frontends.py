@@ -98,6 +98,7 @@ def test_help_and_the_old_entry_points():
 
 def test_evaluate_reports_balanced_error_and_recall_as_sklearn():
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
 
     from zoo.train.loop import evaluate
 
@@ -110,7 +111,11 @@ def test_evaluate_reports_balanced_error_and_recall_as_sklearn():
             return logits[x.long().view(-1)]
 
     loader = torch.utils.data.DataLoader(list(zip(torch.arange(40).float().view(40, 1), y)), batch_size=16)
-    res = evaluate(Table(), loader, Accelerator(cpu=True))
+    try:
+        res = evaluate(Table(), loader, Accelerator(cpu=True))
+    finally:  # Accelerate's process-wide settings: a later run() in this process chooses its own
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
     pred = logits.argmax(1).numpy()
     assert res["top1"] == pytest.approx(100 * (pred == y.numpy()).mean())
     assert res["balanced_err"] == pytest.approx(100 * (1 - balanced_accuracy_score(y.numpy(), pred)))

@@ -169,7 +169,8 @@ def headline(results: Path) -> str:
         r = run["rows"][0]
         lines.append(
             f"- **The first command** from a fresh clone: `{r['model']}` reaches {r['top1']:.1f} % top-1 on "
-            f"{r['dataset']} in {r['wall_s']:.0f} s ({r['precision']}, {_machine(run)}). "
+            f"{r['dataset']} in {r['wall_s']:.0f} s with the install, {r['train_s']:.0f} s of it training "
+            f"({r['precision']}, {_machine(run)}). "
             "[More](docs/results.md#the-readmes-commands)"
         )
     else:

@@ -23,6 +23,11 @@ def _check_positive_int(option: str, value: object) -> None:
         raise ValueError(f"sparse_ffn: {option} must be a positive int, got {value!r}")
 
 
+def _is_real(value: object) -> bool:
+    """A real number, not a bool nor a string (YAML reads ``1e-1`` as the string "1e-1")."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 # A leaf of timm's FX trace (feature extraction): eval picks its path from the token count.
 @register_notrace_module
 class SparseFFN(nn.Module):
@@ -85,10 +90,10 @@ class SparseFFN(nn.Module):
                 f"sparse_ffn: block_size {block_size} does not divide the hidden width {hidden_dim} "
                 f"(dim {dim} x mlp_ratio); pass a block_size that divides {hidden_dim}"
             )
-        if not 0.0 <= quant_prob <= 1.0:
-            raise ValueError(f"sparse_ffn: quant_prob must be in [0, 1], got {quant_prob!r}")
-        if temperature < 0:
-            raise ValueError(f"sparse_ffn: temperature must be >= 0, got {temperature!r}")
+        if not _is_real(quant_prob) or not 0.0 <= quant_prob <= 1.0:
+            raise ValueError(f"sparse_ffn: quant_prob must be a number in [0, 1], got {quant_prob!r}")
+        if not _is_real(temperature) or temperature < 0:
+            raise ValueError(f"sparse_ffn: temperature must be a number >= 0, got {temperature!r}")
         self.block_size, self.num_blocks = block_size, hidden_dim // block_size
         self.temperature, self.quant_prob = float(temperature), float(quant_prob)
         self.fc1 = nn.Linear(dim, hidden_dim, bias=bias)
