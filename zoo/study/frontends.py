@@ -27,6 +27,7 @@ def _frontend(prog: str, own: argparse.ArgumentParser, argv: list[str]) -> tuple
     """Parse ``argv`` with the front-end's options and the sweep's (for --help and errors);
     (the front-end's options, the rest for the sweep)."""
     full = sweep.build_parser(prog, __doc__, arms=False)
+    # argparse cannot merge two parsers publicly; _add_action is what add_argument itself calls
     for action in own._actions:
         if action.option_strings and action.dest != "help":
             full._add_action(action)

@@ -19,13 +19,10 @@ from zoo.study.arms import Arm
 from zoo.study.design import Plan
 from zoo.study.provenance import provenance
 from zoo.study.storage import Heartbeat, Studies, claim
+from zoo.study.table import fmt_params
 from zoo.train import ConfigError, TrainingStopped, config_to_yaml
 
 WORST = 100.0  # a diverged run's error
-
-
-def fmt_params(params: dict[str, float]) -> str:
-    return ", ".join(f"{k}={v:.3g}" for k, v in params.items())
 
 
 def suggest(plan: Plan, arm: Arm, trial) -> dict[str, float]:
