@@ -49,10 +49,10 @@ def quietly(fn, argv):
 
 def test_top1_is_a_study_of_one_arm_per_model(tmp_path):
     CALLS.clear()
-    argv = ["--models", "zoo_vit_mini_32", "--baseline", "resnet10t", *common(tmp_path)]
+    argv = ["--models", "zoo_vit_mini_32", "--baseline", "resnet10t", "--data=digits", *common(tmp_path)]
     rc, out = quietly(frontends.top1, argv)
     assert rc == 0, out
-    data = json.loads((tmp_path / "results" / "top1_mnist5k.json").read_text())
+    data = json.loads((tmp_path / "results" / "top1_digits.json").read_text())  # the study named by its data
     assert data["design"]["arms"] == ["zoo_vit_mini_32:adamw", "resnet10t:adamw"]  # the baseline added
     assert data["command"].startswith("python -m zoo.study top1 --models zoo_vit_mini_32")
     assert "vs resnet10t:adamw" in out

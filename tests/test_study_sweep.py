@@ -134,8 +134,7 @@ def test_bad_input_exits_2_with_one_line_before_any_run(tmp_path, capsys, args, 
     assert sweep.main([*toy_args(tmp_path), *args], train_fn=fake_run, floors_fn=fake_floors) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("zoo.study: ") and says in err, err
-    assert not (tmp_path / "results").exists() and not CALLS
-    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("config.yaml"))
+    assert not (tmp_path / "results").exists() and not (tmp_path / "runs").exists() and not CALLS
 
 
 def test_default_arm_of_an_optimizer_without_cited_defaults_is_refused(tmp_path, capsys, monkeypatch):
@@ -301,8 +300,8 @@ def test_a_storage_with_another_design_is_refused_and_the_same_resumes(toy, caps
     for argv, says in (
         (toy_args(tmp, "--eta", "2"), "bracket"),
         (toy_args(tmp, "--metric", "balanced_err"), "metric"),
-        (toy_args(tmp, "--set", "train.batch_size=32"), "config"),
-        (toy_args(tmp, "--set", "optim.eps=1e-6"), "config"),
+        (toy_args(tmp, "--set", "train.batch_size=32"), "sets: "),
+        (toy_args(tmp, "--set", "optim.eps=1e-6"), "optim.eps=1e-6"),
         (toy_args(tmp, arms="zoo_vit_mini_32:adamw,resnet10t:adamw"), "arms"),
     ):
         assert sweep.main(argv, train_fn=fake_run, floors_fn=fake_floors) == 2
@@ -315,6 +314,44 @@ def test_a_storage_with_another_design_is_refused_and_the_same_resumes(toy, caps
     assert run_quietly([*toy["argv"], "--report-only"])[0] == 0
     assert len(CALLS) == n and len(study_fakes.FLOOR_CALLS) == floors
     assert (tmp / "results" / "sweep_mnist5k.md").read_text() == md
+
+
+def test_a_stored_study_of_another_optimizer_implementation_is_refused(toy, capsys, monkeypatch):
+    """The config can stay the same while the code behind ``optim.name`` changes (``shampoo`` was
+    a plain Shampoo before it became the scalable one): the stored study is refused, also when the
+    command adds an arm (the stored arms must keep their optimizers)."""
+    from zoo.train import optim
+
+    real = optim.describe_optimizer
+
+    def before(o):  # the same name and config, another implementation
+        return {**real(o), "implementation": "torch_optimizer.Shampoo 0.3.0"}
+
+    monkeypatch.setattr(optim, "describe_optimizer", before)
+    n = len(CALLS)
+    for arms in (ARMS, ARMS + ",zoo_cvt_mini_32:adamw"):
+        assert sweep.main(toy_args(toy["tmp"], arms=arms), train_fn=fake_run, floors_fn=fake_floors) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "another design (optimizer of " in err, err
+        assert "torch_optimizer.Shampoo 0.3.0" in err, err
+    assert len(CALLS) == n
+
+
+def test_the_precision_is_pinned_when_the_study_is_created(tmp_path, capsys, monkeypatch):
+    """A study resumed on another CPU kind keeps the precision it was created with; a command that
+    sets another one is another design."""
+    from zoo.study.design import Plan
+
+    argv = toy_args(tmp_path, "--study", "pinned", "--min-epochs", "9", configs=3, seeds=1, arms="resnet10t:adamw")
+    monkeypatch.setattr(Plan, "resolve_precision", lambda self: "fp32")
+    assert run_quietly([*argv, "--max-trials", "1"])[0] == 0
+    monkeypatch.setattr(Plan, "resolve_precision", lambda self: "bf16")  # the next machine would choose bf16
+    CALLS.clear()
+    assert run_quietly(argv)[0] == 0
+    assert len(CALLS) == 3 and {c.train.precision for c in CALLS} == {"fp32"}
+    assert sweep.main([*argv, "--set", "train.precision=bf16"], train_fn=fake_run, floors_fn=fake_floors) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "another design" in err, err
 
 
 def test_arms_added_later_get_the_same_bracket(tmp_path, capsys):

@@ -237,4 +237,4 @@ def test_export_then_import_into_a_fresh_run_folder_finishes_the_study(tmp_path,
     assert sweep.main(argv, train_fn=fake_run, floors_fn=fake_floors) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "another design" in err and "bracket" in err, err
-    assert not optuna.get_all_study_names(f"sqlite:///{other / 'runs' / 'sweep_mnist5k' / 'study.db'}")
+    assert not other.exists()  # refused before any storage or folder was made

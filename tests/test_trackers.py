@@ -113,3 +113,14 @@ def test_a_tracker_not_installed_is_a_config_error_before_anything_is_written(tm
 def test_trackers_are_checked_strictly(tmp_path, value, expected):
     with pytest.raises(ConfigError, match="^" + re.escape(expected)):
         _cfg(tmp_path, f"log.trackers={value}")
+
+
+def test_tensorboard_is_added_softly_only_when_asked_and_installed(monkeypatch):
+    from zoo.train.metrics import tracker_names
+
+    monkeypatch.setattr(train_metrics, "is_tensorboard_available", lambda: True)
+    assert tracker_names([], tensorboard=True) == ["tensorboard"]
+    assert tracker_names(["mlflow", "tensorboard"], tensorboard=True) == ["mlflow", "tensorboard"]  # once
+    assert tracker_names([], tensorboard=False) == []
+    monkeypatch.setattr(train_metrics, "is_tensorboard_available", lambda: False)
+    assert tracker_names([], tensorboard=True) == []  # the soft default never fails a run

@@ -237,14 +237,6 @@ def test_layer_decay_groups_follow_the_group_matcher(model_name):
 # Cited defaults (a study's MODEL:OPTIMIZER@default arm) and the description a study fingerprints
 
 
-def _library_default(cls_path: str, parameter: str):
-    import importlib
-    import inspect
-
-    module, name = cls_path.rsplit(".", 1)
-    return inspect.signature(getattr(importlib.import_module(module), name)).parameters[parameter].default
-
-
 @pytest.mark.parametrize("name", sorted(OPTIMIZER_DEFAULTS))
 def test_cited_library_defaults_are_the_librarys_own(name):
     d = OPTIMIZER_DEFAULTS[name]
@@ -259,7 +251,7 @@ def test_cited_library_defaults_are_the_librarys_own(name):
     compared = [k for k in d.values if k.removeprefix("optim.") in signature]
     assert "optim.lr" in compared
     for key in compared:
-        library = _library_default(d.library, key.removeprefix("optim."))
+        library = signature[key.removeprefix("optim.")].default
         assert d.values[key] == (tuple(library) if isinstance(library, (list, tuple)) else library), key
 
 

@@ -140,13 +140,14 @@ def test_merged_shapes_are_the_authors_examples():
     assert authors_merged_shape([1, 2, 768, 1, 2048], 1024) == [2, 768, 2048]
     assert authors_merged_shape([256, 64], 128) == [256, 64]  # pytorch-optimizer 4.1: [1, 256, 64]
     assert authors_merged_shape([1, 1], 128) == [1]
+    assert authors_merged_shape([64, 32, 3, 3], 128) == [64, 96, 3]  # 64 | 32 * 3 | 3: 96 * 3 > 128
 
 
 def test_matrices_get_inverse_fourth_roots_and_vectors_square_roots():
     model = Weights((256, 64), (64, 256), (32, 16, 3, 3), (256,), (64,))
     opt = _shampoo(model)
     exponents = [opt.state[p]["pre_conditioner"].exponent_for_pre_conditioner for p in model.ws]
-    assert exponents == [4, 4, 6, 2, 2]  # 2 x dimensions: (256, 64), (64, 256), (32, 16, 9), vectors
+    assert exponents == [4, 4, 6, 2, 2]  # 2 x dimensions: (256, 64), (64, 256), (32, 48, 3), vectors
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,6 +274,21 @@ def test_a_state_from_another_block_size_is_refused_in_one_line():
     with pytest.raises(ValueError) as e:
         other.load_state_dict(opt.state_dict())
     assert "\n" not in str(e.value) and "does not match this optimizer's" in str(e.value)
+
+
+def test_a_parameter_without_saved_state_gets_the_authors_shapes_on_load():
+    """A state dict that lacks a parameter's state (e.g. one with no gradient yet) must not leave
+    it to the library's ``init_group``, whose shapes turn a matrix's 4th roots into 6th roots."""
+    model = Weights((256, 64), (64,))
+    opt = _shampoo(model)
+    saved = opt.state_dict()
+    del saved["state"][0]
+    fresh = _shampoo(model)
+    fresh.load_state_dict(saved)
+    w = model.ws[0]
+    w.grad = torch.ones_like(w)
+    fresh.step()
+    assert fresh.state[w]["pre_conditioner"].exponent_for_pre_conditioner == 4
 
 
 def test_steps_leave_the_global_rng_alone_and_agree_across_seeds():

@@ -43,8 +43,8 @@ import cv2
 import numpy as np
 import torch
 
-from zoo.bench.machines import results_stem, write_spread
-from zoo.bench.report import RESULTS, command_line, environment, machine_line, markdown_table, write_results
+from zoo.bench.machines import add_spread_only, rewrite_spreads, write_machine_results
+from zoo.bench.report import RESULTS, command_line, environment, machine_line, markdown_table
 
 __all__ = ["main", "make_photo_jpegs", "timm_train_transform", "zoo_train_transform"]
 
@@ -253,14 +253,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--name", default="data_pipeline", help="results name (default: %(default)s; files NAME_<machine>)"
     )
-    parser.add_argument(
-        "--spread-only", action="store_true", help="rewrite NAME_machines.md from the results in --out; measure nothing"
-    )
+    add_spread_only(parser)
     args = parser.parse_args(argv)
     if args.spread_only:
-        if path := write_spread(args.out, args.name, SPREAD_TITLE, spread_cells):
-            print(f"results: {path}")
-        return 0
+        return rewrite_spreads(args.out, {args.name: SPREAD_TITLE}, spread_cells)
 
     from zoo.data.image_io import find_images
 
@@ -286,8 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     settings = {k: getattr(args, k) for k in ("repeats", "min_images", "img_size")}
     meta = {"command": command, **env, "settings": {**settings, "images": source, "files": len(files)}}
-    paths = write_results(args.out, results_stem(args.name, env), text, rows, COLUMNS, meta)
-    paths.append(write_spread(args.out, args.name, SPREAD_TITLE, spread_cells))
+    paths = write_machine_results(args.out, args.name, env, text, rows, COLUMNS, meta, (SPREAD_TITLE, spread_cells))
     print(f"results: {', '.join(map(str, paths))}")
     return 0
 

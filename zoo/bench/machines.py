@@ -12,17 +12,29 @@ reader sees the spread across machines rather than one machine's best.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from zoo.atomic import atomic_write_text
-from zoo.bench.report import REPO, markdown_table
+from zoo.bench.report import REPO, markdown_table, write_results
 
-__all__ = ["machine_results", "machine_slug", "results_stem", "spread_name", "write_spread"]
+__all__ = [
+    "add_spread_only",
+    "machine_results",
+    "machine_slug",
+    "results_stem",
+    "rewrite_spreads",
+    "spread_name",
+    "write_machine_results",
+    "write_spread",
+]
+
+Cells = Callable[[dict[str, Any]], dict[str, str]]
 
 _NOISE = re.compile(r"\((R|TM|tm)\)|\b(CPU|Processor)\b|@.*$")
 
@@ -95,7 +107,7 @@ def _machine_cell(result: dict[str, Any]) -> str:
     return f"{result['cpu_model']} ({result['cpu_capability']}{', ' + flags if flags else ''})"
 
 
-def write_spread(out: Path, name: str, title: str, cells: Callable[[dict[str, Any]], dict[str, str]]) -> Path | None:
+def write_spread(out: Path, name: str, title: str, cells: Cells) -> Path | None:
     """``NAME_machines.md``: ``title``, then one row per machine kind (newest first): the machine,
     date and threads of its results file (its full table names the commit), then ``cells(result)``
     (column -> text; a column missing from a row shows "-"), then links to the full tables. None
@@ -117,3 +129,39 @@ def write_spread(out: Path, name: str, title: str, cells: Callable[[dict[str, An
     path = out / f"{spread_name(name)}.md"
     atomic_write_text(path, text)
     return path
+
+
+def write_machine_results(
+    out: Path,
+    name: str,
+    record: dict[str, Any],
+    text: str,
+    rows: list[dict[str, Any]],
+    columns: list[str],
+    meta: dict[str, Any],
+    spread: tuple[str, Cells],
+    device: str = "cpu",
+) -> list[Path]:
+    """A bench's results for this machine kind, ``NAME_<machine>.{md,csv,json}``
+    (``report.write_results``; ``record``: the machine's fields), then ``NAME_machines.md`` rebuilt
+    with them (``spread``: its title and :func:`write_spread`'s cells). The paths written."""
+    paths = write_results(out, results_stem(name, record, device), text, rows, columns, meta)
+    if path := write_spread(out, name, *spread):
+        paths.append(path)
+    return paths
+
+
+def add_spread_only(parser: argparse.ArgumentParser) -> None:
+    """The benches' ``--spread-only`` flag: :func:`rewrite_spreads` instead of measuring."""
+    parser.add_argument(
+        "--spread-only", action="store_true", help="rewrite NAME_machines.md from the results in --out; measure nothing"
+    )
+
+
+def rewrite_spreads(out: Path, titles: Mapping[str, str], cells: Cells) -> int:
+    """``--spread-only``: ``NAME_machines.md`` rewritten for each NAME of ``titles`` (NAME -> title)
+    that has results in ``out``, each path printed; the exit code, 0."""
+    for name, title in titles.items():
+        if path := write_spread(out, name, title, cells):
+            print(f"results: {path}")
+    return 0

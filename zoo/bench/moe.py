@@ -60,8 +60,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from zoo.bench.machines import results_stem, write_spread
-from zoo.bench.report import RESULTS, command_line, environment, machine_line, markdown_table, write_results
+from zoo.bench.machines import add_spread_only, rewrite_spreads, write_machine_results
+from zoo.bench.report import RESULTS, command_line, environment, machine_line, markdown_table
 from zoo.layers.mlp import Mlp
 from zoo.layers.moe import MoE, collect_aux_loss
 from zoo.layers.soft_moe import SoftMoE
@@ -138,9 +138,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS, help="results folder (default: %(default)s)")
     p.add_argument("--name", default="moe", help="results name (default: %(default)s; files NAME_<machine>)")
-    p.add_argument(
-        "--spread-only", action="store_true", help="rewrite NAME_machines.md from the results in --out; measure nothing"
-    )
+    add_spread_only(p)
     args = p.parse_args(argv)
     unknown = [s for s in args.settings.split(",") if s not in SETTINGS]
     if unknown:
@@ -325,9 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = _parse(argv)
     if args.spread_only:
-        if path := write_spread(args.out, args.name, SPREAD_TITLE, spread_cells):
-            print(f"results: {path}")
-        return 0
+        return rewrite_spreads(args.out, {args.name: SPREAD_TITLE}, spread_cells)
     threads = args.threads or len(os.sched_getaffinity(0))
     kept = keep_freed_memory() if args.allocator == "reuse" else None  # None also where it cannot (not glibc)
     args.allocator_line = f"as the training loop, {kept}" if kept else "the system allocator's defaults"
@@ -358,8 +354,8 @@ def main(argv: list[str] | None = None) -> int:
         notes = _notes(args, settings, list(settings)[: len(tables)], load_before)
         notes += [f"`{command}`", machine_line(env)]
         text = "\n\n".join(tables) + "\n\n" + "\n".join(notes)
-        paths = write_results(args.out, results_stem(args.name, env), text, rows, COLUMNS, meta)
-        paths.append(write_spread(args.out, args.name, SPREAD_TITLE, spread_cells))
+        spread = (SPREAD_TITLE, spread_cells)
+        paths = write_machine_results(args.out, args.name, env, text, rows, COLUMNS, meta, spread)
     print("\n" + "\n".join(notes))
     print(f"results: {', '.join(map(str, paths))}")
     return 0

@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from zoo.bench.machines import results_stem, write_spread
-from zoo.bench.report import RESULTS, command_line, environment, machine_line, markdown_table, write_results
+from zoo.bench.machines import add_spread_only, rewrite_spreads, write_machine_results
+from zoo.bench.report import RESULTS, command_line, environment, machine_line, markdown_table
 
 PROG = "python -m zoo.bench optim"
 COLUMNS = ["optimizer", "implementation", "step_ms", "fwd_bwd_ms", "ratio", "ratio_min", "ratio_max"]
@@ -61,9 +61,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: usable CPU cores)")
     p.add_argument("--out", type=Path, default=RESULTS, help="results folder (default: %(default)s)")
     p.add_argument("--name", default="optim_steps", help="results name (default: %(default)s; files NAME_<machine>)")
-    p.add_argument(
-        "--spread-only", action="store_true", help="rewrite NAME_machines.md from the results in --out; measure nothing"
-    )
+    add_spread_only(p)
     args = p.parse_args(argv)
     unknown = [n for n in args.optimizers.split(",") if n not in OPTIMIZERS]
     if unknown:
@@ -180,9 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = _parse(argv)
     if args.spread_only:
-        if path := write_spread(args.out, args.name, SPREAD_TITLE, spread_cells):
-            print(f"results: {path}")
-        return 0
+        return rewrite_spreads(args.out, {args.name: SPREAD_TITLE}, spread_cells)
     threads = args.threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
     command, env = command_line(PROG, argv), environment(threads)
@@ -208,9 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         **{k: getattr(args, k) for k in ("in_chans", "num_classes", "block", "warmup_steps", "repeats")},
     }
     meta = {"command": command, **env, "settings": settings}
-    paths = write_results(args.out, results_stem(args.name, env), text, rows, COLUMNS, meta)
-    if spread := write_spread(args.out, args.name, SPREAD_TITLE, spread_cells):
-        paths.append(spread)
+    paths = write_machine_results(args.out, args.name, env, text, rows, COLUMNS, meta, (SPREAD_TITLE, spread_cells))
     print(f"results: {', '.join(map(str, paths))}")
     return 0
 

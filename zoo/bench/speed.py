@@ -58,8 +58,8 @@ import torch
 import zoo
 from zoo.bench import twins
 from zoo.bench.counts import count_macs, count_params
-from zoo.bench.machines import results_stem, write_spread
-from zoo.bench.report import RESULTS, command_line, environment, write_results
+from zoo.bench.machines import add_spread_only, rewrite_spreads, write_machine_results
+from zoo.bench.report import RESULTS, command_line, environment
 from zoo.bench.twins import TWINS, twin_pair  # noqa: F401 - the twins' catalogue, importable from here as before
 from zoo.machine import describe
 from zoo.study.statistics import mean_ci
@@ -241,8 +241,8 @@ def peak_memory_here(
 
 def _peak_memory_in_child(name: str, **settings) -> dict[str, int]:
     """:func:`peak_memory_here` in a fresh Python process. Not in this one: a profiled step leaves
-    the heap in another state, which slowed timm's PoolFormer-S12 steps after it from ~17 to ~13
-    img/s on this project's 2-core CPU (zoo's kept their speed), so it would skew later ratios."""
+    the heap in another state, which slowed the timm PoolFormer-S12 steps timed after it (zoo's kept
+    their speed), so it would skew later ratios."""
     code = (
         "import json, sys; from zoo.bench.speed import peak_memory_here; "
         "print(json.dumps(peak_memory_here(**json.loads(sys.argv[1]))))"
@@ -498,17 +498,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--name", default=None, help="results name (default: speed_<device>_<dtype>[_<optim>]; files NAME_<machine>)"
     )
-    p.add_argument(
-        "--spread-only", action="store_true", help="rewrite NAME_machines.md from the results in --out; measure nothing"
-    )
+    add_spread_only(p)
     args = p.parse_args(argv)
     device = torch.device(args.device)
     name = args.name or f"speed_{device.type}_{args.dtype}" + ("" if args.optim == "sgd" else f"_{args.optim}")
     if args.spread_only:
-        for spread in (name, f"{name}_compiled"):
-            if path := write_spread(args.out, spread, spread_title(spread), spread_cells):
-                print(f"results: {path}")
-        return 0
+        return rewrite_spreads(args.out, {n: spread_title(n) for n in (name, f"{name}_compiled")}, spread_cells)
     layouts = (
         ("channels_last",) if args.channels_last else tuple(s.strip() for s in args.layouts.split(",") if s.strip())
     )
@@ -563,8 +558,8 @@ def main(argv: list[str] | None = None) -> int:
             "machine_summary": machine.summary(),
             "settings": {**settings, "layouts": list(layouts), "compile_mode": compile_mode},
         }
-        paths = write_results(args.out, results_stem(table, meta["machine"], str(device)), text, rows, COLUMNS, meta)
-        paths.append(write_spread(args.out, table, spread_title(table), spread_cells))
+        spread = (spread_title(table), spread_cells)
+        paths = write_machine_results(args.out, table, meta["machine"], text, rows, COLUMNS, meta, spread, str(device))
         for r in rows:
             if r["unsupported"]:
                 print(f"  layouts left out, {r['model']}: {r['unsupported']}")

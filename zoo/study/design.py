@@ -184,11 +184,23 @@ PER_ARM = ("arms", "config", "optimizer")  # design keys that hold one entry per
 
 
 def diff(saved: dict, design: dict) -> str:
-    """The first key on which two designs differ, said in one line."""
-    for k in sorted(set(saved) | set(design)):
-        if saved.get(k) != design.get(k):
-            return f"{k}: {json.dumps(saved.get(k))[:200]} in the storage, {json.dumps(design.get(k))[:200]} here"
-    return "?"
+    """The first key on which two designs differ, said in one line: the study-wide keys (bracket,
+    sets, ...) first, then an arm both hold (its resolved recipe's hash, its optimizer), so that a
+    command adding arms is told which stored arm changed, then the list of arms."""
+    keys = sorted(set(saved) | set(design))
+    arms = [a for a in saved.get("arms") or [] if a in (design.get("arms") or [])]
+    ordered = [
+        *((k, saved.get(k), design.get(k)) for k in keys if k not in PER_ARM),
+        *(
+            (f"{k} of {a}", (saved.get(k) or {}).get(a), (design.get(k) or {}).get(a))
+            for k in PER_ARM[1:]
+            for a in arms
+        ),
+        *((k, saved.get(k), design.get(k)) for k in keys),
+    ]
+    return next(
+        (f"{k}: {json.dumps(a)[:200]} in the storage, {json.dumps(b)[:200]} here" for k, a, b in ordered if a != b), "?"
+    )
 
 
 def added_arms(saved: dict, design: dict) -> list[str] | None:

@@ -25,22 +25,20 @@ from zoo.study.arms import InputError
 
 def _frontend(prog: str, own: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """Parse ``argv`` with the front-end's options and the sweep's (for --help and errors);
-    (the front-end's options, the rest for the sweep)."""
+    (the front-end's options and ``--study``, ``--data`` as the sweep reads them, the rest for the sweep)."""
     full = sweep.build_parser(prog, __doc__, arms=False)
     # argparse cannot merge two parsers publicly; _add_action is what add_argument itself calls
     for action in own._actions:
         if action.option_strings and action.dest != "help":
             full._add_action(action)
-    full.parse_args(argv)
-    return own.parse_known_args(argv)
+    parsed = full.parse_args(argv)  # --data=elpv and --data elpv alike
+    args, rest = own.parse_known_args(argv)
+    args.study, args.data = parsed.study, parsed.data
+    return args, rest
 
 
-def _default_study(rest: list[str], kind: str, data: str) -> list[str]:
-    return [] if "--study" in rest else ["--study", f"{kind}_{stem_part(data)}"]
-
-
-def _data(rest: list[str]) -> str:
-    return rest[rest.index("--data") + 1] if "--data" in rest else "mnist5k"
+def _default_study(args: argparse.Namespace, kind: str) -> list[str]:
+    return [] if args.study is not None else ["--study", f"{kind}_{stem_part(args.data)}"]
 
 
 def top1(argv: list[str] | None = None, **seams) -> int:
@@ -55,7 +53,7 @@ def top1(argv: list[str] | None = None, **seams) -> int:
     if args.baseline not in models:
         models.append(args.baseline)
     arms = ",".join(f"{m}:{args.optimizer}" for m in models)
-    study = _default_study(rest, "top1", _data(rest))
+    study = _default_study(args, "top1")
     baseline = f"{args.baseline}:{args.optimizer}"
     return sweep.main(
         ["--arms", arms, "--baseline", baseline, *study, *rest], command=command_line(prog, argv), **seams
@@ -109,5 +107,5 @@ def ablate(argv: list[str] | None = None, **seams) -> int:
         return 2
     base = f"{args.base}:{args.optimizer}"
     arms = ",".join([base, *(f"{base}:{k}={v}" for k, v in swaps)])
-    study = _default_study(rest, "ablate", _data(rest))
+    study = _default_study(args, "ablate")
     return sweep.main(["--arms", arms, "--baseline", base, *study, *rest], command=command_line(prog, argv), **seams)

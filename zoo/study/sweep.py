@@ -74,7 +74,7 @@ def check(plan: Plan) -> dict[str, int]:
     the bad model, optimizer, spec part or key. Returns each arm's parameter count."""
     from zoo.bench.counts import count_params
     from zoo.data import create_dataset, create_transform
-    from zoo.train.loop import _check_model_name, _create_model
+    from zoo.train.loop import _check_model_name
 
     plan.bracket.check()
     if plan.seeds < 1:
@@ -105,8 +105,23 @@ def check(plan: Plan) -> dict[str, int]:
             except (FileNotFoundError, ValueError) as e:
                 raise InputError(f"--data {plan.data!r}: {e}") from None
             data = (len(ds.classes), int(ds[0][0].shape[0]))
-        params[arm.label] = count_params(_create_model(cfg, *data))
+        params[arm.label] = count_params(_model_shapes(cfg, *data))
     return params
+
+
+def _model_shapes(cfg, num_classes: int, in_chans: int):
+    """The arm's model on the meta device: its parameters' shapes and its config errors without
+    computing the initial weights (a second a model on a slow CPU, for a count); on the CPU for a
+    part that reads values when it is built."""
+    import torch
+
+    from zoo.train.loop import _create_model
+
+    try:
+        with torch.device("meta"):
+            return _create_model(cfg, num_classes, in_chans)
+    except (NotImplementedError, RuntimeError):  # "Cannot copy out of meta tensor" and the like
+        return _create_model(cfg, num_classes, in_chans)
 
 
 # ---------------------------------------------------------------- the table
@@ -232,7 +247,8 @@ def report(
         f"{r['arm']} {100 * r['train_share']:.0f} %" for r in table if not math.isnan(r["train_share"])
     )
     notes.append(
-        f"Share of trial wall time in training steps (the rest: start-up, evaluation, checkpoints): {overhead or '—'}. "
+        "Share of trial wall time in training steps (the rest: start-up, evaluation, checkpoints, exports): "
+        f"{overhead or '—'}. "
         f"Precision {', '.join(precisions) or plan.precision}; "
         + (
             f"trials from {len(codes)} code versions: {', '.join(codes)}."
@@ -407,7 +423,9 @@ def main(
         args, plan = parse(argv)
         params = check(plan)
         train_fn = train_fn or _trainer(args.trainer)
-    except (InputError, ConfigError, ImportError, AttributeError) as e:
+        if args.import_file is not None:  # before any storage or folder is made
+            check_import(args.import_file, plan)
+    except (InputError, ConfigError, ImportError, AttributeError, DesignError) as e:
         return _fail(str(e) or type(e).__name__)
     if floors_fn is None:
         from zoo.study.floors import floors as floors_fn
@@ -423,7 +441,7 @@ def main(
     try:
         storage = open_storage(url, args.heartbeat, args.grace)
         if args.import_file is not None:
-            imported = import_into(args.import_file, storage, plan)
+            imported = import_into(args.import_file, storage, plan.study)
         studies = Studies(plan, storage)
     except (DesignError, InputError) as e:
         return _fail(str(e))
@@ -456,20 +474,31 @@ def main(
     return 0
 
 
-def import_into(path: Path, storage, plan: Plan) -> tuple[int, int]:
-    """``--import``: refuse a missing file, a storage that holds the study, another design; copy."""
+def check_import(path: Path, plan: Plan) -> None:
+    """``--import``: refuse a missing or unreadable file, a file without the study, another design."""
+    import sqlalchemy
+
     from zoo.study.design import diff
-    from zoo.study.transfer import import_study, read_design
+    from zoo.study.transfer import read_design
 
     if not path.is_file():
         raise InputError(f"--import {path}: no such file")
-    saved = read_design(path, plan.study)
+    try:
+        saved = read_design(path, plan.study)
+    except sqlalchemy.exc.SQLAlchemyError as e:
+        raise InputError(f"--import {path}: not a study export ({type(e).__name__})") from None
     if saved is None:
         raise InputError(f"--import {path}: holds no study {plan.study!r} (use --study NAME)")
-    if saved_design(storage, plan.study) is not None:
-        raise InputError(f"--import {path}: the storage already holds study {plan.study!r}; import into a fresh one")
     plan.precision = saved["precision"]
     design = plan.design()
     if saved != design:
         raise DesignError(f"--import {path}: the study was made with another design ({diff(saved, design)})")
-    return import_study(path, storage, plan.study)
+
+
+def import_into(path: Path, storage, study: str) -> tuple[int, int]:
+    """``--import`` (checked by ``check_import``): refuse a storage that holds the study; copy."""
+    from zoo.study.transfer import import_study
+
+    if saved_design(storage, study) is not None:
+        raise InputError(f"--import {path}: the storage already holds study {study!r}; import into a fresh one")
+    return import_study(path, storage, study)

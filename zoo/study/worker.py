@@ -50,6 +50,7 @@ def objective(plan: Plan, arm: Arm, trial, rung: int | None, train_fn: Callable)
         trial.set_user_attr("provenance", provenance(plan.precision, cfg.train.num_threads))
         return WORST
     threads = result.threads or cfg.train.num_threads or 1
+    wall = result.wall_s + result.seconds.get("finish", 0.0)  # RunResult.wall_s ends before the exports
     err = 100.0 - result.top1
     balanced = result.balanced_err if result.balanced_err is not None else math.nan
     attrs: dict[str, Any] = {
@@ -58,8 +59,8 @@ def objective(plan: Plan, arm: Arm, trial, rung: int | None, train_fn: Callable)
         "recall": result.recall,
         "steps": result.steps,
         "epochs_done": result.epochs_done,
-        "wall_s": result.wall_s,
-        "core_s": result.wall_s * threads,
+        "wall_s": wall,
+        "core_s": wall * threads,
         "seconds": result.seconds,
         "run_dir": str(result.run_dir),
         "provenance": provenance(result.precision or plan.precision, threads),

@@ -12,7 +12,9 @@ it later), TensorBoard writes event files (``tensorboard --logdir <run>/trackers
 per-epoch record of metrics.jsonl at the optimizer step it was taken (so a partial epoch and the
 full one never share a step). A resumed run continues the same MLflow and W&B run (their ids are
 kept in ``<run>/trackers/runs.json``) and does not send again what the stopped run had sent:
-resume is exact, so those records would be the same numbers; the hyper-parameters are sent once,
+resume is exact, so those records would be the same numbers (but for a resume with a changed
+config, which the loop allows and prints: the redone epochs' new numbers are in metrics.jsonl,
+while the trackers keep the first ones); the hyper-parameters are sent once,
 at the start (MLflow refuses a changed value; a config changed on resume is printed by the loop),
 so a tracker first named on a resume gets the epochs from there on, without them.
 """

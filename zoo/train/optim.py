@@ -241,7 +241,8 @@ def _scalable_shampoo(model: nn.Module, lr: float, o: OptimConfig, kwargs: dict[
 def authors_merged_shape(shape: Iterable[int], max_dim: int) -> list[int]:
     """Shampoo's shape interpretation as its authors wrote it (google-research scalable_shampoo,
     ``merge_small_dims``): neighbouring dimensions are merged while their product stays within
-    ``max_dim`` (the block size), e.g. a conv weight (64, 32, 3, 3) -> [64, 32, 9] at 128.
+    ``max_dim`` (the block size), e.g. a conv weight (64, 32, 3, 3) -> [64, 96, 3] at 128
+    (64; 32 * 3 = 96; 96 * 3 > 128, so the last 3 stands alone).
 
     Why our own: pytorch-optimizer 4.1's ``merge_small_dims`` prepends a dimension of size 1 to
     any shape whose first dimension exceeds ``max_dim`` ((256, 64) -> [1, 256, 64]), which turns
@@ -278,7 +279,7 @@ def _new_shampoo_state(opt: torch.optim.Optimizer, p: torch.Tensor, beta2: float
     merged = authors_merged_shape(p.shape, opt.block_size) if opt.shape_interpretation else list(p.shape)
     vector = len(merged) == 1 and merged != [1] and opt.pre_conditioner_type == PreConditionerType.ALL
     pre_conditioner = PreConditioner(
-        # shape: merged dimensions, e.g. (64, 32, 3, 3) -> (64, 32, 9); a vector (n,) -> (n, 1)
+        # shape: merged dimensions, e.g. (64, 32, 3, 3) -> (64, 96, 3) at 128; a vector (n,) -> (n, 1)
         var=p.detach().reshape([*merged, 1] if vector else merged),
         beta2=beta2,
         inverse_exponent_override=opt.inverse_exponent_override,
@@ -362,6 +363,8 @@ def _scalable_shampoo_class() -> type:
             for index, (p, beta2) in zip(saved_params, params, strict=True):  # torch's own index mapping
                 if index in saved:
                     self._restore_objects(p, beta2, saved[index])
+                else:  # no saved state: a fresh one as the factory builds it, not init_group's shapes
+                    self.state[p].update(_new_shampoo_state(self, p, beta2))
 
         def _restore_objects(self, p: torch.Tensor, beta2: float, saved: dict[str, Any]) -> None:
             fresh = _new_shampoo_state(self, p, beta2)
@@ -598,6 +601,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             "preconditioning_compute_steps": 50,
             "start_preconditioning_step": 51,
             "statistics_compute_steps": 1,
+            "no_preconditioning_for_layers_with_dim_gt": 4096,
             "decoupled_weight_decay": True,
         },
         parts={"shampoo": "pytorch_optimizer.ScalableShampoo"},
@@ -620,10 +624,12 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         "(0.9, 0.95), Nesterov, statistics every step: its HParamsImageClassification; inverse roots "
         "every 50 steps, preconditioned from step 51: its HParamsLanguageModeling schedule (its "
         "default is every 100 from 101; the library's, every 1000 from 25, would leave a run of a few "
-        "thousand steps mostly on the graft's direction; every step, the image config's, is the cost "
-        "zoo/bench/results/optim_steps*.md shows for shampoo_plain). Roots by coupled Newton "
-        "iteration, diagonal_eps 1e-10, matrix_eps 1e-6, dimensions above 8192 not preconditioned: "
-        "the library's defaults, = praxis's. decoupled_weight_decay True so that optim.weight_decay "
+        "thousand steps mostly on the graft's direction; every step, the image config's, pays every "
+        "inverse root at every step: what a step of each costs is zoo/bench/results/optim_steps*.md). "
+        "Roots by coupled Newton iteration, diagonal_eps 1e-10 and matrix_eps 1e-6: the library's "
+        "defaults, = the authors' distributed_shampoo's (praxis: diagonal_epsilon 1e-16); dimensions "
+        "above 4096 not preconditioned: the authors' and praxis's skip_preconditioning_dim_size_gt "
+        "(the library's is 8192). decoupled_weight_decay True so that optim.weight_decay "
         "is decoupled decay as for adamw, lion, soap and muon",
     ),
     "shampoo_plain": OptimizerSpec(
