@@ -81,6 +81,36 @@ def test_ablate_is_a_study_of_single_changes(tmp_path, capsys):
     assert err.count("\n") == 1 and "did you mean 'token_mixer'" in err
 
 
+def test_the_new_parts_are_one_change_arms_of_a_study(tmp_path):
+    """Issue 26's parts (L1 norm, sparse FFN, Conformer's convolution module) each as one arm of an
+    ablation study: the study's input check builds every arm's model, and every trial's config
+    builds a model that holds the part (the trainer is the fake; the configs are the real ones)."""
+    import zoo
+
+    CALLS.clear()
+    swaps = ["--swap", "norm=l1_layernorm", "--swap", "channel_mixer=sparse_ffn", "--swap", "token_mixer=conformer_conv"]
+    argv = ["--base", "zoo_poolformer_mini_32", *swaps, "--data=digits", *common(tmp_path)]
+    rc, out = quietly(frontends.ablate, argv)
+    assert rc == 0, out
+    data = json.loads((tmp_path / "results" / "ablate_digits.json").read_text())
+    assert data["design"]["arms"] == [
+        "zoo_poolformer_mini_32:adamw",
+        "zoo_poolformer_mini_32:adamw:norm=l1_layernorm",
+        "zoo_poolformer_mini_32:adamw:channel_mixer=sparse_ffn",
+        "zoo_poolformer_mini_32:adamw:token_mixer=conformer_conv",
+    ]
+    part_class = {"norm": "L1LayerNorm", "channel_mixer": "SparseFFN", "token_mixer": "ConformerConv"}
+    seen = set()
+    for cfg in CALLS:
+        if not cfg.model.spec:
+            continue
+        ((field, _),) = cfg.model.spec.items()
+        net = zoo.create_model(cfg.model.name, num_classes=10, **cfg.model.spec)
+        assert any(type(m).__name__ == part_class[field] for m in net.modules()), field
+        seen.add(field)
+    assert seen == set(part_class)
+
+
 def test_help_and_the_old_entry_points():
     text = sweep.build_parser().format_help()
     for option in ("--configs", "--eta", "--min-epochs", "--metric", "--export", "--import", "@default"):

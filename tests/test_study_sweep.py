@@ -127,6 +127,8 @@ def test_bracket_rungs(bracket, rungs):
         (["--set", "optim.lr=0.1"], "set by the study"),
         (["--data", "/no/such/folder"], "/no/such/folder"),
         (["--import", "/no/such/file.db"], "/no/such/file.db"),
+        (["--grace", "30"], "--grace 30: must exceed --heartbeat 30"),
+        (["--max-trials", "0"], "--max-trials 0"),
     ],
 )
 def test_bad_input_exits_2_with_one_line_before_any_run(tmp_path, capsys, args, says):

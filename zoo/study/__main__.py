@@ -7,6 +7,7 @@ Commands (each has its own ``--help``):
   top1    the sweep with one arm per model (MODEL:OPTIMIZER), against a baseline model
   ablate  the sweep with one arm per single spec change of a base model
   floors  the majority-class and logistic-regression floors of a dataset
+  plan    a study's compute plan: one timed probe run per arm, priced over its bracket and finals
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    commands = ("sweep", "top1", "ablate", "floors")
+    commands = ("sweep", "top1", "ablate", "floors", "plan")
     if command not in commands:
         from zoo.names import suggest
 
@@ -47,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         from zoo.study.sweep import main as sweep
 
         return sweep(rest)
+    if command == "plan":
+        from zoo.study.plan import main as plan
+
+        return plan(rest)
     from zoo.study import frontends
 
     return getattr(frontends, command)(rest)

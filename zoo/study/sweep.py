@@ -124,6 +124,18 @@ def _model_shapes(cfg, num_classes: int, in_chans: int):
         return _create_model(cfg, num_classes, in_chans)
 
 
+def check_workers(args: argparse.Namespace) -> None:
+    """The worker's own options: a heartbeat the storage can keep, a grace longer than it."""
+    if args.heartbeat < 1:
+        raise InputError(f"--heartbeat {args.heartbeat}: must be at least 1 second")
+    if args.grace <= args.heartbeat:
+        raise InputError(f"--grace {args.grace}: must exceed --heartbeat {args.heartbeat}, or live trials are failed")
+    if args.poll <= 0:
+        raise InputError(f"--poll {args.poll}: must be above 0 seconds")
+    if args.max_trials is not None and args.max_trials < 1:
+        raise InputError(f"--max-trials {args.max_trials}: must be at least 1")
+
+
 # ---------------------------------------------------------------- the table
 
 
@@ -421,6 +433,7 @@ def main(
     command = command or command_line(PROG, argv)
     try:
         args, plan = parse(argv)
+        check_workers(args)
         params = check(plan)
         train_fn = train_fn or _trainer(args.trainer)
         if args.import_file is not None:  # before any storage or folder is made

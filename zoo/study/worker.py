@@ -83,8 +83,8 @@ def run_trial(plan: Plan, studies: Studies, arm: Arm, rung: int | None, study, t
     with Heartbeat(studies.storage, trial):
         try:
             value = objective(plan, arm, trial, rung, train_fn)
-        except BaseException:
-            study.tell(trial, state=TrialState.FAIL)
+        except BaseException:  # already failed when its heartbeat went stale: that error is the one to see
+            study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
             raise
     study.tell(trial, value)
     print(f"[{arm.label}] {what}: {plan.metric} {value:.2f} % ({time.time() - t0:.0f} s)", flush=True)
