@@ -12,11 +12,13 @@ ops (softmax(q k^T / sqrt(d)) v).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from timm.layers import DropPath
 from torch import nn
 
 import zoo
@@ -194,12 +196,22 @@ def test_wrong_depth_or_kernel_is_refused_in_one_line(tmp_path):
         assert f"official-cct checkpoint of CCT-7/3x1 (256 wide) does not fit {name}, a {ours} (256 wide)" in message
 
 
-def test_learned_positions_into_a_sine_model_are_refused(tmp_path):
+@pytest.mark.parametrize("img", [32, 48])  # 48: the checkpoint's 64 positions against the model's 144
+def test_learned_positions_into_a_sine_model_are_refused(img, tmp_path):
     torch.manual_seed(0)
     ref = OfficialCompact("cct", 2, 128, 2, 1, kernel=3, layers=2, positions="learnable")
     torch.save(ref.state_dict(), tmp_path / "w.pth")
     with pytest.raises(CheckpointError, match=r"stages\.0\.pos_embed holds learned positions.*pos_embed='learned'"):
-        zoo.create_model("zoo_cct_2_3x2_32", pretrained=str(tmp_path / "w.pth"), pos_embed="sine")
+        zoo.create_model("zoo_cct_2_3x2_32", pretrained=str(tmp_path / "w.pth"), pos_embed="sine", img_size=img)
+
+
+def test_a_float16_sine_checkpoint_loads(tmp_path):
+    """zoo/weights.py ships float16: the sine table rounded to it is still the sine table."""
+    torch.manual_seed(0)
+    model = zoo.create_model("zoo_cct_2_3x2_32", pos_embed="sine").eval()
+    torch.save({k: v.half() for k, v in model.state_dict().items()}, tmp_path / "w.pth")
+    loaded = zoo.create_model("zoo_cct_2_3x2_32", pretrained=str(tmp_path / "w.pth"), pos_embed="sine").eval()
+    torch.testing.assert_close(loaded.stages[0].pos_embed, model.stages[0].pos_embed, rtol=0, atol=0)
 
 
 # ---- the paper's sizes ----------------------------------------------------------------------------
@@ -289,6 +301,36 @@ def test_tokenizer_kaiming_init():
     assert model.stages[0].embed.proj.bias is None
 
 
+@pytest.mark.parametrize("name", ["zoo_cct_7_3x1_32", "zoo_vitlite_6_4_32", "zoo_compactcvt_7_4_32"])
+def test_official_dropout_defaults(name):
+    """The official CCT / ViTLite / CVT constructors: dropout 0 (projections, MLP, after the
+    positions, before fc), attention dropout 0.1, stochastic depth linspace(0, 0.1, layers)."""
+    model = zoo.create_model(name)
+    blocks = model.stages[0].blocks
+    rates = [b.drop_path.drop_prob if isinstance(b.drop_path, DropPath) else 0.0 for b in blocks]  # Identity: 0
+    assert rates == pytest.approx(torch.linspace(0, 0.1, len(blocks)).tolist())
+    dropouts = [m.p for m in model.modules() if isinstance(m, nn.Dropout)]
+    assert all(p == 0 for p in dropouts) and model.spec.drop_rate == 0
+    assert all(b.token_mixer.attn_drop == 0.1 for b in blocks)
+
+
+def test_official_position_class_token_and_patch_bias_inits():
+    """src/utils/transformers.py: learned positions trunc_normal std .2, the class token zeros;
+    src/utils/tokenizer.py: a patch convolution's bias left at torch's Conv2d default,
+    uniform(+-1/sqrt(fan_in)) (fan_in 3 * 4 * 4 = 48)."""
+    torch.manual_seed(0)
+    cct = zoo.create_model("zoo_cct_7_3x1_32")  # 1024 x 256 positions
+    assert cct.stages[0].pos_embed.std().item() == pytest.approx(0.2, rel=0.03)
+    vitlite = zoo.create_model("zoo_vitlite_7_4_32")  # 65 x 256 positions, 256 biases
+    assert vitlite.stages[0].pos_embed.std().item() == pytest.approx(0.2, rel=0.05)
+    assert not vitlite.stages[0].cls_token.any()
+    bias, bound = vitlite.stages[0].embed.proj.bias, 1 / math.sqrt(48)
+    assert bias.abs().max().item() <= bound and bias.abs().max().item() > 0.9 * bound
+    assert bias.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.15)  # a uniform's std
+    with pytest.raises(ValueError, match=r"StageSpec.pos_embed_std=-0.1: expected a number >= 0.0"):
+        zoo.create_model("zoo_cct_2_3x2_32", pos_embed_std=-0.1, device="meta")
+
+
 def test_residual_norm_block_against_the_formula():
     """channel_norm='residual': x = norm2(x + attn(norm1(x))); x + mlp(x), by hand from the parts."""
     torch.manual_seed(0)
@@ -342,6 +384,7 @@ def test_the_seqpool_config_puts_cct_parts_around_poolformer():
     model = zoo.create_model(cfg.model.name, num_classes=10, **cfg.model.spec)
     plain = zoo.get_spec("zoo_poolformer_mini_32")
     assert model.spec.stages[1:] == plain.stages[1:] and model.spec.global_pool == "seqpool"
+    assert dataclasses.replace(model.spec.stages[0], embed=plain.stages[0].embed) == plain.stages[0]  # stem only
     assert model.spec.stages[0].embed.act == "relu" and model.stages[0].grid == (16, 16)
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -88,7 +86,14 @@ def test_the_new_parts_are_one_change_arms_of_a_study(tmp_path):
     import zoo
 
     CALLS.clear()
-    swaps = ["--swap", "norm=l1_layernorm", "--swap", "channel_mixer=sparse_ffn", "--swap", "token_mixer=conformer_conv"]
+    swaps = [
+        "--swap",
+        "norm=l1_layernorm",
+        "--swap",
+        "channel_mixer=sparse_ffn",
+        "--swap",
+        "token_mixer=conformer_conv",
+    ]
     argv = ["--base", "zoo_poolformer_mini_32", *swaps, "--data=digits", *common(tmp_path)]
     rc, out = quietly(frontends.ablate, argv)
     assert rc == 0, out
@@ -111,19 +116,23 @@ def test_the_new_parts_are_one_change_arms_of_a_study(tmp_path):
     assert seen == set(part_class)
 
 
-def test_help_and_the_old_entry_points():
+def test_help_and_the_old_entry_points(capsys):
+    """In this process (what ``python -m`` runs: the modules' ``main``), not in new interpreters:
+    each would spend seconds importing torch for a help text."""
+    from zoo.bench.__main__ import main as bench
+    from zoo.study.__main__ import main as study
+
     text = sweep.build_parser().format_help()
     for option in ("--configs", "--eta", "--min-epochs", "--metric", "--export", "--import", "@default"):
         assert option in text, option
     assert "successive-halving" in text and "holdout" in text
-    ablate_help = subprocess.run(
-        [sys.executable, "-m", "zoo.study", "ablate", "--help"], cwd=REPO, capture_output=True, text=True
-    )
-    assert ablate_help.returncode == 0 and "--swap" in ablate_help.stdout and "--configs" in ablate_help.stdout
-    old = subprocess.run(
-        [sys.executable, "-m", "zoo.bench", "sweep", "--arms", "x"], cwd=REPO, capture_output=True, text=True
-    )
-    assert old.returncode == 2 and "python -m zoo.study sweep" in old.stderr and old.stderr.count("\n") == 1
+    with pytest.raises(SystemExit) as done:
+        study(["ablate", "--help"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0 and "--swap" in out and "--configs" in out
+    assert bench(["sweep", "--arms", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "python -m zoo.study sweep" in err and err.count("\n") == 1
 
 
 def test_evaluate_reports_balanced_error_and_recall_as_sklearn():

@@ -115,6 +115,7 @@ def test_bracket_rungs(bracket, rungs):
         (["--configs", "8"], "--configs 8: too few for the bracket's first rung"),  # 3 rungs at eta 3 need 9
         (["--min-epochs", "12"], "--min-epochs 12"),
         (["--min-epochs", "0"], "--min-epochs 0"),
+        (["--min-epochs", "5"], "--min-epochs 5: a second rung needs 15 epochs"),  # not silently 9 x 9 epochs
         (["--seeds", "0"], "--seeds 0"),
         (["--arms", "zoo_poolfromer_mini_32:adamw,resnet10t:adamw"], "zoo_poolfromer_mini_32"),
         (["--arms", "zoo_poolformer_mini_32:adamx,resnet10t:adamw"], "adamx"),
@@ -406,6 +407,20 @@ def test_a_diverged_trial_counts_as_the_worst(tmp_path):
     assert diverged and all(t.value == 100.0 and t.state.name == "COMPLETE" for t in diverged)
     row = json.loads((tmp_path / "results" / "div.json").read_text())["rows"][0]
     assert row["diverged"] == len(diverged)
+
+
+def test_ties_go_to_the_lower_slot(tmp_path):
+    # every point diverges (fake_run: lr above 0.5), so every first-rung value ties at 100 %
+    argv = toy_args(
+        tmp_path, "--space", "lr=0.6:0.9:linear", "--study", "ties", configs=3, seeds=1, arms="resnet10t:adamw"
+    )
+    rc, out = run_quietly([*argv, "--min-epochs", "3"])
+    assert rc == 0, out
+    studies = load(tmp_path, "ties")
+    assert {t.value for t in studies["rung0"]["resnet10t:adamw"].trials} == {100.0}
+    assert sorted(complete(studies["rung1"]["resnet10t:adamw"])) == [0]
+    (final,) = studies["final"]["resnet10t:adamw"].trials
+    assert final.user_attrs["from_slot"] == 0
 
 
 def test_space_none_trains_the_recipe_untuned(tmp_path):

@@ -41,8 +41,8 @@ import torch
 from torch import nn
 
 from zoo.bench.counts import count_params
-from zoo.bench.machines import results_stem, write_spread
-from zoo.bench.report import RESULTS, command_line, environment, machine_line, markdown_table, write_results
+from zoo.bench.machines import write_machine_results
+from zoo.bench.report import RESULTS, command_line, environment, machine_line, markdown_table
 from zoo.layers.mlp import Mlp
 from zoo.layers.sparse_ffn import SparseFFN
 
@@ -212,9 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     keys = ("dim", "hidden", "block_sizes", "rank", "tokens", "batch", "warmup", "repeats", "seed", "device")
     meta = {"command": command, **env, "settings": {k: getattr(args, k) for k in keys}}
-    paths = write_results(args.out, results_stem(args.name, env, args.device), text, rows, COLUMNS, meta)
-    if spread := write_spread(args.out, args.name, SPREAD_TITLE, spread_cells):
-        paths.append(spread)
+    paths = write_machine_results(
+        args.out, args.name, env, text, rows, COLUMNS, meta, (SPREAD_TITLE, spread_cells), device=args.device
+    )
     print(f"results: {', '.join(map(str, paths))}")
     return 0
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -108,8 +110,9 @@ class ConvEmbed(nn.Module):
         if self.init == "kaiming_normal":
             for conv in (self.proj, *self.layers.values()):
                 nn.init.kaiming_normal_(conv.weight)
-                if conv.bias is not None:
-                    nn.init.zeros_(conv.bias)
+                if conv.bias is not None:  # the official Tokenizer leaves torch's Conv2d default here
+                    bound = 1 / math.sqrt(conv.weight[0].numel())  # 1 / sqrt(fan_in)
+                    nn.init.uniform_(conv.bias, -bound, bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pool(self.act(self.proj(x)))

@@ -6,6 +6,9 @@ block (https://arxiv.org/abs/2111.11418) with its token mixer and channel mixer 
     x = rs1 * x + drop_path(ls1 * token_mixer(norm1(x)))
     x = rs2 * x + drop_path(ls2 * channel_mixer(norm2(x)))    # absent for channel_mixer="none" (gMLP)
 
+or, with ``channel_norm="residual"`` (CCT), ``x = norm2(x)`` first and the channel mixer on it unnormed:
+``x = rs2 * x + drop_path(ls2 * channel_mixer(x))``.
+
 where ``ls`` (layer scale) and ``rs`` (res scale, MetaFormer-v2: https://arxiv.org/abs/2210.13452)
 are learned per-channel scales, or ones where the stage has none.
 
@@ -26,13 +29,13 @@ import math
 from collections.abc import Container, Sequence
 
 import torch
-from timm.layers import DropPath, resample_abs_pos_embed
+from timm.layers import DropPath, resample_abs_pos_embed, trunc_normal_
 from timm.models import register_notrace_function, register_notrace_module
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..layers.embed import ConvEmbed, sine_position_table
-from ..layers.init import trunc_normal_init_
+from ..layers.init import STD, trunc_normal_init_
 from ..layers.mixers import TOKEN_MIXERS, RandomMixing, SpatialGating, create_token_mixer, token_mixer_layout
 from ..layers.mlp import MlpHead, create_channel_mixer
 from ..layers.moe import MoE, moe_modules, reset_aux_loss
@@ -435,9 +438,11 @@ class ZooModel(nn.Module):
             if m is not self and callable(getattr(m, "init_weights", None)):
                 m.init_weights()
         for stage in self.stages:
-            for t in (stage.cls_token, stage.dist_token, stage.pos_embed):
-                if isinstance(t, nn.Parameter):  # (a sine position table is a fixed buffer)
-                    trunc_normal_init_(t)
+            stds = ((stage.cls_token, stage.spec.cls_token_std), (stage.dist_token, STD))
+            for t, std in (*stds, (stage.pos_embed, stage.spec.pos_embed_std)):
+                # (a sine position table is a fixed buffer; std 0: the zeros it was made with)
+                if isinstance(t, nn.Parameter) and std > 0:
+                    trunc_normal_(t, std=std)
         self._has_moe = bool(moe_modules(self))
 
     @property

@@ -25,8 +25,9 @@ The constructors' defaults (attention dropout 0.1, stochastic depth 0.1, no othe
 positions) are the specs' defaults here. The official code adds dropout (default 0) after the
 positions; this backbone has no such layer. Position embeddings: ``pos_embed="learned"`` (the
 official ``learnable``, its default), ``"sine"`` (the official fixed table) or ``"none"``.
-Inits: the official tokenizer's Kaiming-normal convolutions (``EmbedSpec.init``); the learned
-positions start as this backbone's (truncated normal std .02; the official code draws std .2).
+Inits, as the official code: the tokenizer's convolutions Kaiming-normal (``EmbedSpec.init``; a
+patch convolution's bias as torch's default leaves it), the learned positions truncated normal std
+.2 (``StageSpec.pos_embed_std``), the class token zero (``cls_token_std``), linear layers std .02.
 
 Sizes (layers / width / heads / MLP ratio), as the official factories: 2 and 4: 128 wide, 2 heads,
 ratio 1; 6 and 7: 256, 4 heads, ratio 2; 14: 384, 6 heads, ratio 3. The CIFAR sizes (``_32``)
@@ -121,6 +122,8 @@ def compact(
         channel_norm="residual",
         class_token=pooling == "token",
         pos_embed="learned",
+        pos_embed_std=0.2,  # the official learned positions: truncated normal std .2
+        cls_token_std=0.0,  # the official class token (ViT-Lite) starts at zero
     )
     return ModelSpec(
         stages=(stage,),

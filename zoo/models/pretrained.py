@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..layers.embed import sine_position_table
+
 StateDict = dict[str, torch.Tensor]
 
 
@@ -199,22 +201,31 @@ def _adapt(state: StateDict, model: nn.Module, source: str) -> None:
         if k.endswith(".num_batches_tracked") and k not in state:
             state[k] = v
     for k, v in list(state.items()):
-        if k.endswith("pos_embed") and k in own and v.shape != own[k].shape:
-            from .backbone import resize_pos_embed
-
-            stage = model.get_submodule(k.rsplit(".", 1)[0])
-            if getattr(stage, "sine_pos_embed", False):  # a fixed table: the model's own, for its token count
-                state[k] = own[k]
-            else:
-                state[k] = resize_pos_embed(v, stage.grid, stage.num_prefix_tokens)
-    for k, v in own.items():  # a sine table is fixed: a checkpoint that learned its positions is another model
-        stage = model.get_submodule(k.rsplit(".", 1)[0]) if k.endswith("pos_embed") else None
-        if getattr(stage, "sine_pos_embed", False) and k in state and v.device.type != "meta":
-            if not torch.allclose(state[k].to(v), v, atol=1e-5):
+        if not (k.endswith("pos_embed") and k in own):
+            continue
+        stage = model.get_submodule(k.rsplit(".", 1)[0])
+        if getattr(stage, "sine_pos_embed", False):  # a fixed table: the model's own, for its token count
+            if not _holds_sine_table(v):  # learned positions (at any token count): another model
                 raise CheckpointError(
                     f"{source}: {k} holds learned positions, the model a fixed sine table "
                     "(pos_embed='sine'): create it with pos_embed='learned'"
                 )
+            state[k] = own[k]
+        elif v.shape != own[k].shape:
+            from .backbone import resize_pos_embed
+
+            state[k] = resize_pos_embed(v, stage.grid, stage.num_prefix_tokens)
+
+
+def _holds_sine_table(v: torch.Tensor) -> bool:
+    """Whether a checkpoint's (1, N, C) position tensor is the fixed sine table for its N tokens, to
+    its dtype's rounding (zoo/weights.py ships float16); on "meta" there are no values: taken as one."""
+    if v.device.type == "meta":
+        return True
+    if v.ndim != 3 or not v.is_floating_point():
+        return False
+    atol = max(1e-5, torch.finfo(v.dtype).eps)  # values in [-1, 1]: rounding below one eps
+    return torch.allclose(v.float().cpu(), sine_position_table(v.shape[1], v.shape[2]), atol=atol)
 
 
 def _mismatch_message(model: nn.Module, state: StateDict) -> str | None:

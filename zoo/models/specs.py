@@ -150,6 +150,11 @@ class StageSpec:
     # True / "learned" (ViT); "sine" (CCT's fixed sinusoidal table over the token index, a buffer).
     # Stored as False, True or "sine", so that ``if stage.pos_embed`` asks whether there is one.
     pos_embed: bool | str = False
+    # Inits (truncated normal, cut at +-2) of the learned position embedding and the class token: the
+    # backbone's std .02 (timm's ViT); CCT's official code draws its positions at std .2 and leaves
+    # its class token at zero (std 0: zeros).
+    pos_embed_std: float = 0.02
+    cls_token_std: float = 0.02
     channel_norm: str = "pre"  # one of CHANNEL_NORMS: "pre" (pre-norm), "residual" (CCT)
     # Blocks per weight-sharing group (ALBERT, WideNet): consecutive blocks of a group reuse one
     # token mixer and one channel mixer and keep their own norms. 1 = no sharing; depth = all share.
@@ -160,6 +165,8 @@ class StageSpec:
         _check_int("StageSpec", "dim", self.dim, 1)
         _check_int("StageSpec", "share_group", self.share_group, 1)
         _check_float("StageSpec", "mlp_ratio", self.mlp_ratio, 0.0, None, low_open=True)
+        _check_float("StageSpec", "pos_embed_std", self.pos_embed_std, 0.0, None)
+        _check_float("StageSpec", "cls_token_std", self.cls_token_std, 0.0, None)
         if not isinstance(self.mlp_bias, bool):
             raise ValueError(f"StageSpec.mlp_bias={self.mlp_bias!r}: expected True or False")
         if not isinstance(self.embed, EmbedSpec):

@@ -8,6 +8,7 @@ Commands (each has its own ``--help``):
   ablate  the sweep with one arm per single spec change of a base model
   floors  the majority-class and logistic-regression floors of a dataset
   plan    a study's compute plan: one timed probe run per arm, priced over its bracket and finals
+  verdicts  the field's claims (zoo.study.claims), each a study, and the verdict table with its power
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    commands = ("sweep", "top1", "ablate", "floors", "plan")
+    commands = ("sweep", "top1", "ablate", "floors", "plan", "verdicts")
     if command not in commands:
         from zoo.names import suggest
 
@@ -52,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         from zoo.study.plan import main as plan
 
         return plan(rest)
+    if command == "verdicts":
+        from zoo.study.verdicts import main as verdicts
+
+        return verdicts(rest)
     from zoo.study import frontends
 
     return getattr(frontends, command)(rest)

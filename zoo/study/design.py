@@ -47,6 +47,12 @@ class Bracket:
                 f"--min-epochs {self.min_epochs}: the first rung's epochs must be between 1 and --epochs {self.epochs}"
             )
         last = len(self.rungs()) - 1
+        if last == 0 and self.min_epochs != self.epochs:  # rungs() would train every configuration the full budget
+            raise InputError(
+                f"--min-epochs {self.min_epochs}: a second rung needs {self.min_epochs * self.eta} epochs, more than "
+                f"--epochs {self.epochs}; give --min-epochs {self.epochs} (one rung) or at most "
+                f"{self.epochs // self.eta}"
+            )
         if self.configs < self.eta**last:
             raise InputError(
                 f"--configs {self.configs}: too few for the bracket's first rung: {last + 1} rungs at eta "
