@@ -14,8 +14,11 @@ What "fresh" means here (and what it does not):
   not a download of torch. A venv gets pip only when the command calls pip (a toy command in a test
   saves the seconds of bootstrapping it);
 - the command runs through ``bash -c`` in the clone, with the venv first on ``PATH`` and
-  ``PYTHONPATH`` removed, so that nothing of the checkout that started it leaks in; afterwards the
-  venv is asked where it imports ``zoo`` from, and a run that did not import the clone is refused.
+  ``PYTHONPATH`` set to the clone alone, so that nothing of the checkout that started it leaks in:
+  a console script the venv did not get (``pytest`` is already installed, so the venv's pip adds
+  no ``pytest`` of its own) is the system's, whose Python would otherwise import the ``zoo`` of
+  the checkout installed there; afterwards the venv is asked where it imports ``zoo`` from, and a
+  run that did not import the clone is refused.
 """
 
 from __future__ import annotations
@@ -110,6 +113,7 @@ def uses_pip(command: str) -> bool:
 def _env(checkout: Checkout) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
     env["VIRTUAL_ENV"] = str(checkout.venv)
+    env["PYTHONPATH"] = str(checkout.root)  # the clone's zoo for every Python the command starts
     env["PATH"] = f"{checkout.venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
     return env
 
@@ -158,7 +162,7 @@ def check_imports_clone(checkout: Checkout, installed: bool, package: str = "zoo
     proc = subprocess.run(
         [str(checkout.venv / "bin" / "python"), "-c", code],
         cwd=checkout.root.parent if installed else checkout.root,
-        env=_env(checkout),
+        env={k: v for k, v in _env(checkout).items() if k != "PYTHONPATH"},  # the venv's own answer
         capture_output=True,
         text=True,
         check=False,
